@@ -1,0 +1,14 @@
+"""saq-hf: Sharpness-Aware Quantization for Hugging Face vision models.
+
+Importing the package registers the ``saq`` quantization method with transformers, so
+``AutoModelForImageClassification.from_pretrained`` rebuilds saved saq-hf checkpoints.
+"""
+
+from .config import QuantConfig
+from .hf_quantizer import SAQHfQuantizer
+from .quant import calibrate, quantized_layer_bits
+from .quantize import quantize_model
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantConfig", "SAQHfQuantizer", "calibrate", "quantize_model", "quantized_layer_bits", "__version__"]

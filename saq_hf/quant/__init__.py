@@ -1,0 +1,29 @@
+"""LSQ quantizers, fake-quantized layers and model conversion (depends on torch only)."""
+
+from .convert import calibrate, convert_layers, default_bits_overrides, quantized_layer_bits
+from .layers import (
+    QuantConv2d,
+    QuantLayerMixin,
+    QuantLinear,
+    capture_quantized_weights,
+    is_quantized,
+    perturb_quantized_weights,
+    quantized_layers,
+)
+from .lsq import LSQQuantizer, quant_range
+
+__all__ = [
+    "LSQQuantizer",
+    "QuantConv2d",
+    "QuantLayerMixin",
+    "QuantLinear",
+    "calibrate",
+    "capture_quantized_weights",
+    "convert_layers",
+    "default_bits_overrides",
+    "is_quantized",
+    "perturb_quantized_weights",
+    "quant_range",
+    "quantized_layer_bits",
+    "quantized_layers",
+]

@@ -1,0 +1,122 @@
+"""Fake-quantized ``nn.Linear`` and ``nn.Conv2d`` that keep the latent FP weight under the name ``weight``."""
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lsq import LSQQuantizer
+
+
+class QuantLayerMixin:
+    """Weight and input-activation LSQ quantizers plus the two hooks the sharpness step needs.
+
+    - ``weight_perturbation``: a constant tensor added to the quantized weight in forward (``Q(w) + ε``),
+      ``None`` otherwise. Set it through :func:`perturb_quantized_weights`.
+    - while :func:`capture_quantized_weights` is active, forward records the ``Q(w)`` tensor it used so a
+      caller can take gradients with respect to it.
+    """
+
+    weight: nn.Parameter
+    weight_quantizer: LSQQuantizer
+    input_quantizer: LSQQuantizer | None
+
+    def _init_quantizers(self, w_bits: int, a_bits: int | None, per_channel: bool, device, dtype) -> None:
+        channel_shape = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1) if per_channel else None
+        self.weight_quantizer = LSQQuantizer(w_bits, signed=True, channel_shape=channel_shape,
+                                             device=device, dtype=dtype)
+        self.input_quantizer = (
+            LSQQuantizer(a_bits, signed=None, is_activation=True, device=device, dtype=dtype) if a_bits else None
+        )
+        self.weight_perturbation: torch.Tensor | None = None
+        self._capture_into: dict | None = None
+
+    @property
+    def w_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int | None:
+        return self.input_quantizer.bits if self.input_quantizer is not None else None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The differentiable fake-quantized weight ``Q(w)``, exactly as forward uses it (before any ε)."""
+        return self.weight_quantizer(self.weight)
+
+    def _forward_weight_and_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        weight = self.quantized_weight()
+        if self._capture_into is not None:
+            self._capture_into[self] = weight
+        if self.weight_perturbation is not None:
+            weight = weight + self.weight_perturbation
+        return weight.to(x.dtype), x
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int,
+                 a_bits: int | None, per_channel: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_quantizers(w_bits, a_bits, per_channel, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, x = self._forward_weight_and_input(x)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, weight, bias)
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, w_bits: int,
+                 a_bits: int | None, per_channel: bool = True, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        self._init_quantizers(w_bits, a_bits, per_channel, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, x = self._forward_weight_and_input(x)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return self._conv_forward(x, weight, bias)
+
+
+QUANT_LAYER_TYPES = (QuantLinear, QuantConv2d)
+
+
+def quantized_layers(model: nn.Module):
+    """``(name, layer)`` for every fake-quantized layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayerMixin):
+            yield name, module
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(True for _ in quantized_layers(model))
+
+
+@contextmanager
+def perturb_quantized_weights(perturbations: dict[nn.Module, torch.Tensor]):
+    """Add each constant tensor to its layer's quantized weight for the forward passes inside the block."""
+    try:
+        for layer, eps in perturbations.items():
+            layer.weight_perturbation = eps.detach()
+        yield
+    finally:
+        for layer in perturbations:
+            layer.weight_perturbation = None
+
+
+@contextmanager
+def capture_quantized_weights(layers):
+    """Yield a dict that each layer's forward fills with the ``Q(w)`` tensor it used: ``{layer: Q(w)}``."""
+    layers = list(layers)
+    captured: dict[nn.Module, torch.Tensor] = {}
+    try:
+        for layer in layers:
+            layer._capture_into = captured
+        yield captured
+    finally:
+        for layer in layers:
+            layer._capture_into = None

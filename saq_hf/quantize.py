@@ -1,0 +1,40 @@
+"""``quantize_model``: fake-quantize any ``nn.Module`` in place and record how on its config."""
+
+from torch import nn
+
+from .config import QuantConfig
+from .quant.convert import convert_layers, default_bits_overrides
+
+
+def resolve_defaults(model: nn.Module, config: QuantConfig) -> QuantConfig:
+    """Fill the architecture-dependent defaults into ``config`` so the saved config is explicit."""
+    if config.modules_to_not_convert is None:
+        config.modules_to_not_convert = []
+    if config.bits_overrides is None:
+        config.bits_overrides = default_bits_overrides(model)
+    return config
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, verbose: bool = False) -> nn.Module:
+    """Replace ``nn.Linear``/``nn.Conv2d`` layers of ``model`` by LSQ fake-quantized ones, in place.
+
+    Weight step sizes are initialised from the weights now; activation step sizes on the first batch the
+    model sees, or earlier with :func:`saq_hf.calibrate`. For a transformers ``PreTrainedModel`` the config is
+    stored as ``model.config.quantization_config`` and the model gets the ``saq`` HfQuantizer, so
+    ``save_pretrained``, ``from_pretrained`` and ``Trainer`` handle it like any quantized model.
+    ``quantized_layer_bits(model)`` lists what was converted. Raises ``ValueError`` on an already
+    quantized model.
+    """
+    from .hf_quantizer import SAQHfQuantizer
+
+    config = resolve_defaults(model, config if config is not None else QuantConfig())
+    converted = convert_layers(model, config)
+    if verbose:
+        width = max(len(name) for name in converted)
+        for name, (w_bits, a_bits) in converted.items():
+            print(f"{name:<{width}}  W{w_bits}" + (f"A{a_bits}" if a_bits else ""))
+    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
+        model.config.quantization_config = config
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = SAQHfQuantizer(config, pre_quantized=False)
+    return model
