@@ -3,7 +3,7 @@
 from torch import nn
 
 from .config import QuantConfig
-from .quant.convert import convert_layers, default_bits_overrides
+from .quant.convert import convert_layers, default_bits_overrides, quantized_layer_bits
 
 
 def resolve_defaults(model: nn.Module, config: QuantConfig) -> QuantConfig:
@@ -25,16 +25,22 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, verbo
     ``quantized_layer_bits(model)`` lists what was converted. Raises ``ValueError`` on an already
     quantized model.
     """
+    from transformers import PreTrainedModel
+
     from .hf_quantizer import SAQHfQuantizer
 
-    config = resolve_defaults(model, config if config is not None else QuantConfig())
-    converted = convert_layers(model, config)
+    config = config if config is not None else QuantConfig()
+    if isinstance(model, PreTrainedModel):
+        # The same hooks from_pretrained runs when it quantizes an FP checkpoint on load.
+        quantizer = SAQHfQuantizer(config, pre_quantized=False)
+        quantizer.preprocess_model(model)
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)
+    else:
+        convert_layers(model, resolve_defaults(model, config))
     if verbose:
+        converted = quantized_layer_bits(model)
         width = max(len(name) for name in converted)
         for name, (w_bits, a_bits) in converted.items():
             print(f"{name:<{width}}  W{w_bits}" + (f"A{a_bits}" if a_bits else ""))
-    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
-        model.config.quantization_config = config
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = SAQHfQuantizer(config, pre_quantized=False)
     return model
