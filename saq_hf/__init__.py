@@ -12,3 +12,7 @@ from .quantize import quantize_model
 __version__ = "0.1.0"
 
 __all__ = ["QuantConfig", "SAQHfQuantizer", "calibrate", "quantize_model", "quantized_layer_bits", "__version__"]
+
+from .export import export_quantized, load_exported  # noqa: E402  (export imports __version__)
+
+__all__ += ["export_quantized", "load_exported"]

@@ -1,0 +1,311 @@
+"""Integer export of a fake-quantized saq-hf model: packed weight codes plus step sizes that reload exactly.
+
+An export folder holds three files, none of them pickled:
+
+- ``config.json``: the model's transformers config, with its saq ``quantization_config``;
+- ``weights.safetensors``: for every quantized layer ``<layer>.weight_codes`` (uint8, the integer weight codes
+  packed as described in :mod:`saq_hf.packing`) in place of its FP latent ``<layer>.weight``; every other
+  parameter and buffer (weight and activation step sizes, quantizer flags, biases, norms, unconverted
+  layers) unchanged, in its own dtype;
+- ``export_manifest.json``: format name and version, model class, the SHA-256 of the weights file and, per
+  quantized layer, the weight bits, code range, shape, dtype and pack layout and the activation bits and range.
+
+:func:`load_exported` rebuilds the model from ``config.json``, converts it with the saved ``QuantConfig`` and
+sets each quantized layer's ``weight`` to ``codes * step_size``, computed as the quantizer's forward computes
+it. That weight is a fixed point of the quantizer: ``fl(c·s) / s`` lies within a few ulp of the integer ``c``,
+so it rounds back to ``c`` and the reloaded layer multiplies by exactly the fake-quant model's ``Q(w)``. Both
+export and load check this per layer instead of assuming it (it can fail for 8-bit codes in bfloat16).
+"""
+
+import copy
+import hashlib
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from . import __version__
+from .config import QUANT_METHOD, QuantConfig
+from .packing import pack_codes, packed_size, unpack_codes
+from .quant import convert_layers, quantized_layers
+from .quantize import resolve_defaults
+
+FORMAT = "saq-hf-export"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "export_manifest.json"
+EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)
+PACKING = "offset-binary (code - qmin), `bits` bits per code, LSB-first bit stream, zero-padded to a byte"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dequantize(codes: torch.Tensor, step_size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Same operands, dtype and broadcast as LSQ's forward (`codes * step_size.to(x.dtype)`), so bit-identical.
+    return codes.to(dtype) * step_size.to(dtype)
+
+
+def _check_fixed_point(name: str, layer: nn.Module, weight: torch.Tensor, codes: torch.Tensor) -> None:
+    changed = int((layer.weight_quantizer.codes(weight) != codes).sum())
+    if changed:
+        raise ValueError(
+            f"re-quantizing the dequantized {_dtype_name(weight.dtype)} weight of '{name}' changes {changed} "
+            "codes, so it would not reload exactly: export the model in float32 (model.float())"
+        )
+
+
+def _check_exportable(name: str, layer: nn.Module) -> None:
+    if layer.weight_perturbation is not None:
+        raise ValueError(f"layer '{name}' carries a SAQ weight perturbation: export outside "
+                         "perturb_quantized_weights()")
+    if not bool(layer.weight_quantizer.initialized):
+        raise ValueError(f"weight step size of '{name}' is not initialised: quantize the model with "
+                         "saq_hf.quantize_model before exporting")
+    if layer.input_quantizer is not None and not bool(layer.input_quantizer.initialized):
+        raise ValueError(f"activation step size of '{name}' is not initialised: run saq_hf.calibrate(model, "
+                         "batches) or train the model before exporting")
+
+
+def _require_saq_model(model: nn.Module) -> None:
+    quant_config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(quant_config, QuantConfig):
+        quant_config = quant_config.to_dict()
+    if not isinstance(model, PreTrainedModel) or (quant_config or {}).get("quant_method") != QUANT_METHOD:
+        raise ValueError(
+            "export needs a transformers model with a saq quantization_config on its config: quantize it with "
+            "saq_hf.quantize_model, or load the saved run with from_pretrained after import saq_hf"
+        )
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights); each gets its own copy on disk.
+    seen, out = set(), {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if pointer in seen and tensor.numel() else tensor
+        seen.add(pointer)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def export_quantized(model: nn.Module, out_dir: str | os.PathLike) -> dict:
+    """Write ``model``'s integer export (packed weight codes, step sizes, config, manifest) to ``out_dir``.
+
+    ``model`` is a transformers model fake-quantized by saq-hf, with initialised (calibrated or trained)
+    step sizes. Returns the manifest that was written. Raises ``ValueError`` for a model that is not quantized
+    or not ready; files in ``out_dir`` other than the three export files are left alone.
+    """
+    layers = dict(quantized_layers(model))
+    if not layers:
+        raise ValueError("model is not quantized with saq-hf: run saq_hf.quantize_model first")
+    _require_saq_model(model)
+    tensors = model.state_dict()
+    manifest_layers = {}
+    for name, layer in layers.items():
+        _check_exportable(name, layer)
+        codes = layer.weight_quantizer.codes(layer.weight)
+        _check_fixed_point(name, layer, _dequantize(codes, layer.weight_quantizer.step_size, layer.weight.dtype),
+                           codes)
+        qmin, qmax = layer.weight_quantizer.qrange()
+        codes_key = f"{name}.weight_codes"
+        del tensors[f"{name}.weight"]
+        tensors[codes_key] = pack_codes(codes, layer.w_bits, qmin)
+        activation = None
+        if layer.input_quantizer is not None:
+            a_min, a_max = layer.input_quantizer.qrange()
+            activation = {"bits": layer.a_bits, "signed": bool(layer.input_quantizer.signed),
+                          "qmin": a_min, "qmax": a_max, "step_size": f"{name}.input_quantizer.step_size"}
+        manifest_layers[name] = {
+            "type": type(layer).__name__,
+            "weight": {
+                "bits": layer.w_bits, "signed": bool(layer.weight_quantizer.signed), "qmin": qmin, "qmax": qmax,
+                "shape": list(layer.weight.shape), "dtype": _dtype_name(layer.weight.dtype),
+                "per_channel": layer.weight_quantizer.per_channel, "step_size": f"{name}.weight_quantizer.step_size",
+                "codes": codes_key, "packed_bytes": tensors[codes_key].numel(),
+            },
+            "input": activation,
+        }
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    # The manifest is written last, so an interrupted export is reported as incomplete, never loaded stale.
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)
+    save_file(_unshared(tensors), folder / WEIGHTS_FILE, metadata={"format": "pt", FORMAT: str(FORMAT_VERSION)})
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "saq_hf_version": __version__,
+        "model_class": type(model).__name__, "weights_file": WEIGHTS_FILE,
+        "weights_sha256": _sha256(folder / WEIGHTS_FILE), "packing": PACKING, "layers": manifest_layers,
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _corrupt(folder: Path, what: str) -> ValueError:
+    return ValueError(f"export folder {folder} is corrupt: {what}; re-run saq-hf export")
+
+
+def _read_manifest(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"export folder {folder} does not exist: pass the OUT_DIR written by saq-hf export")
+    missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"export folder {folder} is incomplete: missing {', '.join(missing)}; re-run saq-hf export"
+        )
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt(folder, f"{MANIFEST_FILE} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _corrupt(folder, f"{MANIFEST_FILE} is not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise _corrupt(folder, f"{MANIFEST_FILE} has no valid format_version")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"export folder {folder} has format version {version}, newer than this saq-hf reads "
+                         f"({FORMAT_VERSION}): upgrade saq-hf")
+    if not isinstance(manifest.get("layers"), dict) or not manifest["layers"]:
+        raise _corrupt(folder, f"{MANIFEST_FILE} lists no quantized layers")
+    return manifest
+
+
+def _read_weights(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS_FILE
+    if _sha256(path) != manifest.get("weights_sha256"):
+        raise _corrupt(folder, f"{WEIGHTS_FILE} does not match the checksum in {MANIFEST_FILE} "
+                               "(truncated or modified)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise _corrupt(folder, f"{WEIGHTS_FILE} is not a readable safetensors file ({error})") from None
+
+
+def _build_model(folder: Path, manifest: dict) -> PreTrainedModel:
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise _corrupt(folder, f"{CONFIG_FILE} cannot be read ({error})") from None
+    model_class = getattr(transformers, str(manifest.get("model_class")), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+        raise _corrupt(folder, f"model_class {manifest.get('model_class')!r} is not a transformers model class")
+    quant_config = getattr(config, "quantization_config", None)
+    if not isinstance(quant_config, dict) or quant_config.get("quant_method") != QUANT_METHOD:
+        raise _corrupt(folder, f"{CONFIG_FILE} has no saq quantization_config")
+    model = model_class(config)
+    quant_config = resolve_defaults(model, QuantConfig.from_dict(quant_config))
+    convert_layers(model, quant_config)
+    model.config.quantization_config = quant_config
+    return model
+
+
+def _layer_weight(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack one layer's codes (removing them from ``tensors``) and dequantize them: ``(codes, weight)``."""
+    shape, dtype = entry["shape"], getattr(torch, entry["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {entry['dtype']!r}")
+    codes = unpack_codes(tensors.pop(entry["codes"]), entry["bits"], math.prod(shape), entry["qmin"])
+    codes = codes.reshape(shape)
+    return codes, _dequantize(codes, tensors[entry["step_size"]], dtype)
+
+
+@torch.no_grad()
+def load_exported(out_dir: str | os.PathLike) -> PreTrainedModel:
+    """Rebuild the model written by :func:`export_quantized`, in eval mode, from the export folder alone.
+
+    Quantized layers are the usual ``QuantLinear``/``QuantConv2d`` with ``weight = codes * step_size``; their
+    forward re-quantizes that weight to the same codes, so the logits equal the fake-quant model's. Raises
+    ``FileNotFoundError`` for a missing or incomplete folder and ``ValueError`` for a corrupt one.
+    """
+    folder = Path(out_dir)
+    manifest = _read_manifest(folder)
+    tensors = _read_weights(folder, manifest)
+    model = _build_model(folder, manifest)
+    layers = dict(quantized_layers(model))
+    if set(layers) != set(manifest["layers"]):
+        raise _corrupt(folder, f"{MANIFEST_FILE} lists quantized layers {sorted(manifest['layers'])} but "
+                               f"{CONFIG_FILE}'s quantization_config quantizes {sorted(layers)}")
+    all_codes = {}
+    for name, entry in manifest["layers"].items():
+        layer = layers[name]
+        try:
+            bits = (entry["weight"]["bits"], entry["input"]["bits"] if entry["input"] else None)
+            codes, weight = _layer_weight(entry["weight"], tensors)
+        except (KeyError, TypeError, ValueError) as error:
+            raise _corrupt(folder, f"layer '{name}' has a malformed entry or tensors ({error})") from None
+        if bits != (layer.w_bits, layer.a_bits):
+            raise _corrupt(folder, f"layer '{name}' has (w_bits, a_bits) {bits} in {MANIFEST_FILE} but "
+                                   f"{(layer.w_bits, layer.a_bits)} in {CONFIG_FILE}")
+        tensors[f"{name}.weight"] = weight
+        all_codes[name] = codes
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as error:
+        raise _corrupt(folder, f"{WEIGHTS_FILE} does not fit the model ({error})".replace("\n", " ")) from None
+    for name, codes in all_codes.items():
+        layer = layers[name]
+        activation = manifest["layers"][name]["input"]
+        if activation is not None and activation.get("signed") != bool(layer.input_quantizer.signed):
+            raise _corrupt(folder, f"activation sign of '{name}' differs between {MANIFEST_FILE} and {WEIGHTS_FILE}")
+        _check_fixed_point(name, layer, layer.weight, codes)
+    return model.eval()
+
+
+def size_table(out_dir: str | os.PathLike) -> str:
+    """Printable table of an export folder: FP32 bytes vs exported bytes of the quantized layers, per bit-width.
+
+    Measured on the tensors stored in ``weights.safetensors``. A layer's exported bytes are its packed weight
+    codes plus its weight and activation step sizes and quantizer flags; its bias is stored unchanged and counted
+    with the other unquantized tensors. FP32 bytes are 4 per weight element.
+    """
+    folder = Path(out_dir)
+    manifest = _read_manifest(folder)
+    tensors = _read_weights(folder, manifest)
+    rows = defaultdict(lambda: [0, 0, 0, 0])  # layers, weights, FP32 bytes, exported bytes
+    for name, entry in manifest["layers"].items():
+        count = math.prod(entry["weight"]["shape"])
+        exported = sum(tensor.nbytes for key, tensor in tensors.items()
+                       if key.startswith(name + ".") and key != f"{name}.bias")
+        for bits in (f"W{entry['weight']['bits']}", "all"):
+            rows[bits] = [total + part for total, part in zip(rows[bits], (1, count, 4 * count, exported))]
+    other_bytes = sum(tensor.nbytes for tensor in tensors.values()) - rows["all"][3]
+    lines = [f"{'bits':<5}{'layers':>7}{'weights':>11}{'FP32 bytes':>13}{'exported bytes':>16}{'ratio':>8}"]
+    for bits in sorted((b for b in rows if b != "all"), key=lambda b: int(b[1:])) + ["all"]:
+        layers, count, fp32, exported = rows[bits]
+        lines.append(f"{bits:<5}{layers:>7}{count:>11,}{fp32:>13,}{exported:>16,}{exported / fp32:>8.3f}")
+    lines.append(f"unquantized tensors kept as they are (biases, norms, embeddings, other layers): {other_bytes:,} bytes")
+    lines.append(f"{folder / WEIGHTS_FILE}: {(folder / WEIGHTS_FILE).stat().st_size:,} bytes on disk")
+    return "\n".join(lines)
+
+
+def export_command(run_dir: str, out_dir: str) -> str:
+    """``saq-hf export RUN_DIR OUT_DIR``: export the quantized model saved in ``run_dir``; returns the size table."""
+    run = Path(run_dir)
+    if not (run / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {run}: pass the output folder of a saq-hf training run "
+                                "(the one holding config.json and model.safetensors)")
+    model = transformers.AutoModelForImageClassification.from_pretrained(run)
+    export_quantized(model, out_dir)
+    return size_table(out_dir)
