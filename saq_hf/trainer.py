@@ -1,0 +1,204 @@
+"""``SAQTrainer``: ``transformers.Trainer`` whose training step is METHOD.md's two-pass SAQ update.
+
+Cost model of ``saq_strategy`` (one step = one micro-batch's forward + backward):
+
+    full        2 forward+backward per step (ascent, then descent at the perturbed point)
+    every_k     full SAQ on every k-th optimizer step, plain QAT on the others: (k + 1) / k on average
+    reuse_grad  1 forward+backward per step plus one vector operation: ε comes from the gradient of the
+                previous descent pass; the first step (and the first after a resume) is plain QAT
+
+Memory on top of QAT: ε (one copy of the perturbed tensors) while the descent pass runs, and for
+``reuse_grad`` the kept gradient (a second copy). Case 2 and ``θ`` keep a copy of the values they restore.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .sharpness import CASES, PERTURB_CHOICES, SharpnessPerturbation, frozen_running_stats
+
+SAQ_MODES = CASES + ("qat",)
+SAQ_STRATEGIES = ("full", "every_k", "reuse_grad")
+
+
+@dataclass
+class SAQTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the SAQ fields; every field is also a recipe / command-line key."""
+
+    saq_mode: str = field(
+        default="saq",
+        metadata={
+            "help": "Which objective to train. 'saq': Case 3, L(Q(w) + ε(Q(w))), the paper's method; "
+            "'case1': L(Q(w) + ε(w)); 'case2': L(Q(w + ε(w))), i.e. plain SAM on a quantized model; "
+            "'qat': one forward-backward per step, numerically identical to the stock Trainer.",
+            "choices": list(SAQ_MODES),
+        },
+    )
+    rho: float = field(
+        default=0.05,
+        metadata={
+            "help": "Perturbation radius ρ (global L2 norm of ε). 0.05 is the middle of the 0.01-0.1 range the "
+            "authors swept for ViTs with AdamW; their CNN recipes use 0.3-0.4 because their ε lives in "
+            "normalised-weight space. With saq_adaptive, ASAM-style radii are larger (about 10x)."
+        },
+    )
+    saq_adaptive: bool = field(
+        default=False,
+        metadata={
+            "help": "ASAM-style adaptive ε: scale the ascent direction element-wise by |Q(w)| (saq), |w| "
+            "(case1, case2) and |θ|, so ε = ρ·T²g/||Tg||."
+        },
+    )
+    saq_perturb: str = field(
+        default="bias_norm",
+        metadata={
+            "help": "Parameters perturbed besides the weights: 'none'; 'bias_norm' (biases and normalization "
+            "affine parameters); 'bias_norm_step_size' (also the LSQ step sizes). Quantized weights are "
+            "perturbed as saq_mode says; weights kept in full precision (embeddings, layer scales, unconverted "
+            "layers) are always perturbed, as in plain SAM.",
+            "choices": list(PERTURB_CHOICES),
+        },
+    )
+    saq_strategy: str = field(
+        default="full",
+        metadata={
+            "help": "'full': ascent + descent pass every step (2x cost); 'every_k': full SAQ on every "
+            "saq_interval-th optimizer step, plain QAT otherwise ((k+1)/k cost); 'reuse_grad': one "
+            "forward-backward per step, ε built from the previous step's descent gradient (~1x cost).",
+            "choices": list(SAQ_STRATEGIES),
+        },
+    )
+    saq_interval: int = field(
+        default=2,
+        metadata={"help": "k for saq_strategy='every_k': optimizer steps 0, k, 2k, ... are SAQ steps (>= 1)."},
+    )
+
+    def __post_init__(self):
+        if self.saq_mode not in SAQ_MODES:
+            raise ValueError(f"saq_mode must be one of {SAQ_MODES}, got {self.saq_mode!r} (field: saq_mode)")
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not math.isfinite(self.rho):
+            raise ValueError(f"rho must be a finite number >= 0, got {self.rho!r} (field: rho)")
+        if self.rho < 0:
+            raise ValueError(f"rho must be >= 0, got {self.rho!r} (field: rho)")
+        if self.saq_perturb not in PERTURB_CHOICES:
+            raise ValueError(
+                f"saq_perturb must be one of {PERTURB_CHOICES}, got {self.saq_perturb!r} (field: saq_perturb)"
+            )
+        if self.saq_strategy not in SAQ_STRATEGIES:
+            raise ValueError(
+                f"saq_strategy must be one of {SAQ_STRATEGIES}, got {self.saq_strategy!r} (field: saq_strategy)"
+            )
+        if isinstance(self.saq_interval, bool) or not isinstance(self.saq_interval, int) or self.saq_interval < 1:
+            raise ValueError(f"saq_interval must be an integer >= 1, got {self.saq_interval!r} (field: saq_interval)")
+        super().__post_init__()
+
+
+class SAQTrainer(Trainer):
+    """``Trainer`` with the sharpness-aware training step; everything else is the stock Trainer.
+
+    Per micro-batch (``saq_strategy="full"``):
+
+    1. ascent pass under ``accelerator.no_sync`` (no all-reduce: each worker builds its own ε): gradients
+       w.r.t. ``Q(w)`` / ``w`` and ``θ`` by ``torch.autograd.grad``, so ``.grad`` keeps what earlier
+       micro-batches accumulated; it updates batch-norm running statistics;
+    2. ε with one global norm; a zero or non-finite norm skips the perturbation (logged as ``saq_skipped``);
+    3. descent pass at the perturbed point through the stock ``Trainer.training_step``: same loss scaling
+       (``num_items_in_batch`` / gradient accumulation), autocast, fp16 grad scaler and all-reduce as
+       plain training; running statistics restored afterwards, so they are updated once;
+    4. the perturbed tensors are restored exactly; the Trainer then clips and steps the optimizer as usual.
+
+    Logged with the training loss: ``saq_ascent_grad_norm`` and ``saq_eps_norm`` (means since the last log,
+    this process) and ``saq_skipped`` (perturbations skipped since training started). The returned loss
+    is the descent pass's, i.e. the sharpness-aware objective. Data parallelism means DDP; FSDP and
+    DeepSpeed ZeRO-3 shard the parameters this step perturbs and are not supported.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, SAQTrainingArguments):
+            raise TypeError(
+                f"SAQTrainer needs SAQTrainingArguments, got {type(self.args).__name__}: "
+                "build the arguments with saq_hf.SAQTrainingArguments(output_dir=..., saq_mode=..., rho=...)"
+            )
+        self.sharpness: SharpnessPerturbation | None = None
+        self._previous_descent_grads: list | None = None
+        self._saq_sums: dict[str, float | torch.Tensor] = {"grad_norm": 0.0, "eps_norm": 0.0, "count": 0}
+
+    def _sharpness_for(self, model: torch.nn.Module) -> SharpnessPerturbation:
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.sharpness is None or self.sharpness.model is not unwrapped:
+            args = self.args
+            self.sharpness = SharpnessPerturbation(unwrapped, case=args.saq_mode, rho=args.rho,
+                                                   adaptive=args.saq_adaptive, perturb=args.saq_perturb)
+        return self.sharpness
+
+    def _is_plain_step(self) -> bool:
+        args = self.args
+        if args.saq_mode == "qat":
+            return True
+        return args.saq_strategy == "every_k" and self.state.global_step % args.saq_interval != 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._is_plain_step():
+            return super().training_step(model, inputs, num_items_in_batch)
+        sharpness = self._sharpness_for(model)
+        if self.args.saq_strategy == "reuse_grad":
+            return self._reuse_grad_step(sharpness, model, inputs, num_items_in_batch)
+        with self.accelerator.no_sync(model), self._same_random_draws():
+            grads = sharpness.ascent_gradients(lambda: self._ascent_loss(model, inputs, num_items_in_batch))
+        eps = self._epsilon(sharpness, grads)
+        del grads
+        with sharpness.perturbed(eps), frozen_running_stats(model):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _reuse_grad_step(self, sharpness, model, inputs, num_items_in_batch):
+        previous, self._previous_descent_grads = self._previous_descent_grads, None
+        eps = self._epsilon(sharpness, previous) if previous is not None else None
+        del previous
+        with sharpness.perturbed(eps), sharpness.recording_gradients() as grads:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._previous_descent_grads = grads
+        return loss
+
+    def _epsilon(self, sharpness, grads):
+        eps = sharpness.compute_epsilon(grads)
+        if eps is not None:
+            sums = self._saq_sums
+            sums["grad_norm"] = sums["grad_norm"] + sharpness.last_grad_norm.detach()
+            sums["eps_norm"] = sums["eps_norm"] + torch.linalg.vector_norm(
+                torch.stack([n.float() for n in torch._foreach_norm([e for e in eps if e is not None])])
+            )
+            sums["count"] += 1
+        return eps
+
+    def _same_random_draws(self):
+        """Fork the RNG for the ascent pass, so the descent pass draws the same dropout masks (and the
+        random stream stays the one plain QAT would see)."""
+        device = self.args.device
+        if device.type == "cpu":
+            return torch.random.fork_rng(devices=[])
+        index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+        return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+    def _ascent_loss(self, model, inputs, num_items_in_batch):
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        # Only ε's direction matters; the fp16 loss scale keeps small ascent gradients from underflowing.
+        scaler = getattr(self.accelerator, "scaler", None)
+        return scaler.scale(loss) if scaler is not None else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.args.saq_mode != "qat":
+            sums = self._saq_sums
+            if sums["count"]:
+                logs["saq_ascent_grad_norm"] = float(sums["grad_norm"]) / sums["count"]
+                logs["saq_eps_norm"] = float(sums["eps_norm"]) / sums["count"]
+            logs["saq_skipped"] = self.sharpness.skipped if self.sharpness is not None else 0
+            self._saq_sums = {"grad_norm": 0.0, "eps_norm": 0.0, "count": 0}
+        super().log(logs, start_time)

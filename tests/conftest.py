@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random ViT / ConvNeXt (a few thousand parameters, offline) and a toy image dataset."""
+
+import pytest
+import torch
+from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
+
+NUM_LABELS = 5
+
+
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=NUM_LABELS)
+    return ViTForImageClassification(config)
+
+
+def tiny_convnext(seed: int = 0) -> ConvNextForImageClassification:
+    torch.manual_seed(seed)
+    config = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                            num_labels=NUM_LABELS, image_size=16)
+    return ConvNextForImageClassification(config)
+
+
+class ToyImages(torch.utils.data.Dataset):
+    """Deterministic 3x16x16 images with labels that depend on the image (so the loss can go down)."""
+
+    def __init__(self, n: int = 32, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.pixel_values = torch.randn(n, 3, 16, 16, generator=generator)
+        self.labels = (self.pixel_values.mean(dim=(1, 2, 3)) * 40).long() % NUM_LABELS
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+
+
+@pytest.fixture
+def toy_images():
+    return ToyImages()
+
+
+class OneLayerRegression(torch.nn.Module):
+    """``y = W x + b`` with a mean-squared-error loss: a plain ``nn.Module`` returning ``{"loss": ...}``
+    (or ``(loss, output)`` with ``tuple_output``), small enough to redo METHOD.md's formulas by hand."""
+
+    def __init__(self, in_features: int = 6, out_features: int = 3, tuple_output: bool = False, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = torch.nn.Linear(in_features, out_features)
+        self.tuple_output = tuple_output
+
+    def forward(self, x, labels):
+        output = self.fc(x)
+        loss = (output - labels).pow(2).mean()
+        return (loss, output) if self.tuple_output else {"loss": loss, "output": output}
+
+
+class Regression(torch.utils.data.Dataset):
+    def __init__(self, n: int = 8, in_features: int = 6, out_features: int = 3, seed: int = 1):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, in_features, generator=generator)
+        self.y = torch.randn(n, out_features, generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
