@@ -10,9 +10,9 @@ An export folder holds three files, none of them pickled:
 - ``export_manifest.json``: format name and version, model class, the SHA-256 of the weights file and, per
   quantized layer, the weight bits, code range, shape, dtype and pack layout and the activation bits and range.
 
-:func:`load_exported` rebuilds the model from ``config.json``, converts it with the saved ``QuantConfig`` and
-sets each quantized layer's ``weight`` to ``codes * step_size``, computed as the quantizer's forward computes
-it. That weight is a fixed point of the quantizer: ``fl(c·s) / s`` lies within a few ulp of the integer ``c``,
+:func:`load_exported` unpacks the codes, sets each quantized layer's ``weight`` to ``codes * step_size`` (computed
+as the quantizer's forward computes it) and hands that state dict with ``config.json`` to transformers'
+``from_pretrained``, which rebuilds the model through the saq HfQuantizer like any saved saq-hf run. That weight is a fixed point of the quantizer: ``fl(c·s) / s`` lies within a few ulp of the integer ``c``,
 so it rounds back to ``c`` and the reloaded layer multiplies by exactly the fake-quant model's ``Q(w)``. Both
 export and load check this per layer instead of assuming it (it can fail for 8-bit codes in bfloat16).
 """
@@ -35,8 +35,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .config import QUANT_METHOD, QuantConfig
 from .packing import pack_codes, packed_size, unpack_codes
-from .quant import convert_layers, quantized_layers
-from .quantize import resolve_defaults
+from .quant import quantized_layers
 
 FORMAT = "saq-hf-export"
 FORMAT_VERSION = 1
@@ -203,22 +202,18 @@ def _read_weights(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
         raise _corrupt(folder, f"{WEIGHTS_FILE} is not a readable safetensors file ({error})") from None
 
 
-def _build_model(folder: Path, manifest: dict) -> PreTrainedModel:
+def _read_config(folder: Path, manifest: dict) -> tuple[type[PreTrainedModel], transformers.PretrainedConfig]:
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as error:
         raise _corrupt(folder, f"{CONFIG_FILE} cannot be read ({error})") from None
-    model_class = getattr(transformers, str(manifest.get("model_class")), None)
-    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
-        raise _corrupt(folder, f"model_class {manifest.get('model_class')!r} is not a transformers model class")
     quant_config = getattr(config, "quantization_config", None)
     if not isinstance(quant_config, dict) or quant_config.get("quant_method") != QUANT_METHOD:
         raise _corrupt(folder, f"{CONFIG_FILE} has no saq quantization_config")
-    model = model_class(config)
-    quant_config = resolve_defaults(model, QuantConfig.from_dict(quant_config))
-    convert_layers(model, quant_config)
-    model.config.quantization_config = quant_config
-    return model
+    model_class = getattr(transformers, str(manifest.get("model_class")), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+        raise _corrupt(folder, f"model_class {manifest.get('model_class')!r} is not a transformers model class")
+    return model_class, config
 
 
 def _layer_weight(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +224,17 @@ def _layer_weight(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.
     codes = unpack_codes(tensors.pop(entry["codes"]), entry["bits"], math.prod(shape), entry["qmin"])
     codes = codes.reshape(shape)
     return codes, _dequantize(codes, tensors[entry["step_size"]], dtype)
+
+
+def _check_layer(folder: Path, name: str, entry: dict, layer: nn.Module, codes: torch.Tensor) -> None:
+    activation = entry["input"]
+    bits = (entry["weight"]["bits"], activation["bits"] if activation else None)
+    if bits != (layer.w_bits, layer.a_bits):
+        raise _corrupt(folder, f"layer '{name}' has (w_bits, a_bits) {bits} in {MANIFEST_FILE} but "
+                               f"{(layer.w_bits, layer.a_bits)} in {CONFIG_FILE}")
+    if activation and activation["signed"] != bool(layer.input_quantizer.signed):
+        raise _corrupt(folder, f"activation sign of '{name}' differs between {MANIFEST_FILE} and {WEIGHTS_FILE}")
+    _check_fixed_point(name, layer, layer.weight, codes)
 
 
 @torch.no_grad()
@@ -242,34 +248,31 @@ def load_exported(out_dir: str | os.PathLike) -> PreTrainedModel:
     folder = Path(out_dir)
     manifest = _read_manifest(folder)
     tensors = _read_weights(folder, manifest)
-    model = _build_model(folder, manifest)
+    model_class, config = _read_config(folder, manifest)
+    codes = {}
+    for name, entry in manifest["layers"].items():
+        try:
+            codes[name], tensors[f"{name}.weight"] = _layer_weight(entry["weight"], tensors)
+        except (KeyError, TypeError, ValueError) as error:
+            raise _corrupt(folder, f"layer '{name}' has a malformed entry or tensors ({error})") from None
+    # The rebuilt state dict is a fake-quant checkpoint, so transformers loads it through the saq HfQuantizer
+    # exactly as from_pretrained loads a saved run: built on the meta device, no re-initialised step sizes.
+    try:
+        model, info = model_class.from_pretrained(None, config=config, state_dict=tensors, output_loading_info=True)
+    except (RuntimeError, ValueError) as error:
+        raise _corrupt(folder, f"{WEIGHTS_FILE} does not fit {CONFIG_FILE} ({error})".replace("\n", " ")) from None
+    unfit = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]}
+    if unfit:
+        raise _corrupt(folder, f"{WEIGHTS_FILE} does not fit {CONFIG_FILE}: {unfit}")
     layers = dict(quantized_layers(model))
     if set(layers) != set(manifest["layers"]):
         raise _corrupt(folder, f"{MANIFEST_FILE} lists quantized layers {sorted(manifest['layers'])} but "
                                f"{CONFIG_FILE}'s quantization_config quantizes {sorted(layers)}")
-    all_codes = {}
     for name, entry in manifest["layers"].items():
-        layer = layers[name]
         try:
-            bits = (entry["weight"]["bits"], entry["input"]["bits"] if entry["input"] else None)
-            codes, weight = _layer_weight(entry["weight"], tensors)
-        except (KeyError, TypeError, ValueError) as error:
-            raise _corrupt(folder, f"layer '{name}' has a malformed entry or tensors ({error})") from None
-        if bits != (layer.w_bits, layer.a_bits):
-            raise _corrupt(folder, f"layer '{name}' has (w_bits, a_bits) {bits} in {MANIFEST_FILE} but "
-                                   f"{(layer.w_bits, layer.a_bits)} in {CONFIG_FILE}")
-        tensors[f"{name}.weight"] = weight
-        all_codes[name] = codes
-    try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as error:
-        raise _corrupt(folder, f"{WEIGHTS_FILE} does not fit the model ({error})".replace("\n", " ")) from None
-    for name, codes in all_codes.items():
-        layer = layers[name]
-        activation = manifest["layers"][name]["input"]
-        if activation is not None and activation.get("signed") != bool(layer.input_quantizer.signed):
-            raise _corrupt(folder, f"activation sign of '{name}' differs between {MANIFEST_FILE} and {WEIGHTS_FILE}")
-        _check_fixed_point(name, layer, layer.weight, codes)
+            _check_layer(folder, name, entry, layers[name], codes[name])
+        except (KeyError, TypeError) as error:
+            raise _corrupt(folder, f"layer '{name}' has a malformed entry ({error!r})") from None
     return model.eval()
 
 
@@ -295,7 +298,7 @@ def size_table(out_dir: str | os.PathLike) -> str:
     for bits in sorted((b for b in rows if b != "all"), key=lambda b: int(b[1:])) + ["all"]:
         layers, count, fp32, exported = rows[bits]
         lines.append(f"{bits:<5}{layers:>7}{count:>11,}{fp32:>13,}{exported:>16,}{exported / fp32:>8.3f}")
-    lines.append(f"unquantized tensors kept as they are (biases, norms, embeddings, other layers): {other_bytes:,} bytes")
+    lines.append(f"unquantized tensors, kept as they are (biases, norms, embeddings, ...): {other_bytes:,} bytes")
     lines.append(f"{folder / WEIGHTS_FILE}: {(folder / WEIGHTS_FILE).stat().st_size:,} bytes on disk")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Integer export: packed codes round-trip exactly, reload to the fake-quant logits, stay small, fail clearly."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -7,7 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
@@ -124,6 +125,7 @@ def test_reloaded_export_gives_the_fake_quant_logits(tmp_path, model_name, bits)
     loaded = load_exported(tmp_path)
 
     assert type(loaded) is type(model) and not loaded.training
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in model.state_dict().items()}
     expected, actual = logits(model), logits(loaded)
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
     # The reason it holds: every reloaded layer multiplies by bit-identical Q(w).
@@ -190,7 +192,8 @@ def w4_ratio(folder):
     exported_bytes = fp32_bytes = 0
     for name, entry in manifest["layers"].items():
         if entry["weight"]["bits"] == 4:
-            exported_bytes += sum(t.nbytes for k, t in stored.items() if k.startswith(name + ".") and k != f"{name}.bias")
+            exported_bytes += sum(tensor.nbytes for key, tensor in stored.items()
+                                  if key.startswith(name + ".") and key != f"{name}.bias")
             fp32_bytes += 4 * math.prod(entry["weight"]["shape"])
     return exported_bytes, fp32_bytes
 
@@ -242,6 +245,16 @@ def test_loading_a_folder_that_does_not_exist_says_so(tmp_path):
         load_exported(tmp_path / "nowhere")
 
 
+def edit_manifest(folder, edit):
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_truncated_weights_file_is_reported_corrupt(export_copy):
     path = export_copy / WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:-100])
@@ -250,13 +263,8 @@ def test_truncated_weights_file_is_reported_corrupt(export_copy):
 
 
 def test_unreadable_safetensors_with_a_matching_checksum_is_reported_corrupt(export_copy):
-    import hashlib
-
-    garbage = b"\xff" * 64
-    (export_copy / WEIGHTS_FILE).write_bytes(garbage)
-    manifest = json.loads((export_copy / MANIFEST_FILE).read_text())
-    manifest["weights_sha256"] = hashlib.sha256(garbage).hexdigest()
-    (export_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (export_copy / WEIGHTS_FILE).write_bytes(b"\xff" * 64)
+    edit_manifest(export_copy, lambda m: m.update(weights_sha256=sha256(export_copy / WEIGHTS_FILE)))
     with pytest.raises(ValueError, match="is corrupt: weights.safetensors is not a readable safetensors file"):
         load_exported(export_copy)
 
@@ -267,15 +275,24 @@ def test_manifest_that_is_not_json_is_reported_corrupt(export_copy):
         load_exported(export_copy)
 
 
-def edit_manifest(folder, edit):
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    edit(manifest)
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-
-
 def test_manifest_bits_that_disagree_with_the_config_are_reported_corrupt(export_copy):
+    edit_manifest(export_copy, lambda m: m["layers"]["vit.layers.0.mlp.fc1"]["input"].update(bits=8))
+    with pytest.raises(ValueError, match=r"is corrupt: layer 'vit.layers.0.mlp.fc1' has \(w_bits, a_bits\) \(4, 8\)"):
+        load_exported(export_copy)
+
+
+def test_codes_that_do_not_fit_the_manifest_shape_are_reported_corrupt(export_copy):
     edit_manifest(export_copy, lambda m: m["layers"]["vit.layers.0.mlp.fc1"]["weight"].update(bits=3))
-    with pytest.raises(ValueError, match="is corrupt: .*vit.layers.0.mlp.fc1"):
+    with pytest.raises(ValueError, match="is corrupt: layer 'vit.layers.0.mlp.fc1' has a malformed entry or tensors"):
+        load_exported(export_copy)
+
+
+def test_weights_file_missing_a_tensor_is_reported_corrupt(export_copy):
+    stored = load_file(export_copy / WEIGHTS_FILE)
+    del stored["vit.layernorm.weight"]
+    save_file(stored, export_copy / WEIGHTS_FILE)
+    edit_manifest(export_copy, lambda m: m.update(weights_sha256=sha256(export_copy / WEIGHTS_FILE)))
+    with pytest.raises(ValueError, match="corrupt: weights.safetensors does not fit config.json.*vit.layernorm.weight"):
         load_exported(export_copy)
 
 
