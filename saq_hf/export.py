@@ -12,9 +12,10 @@ An export folder holds three files, none of them pickled:
 
 :func:`load_exported` unpacks the codes, sets each quantized layer's ``weight`` to ``codes * step_size`` (computed
 as the quantizer's forward computes it) and hands that state dict with ``config.json`` to transformers'
-``from_pretrained``, which rebuilds the model through the saq HfQuantizer like any saved saq-hf run. That weight is a fixed point of the quantizer: ``fl(c·s) / s`` lies within a few ulp of the integer ``c``,
-so it rounds back to ``c`` and the reloaded layer multiplies by exactly the fake-quant model's ``Q(w)``. Both
-export and load check this per layer instead of assuming it (it can fail for 8-bit codes in bfloat16).
+``from_pretrained``, which rebuilds the model through the saq HfQuantizer like any saved saq-hf run. That
+weight is a fixed point of the quantizer: ``fl(c·s) / s`` lies within a few ulp of the integer ``c``, so it
+rounds back to ``c`` and the reloaded layer multiplies by exactly the fake-quant model's ``Q(w)``. Both export
+and load check this per layer instead of assuming it (it can fail for 8-bit codes in bfloat16).
 """
 
 import copy
