@@ -20,9 +20,11 @@ and load check this per layer instead of assuming it (it can fail for 8-bit code
 
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .config import QUANT_METHOD, QuantConfig
 from .packing import pack_codes, packed_size, unpack_codes
-from .quant import quantized_layers
+from .quant import QuantConv2d, quantized_layers
 
 FORMAT = "saq-hf-export"
 FORMAT_VERSION = 1
@@ -44,6 +46,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "export_manifest.json"
 EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)
+ONNX_FILE = "model.onnx"
 PACKING = "offset-binary (code - qmin), `bits` bits per code, LSB-first bit stream, zero-padded to a byte"
 
 
@@ -65,19 +68,11 @@ def _check_fixed_point(name: str, layer: nn.Module, weight: torch.Tensor, codes:
         )
 
 
-def _check_exportable(name: str, layer: nn.Module) -> None:
-    if layer.weight_perturbation is not None:
-        raise ValueError(f"layer '{name}' carries a SAQ weight perturbation: export outside "
-                         "perturb_quantized_weights()")
-    if not bool(layer.weight_quantizer.initialized):
-        raise ValueError(f"weight step size of '{name}' is not initialised: quantize the model with "
-                         "saq_hf.quantize_model before exporting")
-    if layer.input_quantizer is not None and not bool(layer.input_quantizer.initialized):
-        raise ValueError(f"activation step size of '{name}' is not initialised: run saq_hf.calibrate(model, "
-                         "batches) or train the model before exporting")
-
-
-def _require_saq_model(model: nn.Module) -> None:
+def _exportable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` of a saq-hf model that is ready to export; ``ValueError`` saying what to do otherwise."""
+    layers = dict(quantized_layers(model))
+    if not layers:
+        raise ValueError("model is not quantized with saq-hf: run saq_hf.quantize_model first")
     quant_config = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(quant_config, QuantConfig):
         quant_config = quant_config.to_dict()
@@ -86,6 +81,17 @@ def _require_saq_model(model: nn.Module) -> None:
             "export needs a transformers model with a saq quantization_config on its config: quantize it with "
             "saq_hf.quantize_model, or load the saved run with from_pretrained after import saq_hf"
         )
+    for name, layer in layers.items():
+        if layer.weight_perturbation is not None:
+            raise ValueError(f"layer '{name}' carries a SAQ weight perturbation: export outside "
+                             "perturb_quantized_weights()")
+        if not bool(layer.weight_quantizer.initialized):
+            raise ValueError(f"weight step size of '{name}' is not initialised: quantize the model with "
+                             "saq_hf.quantize_model before exporting")
+        if layer.input_quantizer is not None and not bool(layer.input_quantizer.initialized):
+            raise ValueError(f"activation step size of '{name}' is not initialised: run saq_hf.calibrate(model, "
+                             "batches) or train the model before exporting")
+    return layers
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,14 +121,10 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike) -> dict:
     step sizes. Returns the manifest that was written. Raises ``ValueError`` for a model that is not quantized
     or not ready; files in ``out_dir`` other than the three export files are left alone.
     """
-    layers = dict(quantized_layers(model))
-    if not layers:
-        raise ValueError("model is not quantized with saq-hf: run saq_hf.quantize_model first")
-    _require_saq_model(model)
+    layers = _exportable_layers(model)
     tensors = model.state_dict()
     manifest_layers = {}
     for name, layer in layers.items():
-        _check_exportable(name, layer)
         codes = layer.weight_quantizer.codes(layer.weight)
         _check_fixed_point(name, layer, _dequantize(codes, layer.weight_quantizer.step_size, layer.weight.dtype),
                            codes)
@@ -304,12 +306,133 @@ def size_table(out_dir: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def export_command(run_dir: str, out_dir: str) -> str:
-    """``saq-hf export RUN_DIR OUT_DIR``: export the quantized model saved in ``run_dir``; returns the size table."""
+class _ActivationQDQ(torch.autograd.Function):
+    """LSQ's activation fake-quant; in ONNX ``QuantizeLinear`` -> ``Clip`` to the b-bit range -> ``DequantizeLinear``.
+
+    QuantizeLinear saturates to the 8-bit range only; clipping the integers to ``qmin..qmax`` afterwards equals
+    LSQ's clamp-then-round because the bounds are integers.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step_size, qmin, qmax):
+        return torch.clamp(x / step_size, qmin, qmax).round() * step_size
+
+    @staticmethod
+    def symbolic(g, x, step_size, qmin, qmax):
+        dtype = torch.int8 if qmin < 0 else torch.uint8
+        zero_point = g.op("Constant", value_t=torch.tensor(0, dtype=dtype))
+        codes = g.op("QuantizeLinear", x, step_size, zero_point)
+        codes = g.op("Clip", codes, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
+                     g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)))
+        return g.op("DequantizeLinear", codes, step_size, zero_point)
+
+
+class _WeightDQ(torch.autograd.Function):
+    """``codes * step_size`` from int8 codes; in ONNX one ``DequantizeLinear`` (per output channel: axis 0)."""
+
+    @staticmethod
+    def forward(ctx, codes, step_size):
+        shape = (-1,) + (1,) * (codes.dim() - 1) if step_size.dim() else ()
+        return _dequantize(codes, step_size.reshape(shape), step_size.dtype)
+
+    @staticmethod
+    def symbolic(g, codes, step_size):
+        return g.op("DequantizeLinear", codes, step_size, axis_i=0)
+
+
+class _OnnxQuantLayer(nn.Module):
+    """A quantized layer as the ONNX graph holds it: int8 weight codes, step sizes, Q/DQ nodes, float bias."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        quantizer = layer.weight_quantizer
+        self.register_buffer("weight_codes", quantizer.codes(layer.weight).to(torch.int8))
+        step_size = quantizer.step_size.detach().clone()
+        self.register_buffer("weight_step_size", step_size.flatten() if quantizer.per_channel else step_size)
+        self.bias = layer.bias
+        self.conv_args = None
+        if isinstance(layer, QuantConv2d):
+            if layer.padding_mode != "zeros":
+                raise ValueError(f"export_onnx supports zero-padded convolutions only, got padding_mode="
+                                 f"{layer.padding_mode!r}; use export_quantized for this model")
+            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        self.activation_range = layer.input_quantizer.qrange() if layer.input_quantizer is not None else None
+        if layer.input_quantizer is not None:
+            self.register_buffer("input_step_size", layer.input_quantizer.step_size.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads `<layer>.weight.dtype` in some forwards (ViT's patch embedding).
+        return _WeightDQ.apply(self.weight_codes, self.weight_step_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_range is not None:
+            x = _ActivationQDQ.apply(x, self.input_step_size, *self.activation_range)
+        if self.conv_args is not None:
+            return nn.functional.conv2d(x, self.weight, self.bias, *self.conv_args)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17) -> Path:
+    """Write ``model`` as an ONNX graph ``pixel_values -> logits`` with int8 weight codes and Q/DQ nodes.
+
+    Each quantized layer becomes ``DequantizeLinear(int8 codes, step sizes)`` for its weight and, when its input
+    is quantized, ``QuantizeLinear -> Clip(qmin, qmax) -> DequantizeLinear`` on its input; everything else is
+    the model's float graph. Weight codes are stored one per byte (ONNX has no 2/3-bit type). The batch size is
+    dynamic, the image size is ``config.image_size``. Uses torch's TorchScript ONNX exporter (deprecated since
+    torch 2.9, still in 2.13), which needs the ``onnx`` package but not ``onnxscript``.
+    """
+    if importlib.util.find_spec("onnx") is None:
+        raise ImportError("export_onnx needs the onnx package: pip install onnx (it is in saq-hf's dev extra)")
+    layers = _exportable_layers(model)
+    config = model.config
+    size = getattr(config, "image_size", None)
+    if size is None or getattr(config, "num_channels", None) is None:
+        raise ValueError("export_onnx needs an image model whose config has image_size and num_channels")
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    graph_model = copy.deepcopy(model).eval()
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(graph_model.get_submodule(parent) if parent else graph_model, child, _OnnxQuantLayer(layer))
+    dtype = next(graph_model.parameters()).dtype
+    example = torch.zeros(1, config.num_channels, height, width, dtype=dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # Expected for this path: the TorchScript exporter's deprecation notice and tracer notes on the image
+        # size checks in transformers' forwards (the image size is fixed by the config anyway).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(_Logits(graph_model), (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["pixel_values"], output_names=["logits"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def export_command(run_dir: str, out_dir: str, onnx: bool = False) -> str:
+    """``saq-hf export RUN_DIR OUT_DIR [--onnx]``: export the quantized model saved in ``run_dir``.
+
+    Writes the integer export to ``out_dir`` (and ``out_dir/model.onnx`` with ``onnx=True``); returns the size
+    table to print.
+    """
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {run}: pass the output folder of a saq-hf training run "
                                 "(the one holding config.json and model.safetensors)")
     model = transformers.AutoModelForImageClassification.from_pretrained(run)
     export_quantized(model, out_dir)
-    return size_table(out_dir)
+    table = size_table(out_dir)
+    if onnx:
+        path = export_onnx(model, Path(out_dir) / ONNX_FILE)
+        table += f"\n{path}: {path.stat().st_size:,} bytes on disk (int8 weight codes, Q/DQ nodes)"
+    return table

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
 from saq_hf import QuantConfig, calibrate, export_quantized, load_exported, quantize_model
-from saq_hf.export import EXPORT_FILES, MANIFEST_FILE, WEIGHTS_FILE, export_command, size_table
+from saq_hf.export import EXPORT_FILES, MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, export_command, export_onnx, size_table
 from saq_hf.packing import pack_codes, packed_size, unpack_codes
 from saq_hf.quant import QuantConv2d, QuantLinear, quantized_layers
 
@@ -308,15 +309,55 @@ def test_manifest_from_a_newer_format_asks_to_upgrade(export_copy):
         load_exported(export_copy)
 
 
+# --- ONNX ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_name", ["vit", "convnext"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_onnxruntime_runs_the_onnx_graph_to_the_pytorch_logits(tmp_path, model_name, bits):
+    ort = pytest.importorskip("onnxruntime")
+    model = trained_like(model_name, w_bits=bits, a_bits=bits)
+    path = export_onnx(model, tmp_path / "model.onnx")  # traced with batch 1; run with batch 4
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(["logits"], {"pixel_values": images().numpy()})
+    expected = logits(model)
+    assert abs(actual - expected.numpy()).max() <= 1e-5 * float(expected.abs().max())
+
+
+def test_onnx_graph_holds_int8_weight_codes_and_qdq_nodes_per_quantized_layer(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    model = trained_like("convnext", w_bits=3, a_bits=4)
+    graph = onnx.load(export_onnx(model, tmp_path / "model.onnx"))
+    onnx.checker.check_model(graph, full_check=True)
+
+    layers = dict(quantized_layers(model))
+    ops = Counter(node.op_type for node in graph.graph.node)
+    assert ops["QuantizeLinear"] == len(layers) and ops["DequantizeLinear"] == 2 * len(layers)
+    int8 = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    expected = [layer.weight_quantizer.codes(layer.weight).numpy() for layer in layers.values()]
+    assert sorted(a.tobytes() for a in int8) == sorted(a.astype("int8").tobytes() for a in expected)
+    float_shapes = {tuple(t.dims) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert not float_shapes & {tuple(layer.weight.shape) for layer in layers.values()}
+
+
+def test_onnx_export_of_a_model_that_is_not_quantized_says_to_quantize_it(tmp_path):
+    with pytest.raises(ValueError, match="not quantized with saq-hf"):
+        export_onnx(tiny_vit(), tmp_path / "model.onnx")
+
+
 # --- CLI entry point -----------------------------------------------------------------------------------
 
 def test_export_command_exports_a_saved_run_and_prints_sizes_per_bit_width(tmp_path):
     model = trained_like("vit", w_bits=4, a_bits=4)
     model.save_pretrained(tmp_path / "run")
 
-    table = export_command(str(tmp_path / "run"), str(tmp_path / "out"))
+    table = export_command(str(tmp_path / "run"), str(tmp_path / "out"), onnx=True)
 
     assert [line.split()[0] for line in table.splitlines()[1:4]] == ["W4", "W8", "all"]
+    onnx_path = tmp_path / "out" / ONNX_FILE
+    assert onnx_path.is_file() and table.splitlines()[-1].startswith(f"{onnx_path}: ")
     expected = logits(model)
     assert (logits(load_exported(tmp_path / "out")) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
