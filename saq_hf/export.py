@@ -37,7 +37,7 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from .config import QUANT_METHOD, QuantConfig
-from .packing import pack_codes, packed_size, unpack_codes
+from .packing import pack_codes, unpack_codes
 from .quant import QuantConv2d, quantized_layers
 
 FORMAT = "saq-hf-export"
@@ -98,7 +98,7 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage (tied weights); each gets its own copy on disk.
     seen, out = set(), {}
     for key, tensor in tensors.items():
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach().contiguous().cpu()
         pointer = tensor.untyped_storage().data_ptr()
         out[key] = tensor.clone() if pointer in seen and tensor.numel() else tensor
         seen.add(pointer)
@@ -404,8 +404,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17) -> P
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         setattr(graph_model.get_submodule(parent) if parent else graph_model, child, _OnnxQuantLayer(layer))
-    dtype = next(graph_model.parameters()).dtype
-    example = torch.zeros(1, config.num_channels, height, width, dtype=dtype)
+    parameter = next(graph_model.parameters())
+    example = torch.zeros(1, config.num_channels, height, width, dtype=parameter.dtype, device=parameter.device)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

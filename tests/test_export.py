@@ -16,7 +16,7 @@ from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConf
 from saq_hf import QuantConfig, calibrate, export_quantized, load_exported, quantize_model
 from saq_hf.export import EXPORT_FILES, MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, export_command, export_onnx, size_table
 from saq_hf.packing import pack_codes, packed_size, unpack_codes
-from saq_hf.quant import QuantConv2d, QuantLinear, quantized_layers
+from saq_hf.quant import quantized_layers
 
 
 def tiny_vit(hidden_size=32):
