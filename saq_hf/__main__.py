@@ -1,0 +1,7 @@
+"""``python -m saq_hf`` is the ``saq-hf`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

