@@ -12,10 +12,12 @@ Memory on top of QAT: ε (one copy of the perturbed tensors) while the descent p
 """
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.utils import CONFIG_NAME
 
 from .sharpness import CASES, PERTURB_CHOICES, SharpnessPerturbation, frozen_running_stats
 
@@ -192,6 +194,18 @@ class SAQTrainer(Trainer):
         # Only ε's direction matters; the fp16 loss scale keeps small ascent gradients from underflowing.
         scaler = getattr(self.accelerator, "scaler", None)
         return scaler.scale(loss) if scaler is not None else loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # transformers 5.24 writes checkpoints with the Hub's key names (e.g. ViT's ``encoder.layer.N.attention``)
+        # but resumes with a plain ``load_state_dict``, which then restores nothing (huggingface/transformers
+        # #43701). ``from_pretrained`` applies the renaming, and rebuilds the quantized layers exactly.
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not isinstance(unwrapped, PreTrainedModel) or self.is_fsdp_enabled or not os.path.isfile(
+            os.path.join(resume_from_checkpoint, CONFIG_NAME)
+        ):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        reloaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype)
+        unwrapped.load_state_dict(reloaded.state_dict())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.args.saq_mode != "qat":

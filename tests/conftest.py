@@ -6,6 +6,10 @@ from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConf
 
 NUM_LABELS = 5
 
+# Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU the thread barriers make every op
+# ~30x slower: one thread keeps each test to seconds.
+torch.set_num_threads(1)
+
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     torch.manual_seed(seed)
