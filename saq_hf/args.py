@@ -294,7 +294,7 @@ def parse_recipe(recipe: str | os.PathLike | None, overrides: list[str], datacla
     for key, value in merged.items():
         coerced = _coerce(value, field_types[key])
         if coerced is _NO_MATCH:
-            source = "option --" if key in cli_values else "recipe key "
+            source = "option --" if key in cli_values else "recipe key: "
             raise UserInputError(f"{key} must be {_type_name(field_types[key])}, got {value!r} ({source}{key})")
         merged[key] = coerced
     try:

@@ -1,0 +1,184 @@
+"""`saq-hf` end to end on local fixtures, and every bad-input path: one stderr line, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import metadata_load
+from PIL import Image
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+import saq_hf.hub as hub
+from saq_hf.cli import main
+from saq_hf.quant import quantized_layer_bits
+
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_mnist_vit_w4a4.yaml"
+CLASSES = ("cat", "dog", "fox")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    """An imagefolder (3 classes x 8 PNGs, class i mostly channel i) and a tiny random ViT + processor."""
+    root = tmp_path_factory.mktemp("fixtures")
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(CLASSES):
+        (root / "images" / name).mkdir(parents=True)
+        for k in range(8):
+            pixels = rng.integers(0, 60, size=(18, 22, 3), dtype=np.uint8)
+            pixels[..., index] = 200
+            Image.fromarray(pixels).save(root / "images" / name / f"{k}.png")
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=3))
+    model.save_pretrained(root / "tiny_vit")
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(root / "tiny_vit")
+    return root
+
+
+def write_recipe(path: Path, fixtures: Path, **changes) -> Path:
+    recipe = {
+        "model_name_or_path": str(fixtures / "tiny_vit"),
+        "dataset_name": "imagefolder",
+        "data_dir": str(fixtures / "images"),
+        "train_val_split": 0.25,
+        "random_flip": False,
+        "calibration_batches": 2,
+        "rho": 0.05,
+        "max_steps": 3,
+        "per_device_train_batch_size": 6,
+        "per_device_eval_batch_size": 6,
+        "learning_rate": 1e-3,
+        "save_strategy": "no",
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "disable_tqdm": True,
+        "output_dir": str(path.parent / "run"),
+        "fp_cache_dir": str(path.parent / "fp_cache"),
+    }
+    recipe.update(changes)
+    recipe = {key: value for key, value in recipe.items() if value is not None}
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in recipe.items()))
+    return path
+
+
+def test_train_then_eval_on_an_imagefolder_and_a_local_tiny_vit(tmp_path, fixtures, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", fixtures)
+    assert main(["train", str(recipe), "--max_steps", "2"]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    info = json.loads((run_dir / "saq_run.json").read_text())
+    assert info["training"]["global_steps"] == 2  # the flag overrode the recipe's 3
+    assert info["results"]["split"] == "validation" and info["results"]["num_examples"] == 6
+    assert info["fp_model"] == str(fixtures / "tiny_vit")  # same 3 classes: the checkpoint is the FP base
+    assert f"saq-hf run {run_dir}: W4A4, saq_mode=saq, rho=0.05, 2 steps" in out
+    assert "full precision" in out and "W4A4 after training" in out
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "saq" and config["quantization_config"]["w_bits"] == 4
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fox"}
+    assert (run_dir / "model.safetensors").is_file() and (run_dir / "preprocessor_config.json").is_file()
+    assert {"saq", "quantized", "w4a4"} <= set(metadata_load(run_dir / "README.md")["tags"])
+    reloaded = AutoModelForImageClassification.from_pretrained(run_dir)
+    assert set(quantized_layer_bits(reloaded).values()) == {(4, 4), (8, 8)}
+
+    assert main(["eval", str(run_dir)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == f"{run_dir}: imagefolder, split validation (6 images)"
+    rows = {line.rsplit(None, 2)[0].strip(): float(line.split()[-2]) for line in table[2:]}
+    # The saved model and the trained one give the same accuracy on the same split.
+    assert rows["W4A4 after training"] == pytest.approx(100 * info["results"]["quantized"]["accuracy"], abs=0.01)
+    assert rows["full precision"] == pytest.approx(100 * info["results"]["fp"]["accuracy"], abs=0.01)
+
+
+def test_demo_recipe_runs_offline_and_reuses_its_cached_fp_model(tmp_path, capsys):
+    common = ["--fp_max_steps", "4", "--max_steps", "2", "--per_device_train_batch_size", "16",
+              "--max_eval_samples", "50", "--eval_strategy", "no", "--calibration_batches", "1",
+              "--fp_cache_dir", str(tmp_path / "fp"), "--disable_tqdm", "true"]
+    assert main(["train", str(DEMO_RECIPE), *common, "--output_dir", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out
+    assert "full-precision stage ->" in first and "demo_digits, split test (50 images)" in first
+    assert main(["train", str(DEMO_RECIPE), *common, "--output_dir", str(tmp_path / "b")]) == 0
+    assert "reusing the full-precision model cached at" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / name / "saq_run.json").read_text()) for name in "ab")
+    assert a["fp_model"] == b["fp_model"] and a["results"]["fp"] == b["results"]["fp"]
+    assert a["base_model"] is None and a["quantization"]["tag"] == "W4A4"
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["image_size"], config["patch_size"], len(config["id2label"])) == (28, 7, 10)
+
+
+def bad_checkpoint(fixtures: Path, tmp_path: Path, problem: str) -> str:
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        (folder / name).write_bytes((fixtures / "tiny_vit" / name).read_bytes())
+    if problem == "corrupt":
+        (folder / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
+    else:
+        (folder / "model.safetensors").unlink()
+    return str(folder)
+
+
+BAD_INPUTS = {
+    "unknown recipe key": ({"rhoo": 0.1}, [], "unknown recipe key rhoo (did you mean rho?)"),
+    "unknown option": ({}, ["--w_bit", "3"], "unknown option --w_bit (did you mean --w_bits?)"),
+    "wrong type": ({"num_train_epochs": "many"}, [], "num_train_epochs must be float, got 'many'"),
+    "weight bits above 8": ({"w_bits": 9}, [], "w_bits must be an integer in 2..8, got 9 (recipe key: w_bits)"),
+    "activation bits below 2": ({}, ["--a_bits", "1"], "a_bits must be an integer in 2..8"),
+    "negative rho": ({}, ["--rho", "-0.5"], "rho must be >= 0, got -0.5 (option --rho)"),
+    "unknown saq_mode": ({"saq_mode": "sam"}, [], "saq_mode must be one of"),
+    "missing image column": ({"image_column_name": "img"}, [], "column 'img' not in split 'train'"),
+    "missing label column": ({"label_column_name": "breed"}, [], "set label_column_name"),
+    "offline dataset id": ({"dataset_name": "nobody/no-such-dataset", "data_dir": None}, [],
+                           "could not load dataset 'nobody/no-such-dataset'"),
+    "offline model id": ({"model_name_or_path": "nobody/no-such-model"}, [],
+                         "could not load model 'nobody/no-such-model'"),
+    "corrupt checkpoint": ({"model_name_or_path": "corrupt"}, [], "could not load model"),
+    "missing checkpoint weights": ({"model_name_or_path": "missing"}, [], "could not load model"),
+    "remove_unused_columns true": ({}, ["--remove_unused_columns", "true"], "remove_unused_columns must be false"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_stderr_line_exit_2_and_no_output_dir(case, tmp_path, fixtures, capfd):
+    changes, flags, message = BAD_INPUTS[case]
+    if changes.get("model_name_or_path") in ("corrupt", "missing"):
+        changes = {"model_name_or_path": bad_checkpoint(fixtures, tmp_path, changes["model_name_or_path"])}
+    recipe = write_recipe(tmp_path / "recipe.yaml", fixtures, fp_num_train_epochs=1, **changes)
+    capfd.readouterr()
+    assert main(["train", str(recipe), *flags]) == 2
+    captured = capfd.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("saq-hf: error: ") and message in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "fp_cache").exists()
+
+
+def test_bad_eval_and_push_targets_exit_2(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(hub, "HfApi", None)  # any Hub call would fail loudly
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert main(["eval", str(tmp_path)]) == 2  # a folder without saq_run.json and no --dataset
+    assert main(["push", str(tmp_path), "--hub_model_id", "me/x"]) == 2
+    assert capfd.readouterr().err.strip().splitlines() == [
+        f"saq-hf: error: run folder '{tmp_path / 'nowhere'}' not found",
+        f"saq-hf: error: '{tmp_path}' has no saq_run.json: pass --dataset (and --split)",
+        f"saq-hf: error: '{tmp_path}' has no saq_run.json: pass the output_dir of a finished saq-hf run",
+    ]
+
+
+def test_python_dash_m_exits_2_without_traceback(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rhoo: 0.1\n")
+    done = subprocess.run([sys.executable, "-m", "saq_hf", "train", str(recipe)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == "saq-hf: error: unknown recipe key rhoo (did you mean rho?)\n"
