@@ -261,7 +261,7 @@ def loss_curve(model: nn.Module, batches: Iterable, *, alphas: Iterable[float] |
     """Loss along ``Q(w) + α·d`` with ``d`` from :func:`filter_normalized_direction` (``seed``): α = ±1
     moves every filter by its own norm. Default ``alphas``: 21 points in [-1, 1]."""
     measure = _Measurement(model, batches, loss_fn, max_batches)
-    alphas = [float(a) for a in (alphas if alphas is not None else torch.linspace(-1, 1, 21).tolist())]
+    alphas = [float(a) for a in alphas] if alphas is not None else [round(-1 + i / 10, 6) for i in range(21)]
     direction = filter_normalized_direction(model, seed)
     with _measuring(model):
         losses = [measure.loss(_scaled(direction, alpha)) for alpha in alphas]
