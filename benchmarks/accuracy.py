@@ -256,7 +256,7 @@ def plot(summary: list[dict], fp: dict, modes: tuple, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     configs = sorted({(s["model"], s["dataset"]) for s in summary}, key=lambda c: (c[1] != "mnist", c))
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.6 * len(configs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(configs), figsize=(max(4.6 * len(configs), 8), 4), squeeze=False)
     for ax, (arch, ds) in zip(axes[0], configs):
         for i, mode in enumerate(m for m in modes if any(s["mode"] == m for s in summary)):
             points = sorted((s["w_bits"], s["accuracy_mean"], s["accuracy_std"]) for s in summary

@@ -23,6 +23,7 @@ from transformers import (
     ConvNextForImageClassification,
     PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
@@ -245,22 +246,17 @@ def _common_args(output_dir: Path, seed: int, threads: int) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- FP stage
-class _EpochAccuracy:
+class EpochAccuracy(TrainerCallback):
     """Records validation and test accuracy after every epoch (to show the FP stage has plateaued)."""
 
     def __init__(self, splits: Splits):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class Callback(TrainerCallback):
-            def on_epoch_end(self, args, state, control, model=None, **kwargs):
-                outer.curve.append({"epoch": round(state.epoch),
-                                    "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
-                                    "test_accuracy": accuracy(model, splits.test_x, splits.test_y)})
-
+        self.splits = splits
         self.curve: list[dict] = []
-        self.callback = Callback()
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        s = self.splits
+        self.curve.append({"epoch": round(state.epoch), "val_accuracy": accuracy(model, s.val_x, s.val_y),
+                           "test_accuracy": accuracy(model, s.test_x, s.test_y)})
 
 
 def plateau(curve: list[dict]) -> dict:
@@ -282,13 +278,13 @@ def train_fp(arch: str, dataset: str, size: ModelSize, recipe: FPRecipe, cache: 
         return json.loads(record_file.read_text())
     splits = load_splits(dataset, limit)
     model = build_model(arch, splits, size)
-    tracker = _EpochAccuracy(splits)
+    tracker = EpochAccuracy(splits)
     args = TrainingArguments(num_train_epochs=recipe.epochs, learning_rate=recipe.lr,
                              weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_ratio,
                              per_device_train_batch_size=recipe.batch_size,
                              **_common_args(path / "trainer", 0, threads))
     trainer = Trainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
-                      data_collator=collate, callbacks=[tracker.callback])
+                      data_collator=collate, callbacks=[tracker])
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()

@@ -121,7 +121,7 @@ def plot_sharpness(rows: list[dict], modes: list[str], path: Path) -> None:
     configs = sorted({(r["model"], r["dataset"]) for r in rows})
     metrics = [("top_eigenvalue", "top Hessian eigenvalue λ_max"),
                ("adversarial_loss_increase", "loss increase, adversarial ε")]
-    fig, axes = plt.subplots(len(metrics), len(configs), figsize=(4.8 * len(configs), 7), squeeze=False)
+    fig, axes = plt.subplots(len(metrics), len(configs), figsize=(max(4.8 * len(configs), 8), 7), squeeze=False)
     for col, (arch, ds) in enumerate(configs):
         bits = sorted({r["w_bits"] for r in rows if (r["model"], r["dataset"]) == (arch, ds)})
         present = [m for m in modes if any(r["mode"] == m and r["model"] == arch for r in rows)]
@@ -139,7 +139,7 @@ def plot_sharpness(rows: list[dict], modes: list[str], path: Path) -> None:
             ax.set_title(f"{arch} / {ds}")
             ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Sharpness of the final quantized models w.r.t. Q(w) (lower = flatter)")
+    fig.suptitle("Sharpness w.r.t. Q(w) of the final quantized models (lower = flatter)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
