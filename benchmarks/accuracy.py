@@ -84,6 +84,8 @@ def parse_args(argv=None):
     parser.add_argument("--qat-epochs", type=int, help="stage-2 epochs (every mode)")
     parser.add_argument("--rho", type=float, help="use this ρ for every model instead of the validation sweep")
     parser.add_argument("--adaptive", action="store_true", help="ASAM-style adaptive ε (saq_adaptive)")
+    parser.add_argument("--perturb", default="bias_norm", choices=("none", "bias_norm", "bias_norm_step_size"),
+                        help="saq_perturb: parameters perturbed besides the weights (default bias_norm)")
     parser.add_argument("--no-cross-check", action="store_true", help="skip the digits cross-check")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
@@ -129,9 +131,10 @@ def fp_stage(plan: Plan, args) -> dict:
     return records
 
 
-def spec(plan, fp, arch, dataset, bits, mode, rho, seed, adaptive, save_dir=None) -> RunSpec:
+def spec(plan, fp, args, arch, dataset, bits, mode, rho, seed, save_dir=None) -> RunSpec:
     run = RunSpec(model=arch, dataset=dataset, w_bits=bits, a_bits=bits, mode=mode, rho=rho, seed=seed,
-                  fp_path=fp[(arch, dataset)]["path"], recipe=plan.qat, limit=plan.limit, adaptive=adaptive)
+                  fp_path=fp[(arch, dataset)]["path"], recipe=plan.qat, limit=plan.limit, adaptive=args.adaptive,
+                  perturb=args.perturb)
     if save_dir is not None:
         run = replace(run, save_to=str(save_dir / f"{arch}_{dataset}_W{bits}A{bits}_{mode}_seed{seed}_{run.key()}"))
     return run
@@ -142,7 +145,7 @@ def rho_stage(plan: Plan, fp: dict, args) -> tuple[dict, list]:
     if args.rho is not None:
         return {arch: args.rho for arch in plan.models}, []
     # Saved like the main grid's runs, so the main grid reuses the qat runs and the chosen ρ's saq runs.
-    specs = [spec(plan, fp, arch, plan.dataset, bits, mode, rho, seed, args.adaptive, args.cache / "final")
+    specs = [spec(plan, fp, args, arch, plan.dataset, bits, mode, rho, seed, args.cache / "final")
              for arch in plan.models for bits in plan.sweep_bits for seed in plan.sweep_seeds
              for mode, grid in ((BASELINE, (0.0,)), (METHOD, plan.rho_grid[arch])) for rho in grid]
     print(f"\nρ sweep on the validation split ({len(specs)} runs)")
@@ -167,10 +170,10 @@ def rho_stage(plan: Plan, fp: dict, args) -> tuple[dict, list]:
 
 def main_specs(plan: Plan, fp: dict, rho: dict, args) -> list[RunSpec]:
     save_dir = args.cache / "final"
-    specs = [spec(plan, fp, arch, plan.dataset, bits, mode, rho[arch], seed, args.adaptive, save_dir)
+    specs = [spec(plan, fp, args, arch, plan.dataset, bits, mode, rho[arch], seed, save_dir)
              for arch in plan.models for bits in plan.bits for mode in plan.modes for seed in plan.seeds]
     if plan.cross_dataset:
-        specs += [spec(plan, fp, arch, plan.cross_dataset, bits, mode, rho[arch], seed, args.adaptive, save_dir)
+        specs += [spec(plan, fp, args, arch, plan.cross_dataset, bits, mode, rho[arch], seed, save_dir)
                   for arch in plan.models for bits in plan.bits for mode in plan.cross_modes if mode in plan.modes
                   for seed in plan.seeds]
     return specs

@@ -316,6 +316,7 @@ class RunSpec:
     limit: int | None = None
     save_to: str | None = None  # where to keep the final quantized model (sharpness benchmark)
     adaptive: bool = False
+    perturb: str = "bias_norm"  # saq_perturb: what besides the weights ε moves
 
     def key(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k != "save_to"}
@@ -338,7 +339,7 @@ def qat_run(spec: RunSpec, threads: int, scratch: Path) -> dict:
     mode = MODES[spec.mode]
     output_dir = scratch / spec.key()
     args = SAQTrainingArguments(saq_mode=mode["saq_mode"], rho=spec.rho if mode["saq_mode"] != "qat" else 0.0,
-                                saq_adaptive=spec.adaptive, saq_strategy=mode.get("saq_strategy", "full"),
+                                saq_adaptive=spec.adaptive, saq_perturb=spec.perturb, saq_strategy=mode.get("saq_strategy", "full"),
                                 saq_interval=mode.get("saq_interval", 2), num_train_epochs=recipe.epochs,
                                 learning_rate=recipe.lr, weight_decay=recipe.weight_decay,
                                 per_device_train_batch_size=recipe.batch_size,
@@ -354,7 +355,8 @@ def qat_run(spec: RunSpec, threads: int, scratch: Path) -> dict:
         model.save_pretrained(spec.save_to)
     return {"model": spec.model, "dataset": spec.dataset, "w_bits": spec.w_bits, "a_bits": spec.a_bits,
             "mode": spec.mode, "saq_mode": mode["saq_mode"], "saq_strategy": mode.get("saq_strategy", "full"),
-            "rho": spec.rho if mode["saq_mode"] != "qat" else 0.0, "adaptive": spec.adaptive, "seed": spec.seed,
+            "rho": spec.rho if mode["saq_mode"] != "qat" else 0.0, "adaptive": spec.adaptive, "perturb": spec.perturb,
+            "seed": spec.seed,
             "accuracy": accuracy(model, splits.test_x, splits.test_y),
             "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
             "train_seconds": seconds, "epochs": recipe.epochs, "threads": threads, "saved_to": spec.save_to,
