@@ -74,6 +74,20 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         self.register_buffer("signed", torch.tensor(bool(signed) if signed is not None else True, device=device))
         self._calibration_estimates: list[torch.Tensor] | None = None
+        # (Qn, Qp) once the buffers say "initialised": reading a buffer as a Python bool is a host sync
+        # (on GPU) on every call, which is a large part of fake-quant's overhead. Cleared whenever the
+        # buffers may change: initialisation, calibration and state-dict loading.
+        self._known_range: tuple[int, int] | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_range = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _ready_range(self) -> tuple[int, int] | None:
+        """``(Qn, Qp)`` if the quantizer is initialised, else ``None``."""
+        if self._known_range is None and bool(self.initialized):
+            self._known_range = quant_range(self.bits, bool(self.signed))
+        return self._known_range
 
     @property
     def per_channel(self) -> bool:
@@ -85,7 +99,7 @@ class LSQQuantizer(nn.Module):
         return f"bits={self.bits}, {kind}, {sign}"
 
     def qrange(self) -> tuple[int, int]:
-        return quant_range(self.bits, bool(self.signed))
+        return self._ready_range() or quant_range(self.bits, bool(self.signed))
 
     def _group_dims(self, x: torch.Tensor) -> list[int]:
         return [d for d in range(x.dim()) if not self.per_channel or self.step_size.shape[d] == 1]
@@ -118,6 +132,7 @@ class LSQQuantizer(nn.Module):
         with torch.no_grad():
             self.step_size.copy_(estimate.reshape(self.step_size.shape))
             self.initialized.fill_(True)
+        self._known_range = None
 
     @torch.no_grad()
     def initialize_from(self, x: torch.Tensor) -> None:
@@ -127,6 +142,7 @@ class LSQQuantizer(nn.Module):
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(nonneg, op=dist.ReduceOp.MIN)
             self.signed.fill_(not bool(nonneg))
+            self._known_range = None
         self._set_step_size(self._estimate_step_size(x))
 
     def start_calibration(self) -> None:
@@ -143,9 +159,11 @@ class LSQQuantizer(nn.Module):
                 self.initialize_from(x)
             self._calibration_estimates.append(self._estimate_step_size(x))
             return x
-        if not self.initialized:
+        qrange = self._ready_range()
+        if qrange is None:
             self.initialize_from(x)
-        qn, qp = self.qrange()
+            qrange = self.qrange()
+        qn, qp = qrange
         # LSQ's gradient scale counts the elements sharing one step size: per sample for activations.
         group_numel = x[0].numel() if self.is_activation and x.dim() > 1 else x.numel() // self.step_size.numel()
         grad_scale = 1.0 / math.sqrt(max(group_numel, 1) * qp)
