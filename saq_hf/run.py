@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, Trainer
 from transformers.models.auto.image_processing_auto import (
     IMAGE_PROCESSOR_MAPPING_NAMES,
@@ -25,9 +24,9 @@ from transformers.models.auto.image_processing_auto import (
 )
 
 from . import __version__
-from .args import DEMO_DATASET, DataArguments, ModelArguments, QuantArguments, UserInputError
+from .args import DataArguments, ModelArguments, QuantArguments, UserInputError
 from .data import ImageClassificationData, collate_fn, load_image_data, with_transforms
-from .hub import RUN_INFO_NAME, PushError, is_hub_id, push_run_folder, read_run_info, write_model_card
+from .hub import RUN_INFO_NAME, PushError, create_repo, is_hub_id, push_run_folder, read_run_info, write_model_card
 from .metrics import compute_metrics_fn, evaluate_classifier, load_metric
 from .quant import calibrate
 from .quantize import quantize_model
@@ -83,7 +82,7 @@ def _fp_stage_key(model_args, data_args, training_args, num_labels: int) -> str:
     settings = {
         "model": {**dataclasses.asdict(model_args), "model_name_or_path": absolute(model_args.model_name_or_path),
                   "fp_learning_rate": model_args.fp_learning_rate or training_args.learning_rate,
-                  "fp_cache_dir": None, "cache_dir": None},
+                  "fp_cache_dir": None, "cache_dir": None, "torch_num_threads": None},
         "data": {**dataclasses.asdict(data_args), "data_dir": absolute(data_args.data_dir), "metric_name": None,
                  "max_eval_samples": None, "test_split": None},
         "training": {name: str(getattr(training_args, name)) for name in FP_STAGE_TRAINING_FIELDS},
@@ -143,6 +142,8 @@ def _load_image_processor(source: str, hub_kwargs: dict[str, Any] | None = None)
 def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: QuantArguments,
             training_args: SAQTrainingArguments) -> RunSetup:
     """Load and check everything a run needs; raises :class:`UserInputError` and writes nothing."""
+    if model_args.torch_num_threads is not None:
+        torch.set_num_threads(model_args.torch_num_threads)
     if training_args.remove_unused_columns:
         raise UserInputError("remove_unused_columns must be false: images are transformed on the fly "
                              "(set_transform) from the image column")
@@ -168,8 +169,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
     if training_args.push_to_hub:
         hub_repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
         try:  # before training, so a bad token or no network costs seconds, not a training run
-            hub_repo_id = HfApi(token=training_args.hub_token).create_repo(
-                hub_repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
+            hub_repo_id = create_repo(hub_repo_id, token=training_args.hub_token,
+                                      private=training_args.hub_private_repo)
         except Exception as err:
             raise UserInputError(f"cannot create Hub repo {hub_repo_id!r}: {_first_line(err)}; log in (hf auth login)"
                                  " or drop push_to_hub and push the finished run with saq-hf push") from None
@@ -210,13 +211,15 @@ def _calibration_batches(setup: RunSetup):
 
 def _run_info(setup: RunSetup, results: dict, train_runtime: float, global_step: int) -> dict[str, Any]:
     args, quant_config = setup.training_args, setup.model.config.quantization_config
-    fp_model = str(setup.fp_dir) if setup.fp_dir is not None else setup.model_args.model_name_or_path
+    # The FP model `eval` can score: the FP stage's result, or the checkpoint itself when its head fits the data.
+    fp_model = (str(setup.fp_dir) if setup.fp_dir is not None
+                else None if setup.head_reinitialised else setup.model_args.model_name_or_path)
     return {
         "saq_hf_version": __version__,
         "run_name": Path(args.output_dir).name,
         "base_model": setup.model_args.model_name_or_path,
         "fp_stage": setup.model_args.fp_stage,
-        "fp_model": fp_model if not setup.head_reinitialised else None,
+        "fp_model": fp_model,
         "hub_model_id": setup.hub_repo_id or args.hub_model_id,
         "model": dataclasses.asdict(setup.model_args),
         "data": dataclasses.asdict(setup.data_args),
@@ -326,9 +329,12 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
     with_transforms(data, processor, data_args)
     metric = load_metric(data_args.metric_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_info = info.get("model", {})
     for name, source in models.items():
+        hub_kwargs = (dict(revision=model_info.get("model_revision"), cache_dir=model_info.get("cache_dir"))
+                      if is_hub_id(source) else {})
         try:
-            model = AutoModelForImageClassification.from_pretrained(source)
+            model = AutoModelForImageClassification.from_pretrained(source, **hub_kwargs)
         except Exception as err:
             if name == "fp":  # the FP model is a bonus: a cache that was cleared or no network skips it
                 _say(f"FP model {source} not available ({_first_line(err)}); skipped")
@@ -357,4 +363,4 @@ def format_results(results: dict[str, Any], tag: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEMO_DATASET", "RunResult", "RunSetup", "evaluate_run", "format_results", "prepare", "train"]
+__all__ = ["RunResult", "RunSetup", "evaluate_run", "format_results", "prepare", "train"]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets.config
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -22,8 +24,12 @@ CLASSES = ("cat", "dog", "fox")
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
+    # huggingface_hub and datasets read these variables at import time, so set their constants too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +106,20 @@ def test_train_then_eval_on_an_imagefolder_and_a_local_tiny_vit(tmp_path, fixtur
     assert rows["full precision"] == pytest.approx(100 * info["results"]["fp"]["accuracy"], abs=0.01)
 
 
-def test_demo_recipe_runs_offline_and_reuses_its_cached_fp_model(tmp_path, capsys):
+@pytest.fixture
+def torch_threads():
+    """The demo recipe sets torch's thread count; give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_recipe_runs_offline_and_reuses_its_cached_fp_model(tmp_path, capsys, torch_threads):
     common = ["--fp_max_steps", "4", "--max_steps", "2", "--per_device_train_batch_size", "16",
               "--max_eval_samples", "50", "--eval_strategy", "no", "--calibration_batches", "1",
               "--fp_cache_dir", str(tmp_path / "fp"), "--disable_tqdm", "true"]
     assert main(["train", str(DEMO_RECIPE), *common, "--output_dir", str(tmp_path / "a")]) == 0
+    assert torch.get_num_threads() == 1  # torch_num_threads: 1 in the recipe
     first = capsys.readouterr().out
     assert "full-precision stage ->" in first and "demo_digits, split test (50 images)" in first
     assert main(["train", str(DEMO_RECIPE), *common, "--output_dir", str(tmp_path / "b")]) == 0
@@ -114,6 +129,57 @@ def test_demo_recipe_runs_offline_and_reuses_its_cached_fp_model(tmp_path, capsy
     assert a["base_model"] is None and a["quantization"]["tag"] == "W4A4"
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (config["image_size"], config["patch_size"], len(config["id2label"])) == (28, 7, 10)
+
+
+class HubRecorder:
+    """Stands in for huggingface_hub.HfApi: records repo creation and the files an upload would send."""
+
+    def __init__(self, fail_upload=False):
+        self.calls, self.fail_upload = [], fail_upload
+
+    def __call__(self, token=None):
+        return self
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None, ignore_patterns=None):
+        from huggingface_hub.utils import filter_repo_objects
+
+        names = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploaded = sorted(filter_repo_objects(names, ignore_patterns=ignore_patterns))
+        self.calls.append(("upload_folder", repo_id, uploaded))
+        self.readme = (Path(folder_path) / "README.md").read_text()
+        if self.fail_upload:
+            raise ConnectionError("Connection reset by peer")
+        return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
+
+
+@pytest.mark.parametrize("fail_upload", [False, True])
+def test_push_to_hub_in_the_recipe_uploads_the_run_folder_with_the_saq_card(tmp_path, fixtures, capfd, monkeypatch,
+                                                                             fail_upload):
+    api = HubRecorder(fail_upload=fail_upload)
+    monkeypatch.setattr(hub, "HfApi", api)
+    recipe = write_recipe(tmp_path / "recipe.yaml", fixtures, max_steps=1, push_to_hub=True, hub_model_id="me/tiny",
+                          hub_strategy="end")
+    capfd.readouterr()
+    assert main(["train", str(recipe)]) == (1 if fail_upload else 0)
+    assert api.calls[0] == ("create_repo", "me/tiny")  # before training: a bad token fails fast
+    assert api.calls[-1] == ("upload_folder", "me/tiny", ["README.md", "config.json", "model.safetensors",
+                                                           "preprocessor_config.json", "saq_run.json",
+                                                           "training_args.bin"])
+    assert "base_model_relation" not in api.readme and "- saq" in api.readme  # our card, not the Trainer's
+    assert 'from_pretrained("me/tiny")' in api.readme
+    captured = capfd.readouterr()
+    if fail_upload:
+        run_dir = tmp_path / "run"
+        assert captured.err.strip().splitlines()[-1] == (
+            f"saq-hf: push to me/tiny failed (Connection reset by peer); the run is saved in {run_dir}; "
+            f"retry with: saq-hf push {run_dir} --hub_model_id me/tiny")
+        assert (run_dir / "model.safetensors").is_file() and (run_dir / "saq_run.json").is_file()
+    else:
+        assert "pushed: https://huggingface.co/me/tiny/commit/1" in captured.out
 
 
 def bad_checkpoint(fixtures: Path, tmp_path: Path, problem: str) -> str:
@@ -174,6 +240,16 @@ def test_bad_eval_and_push_targets_exit_2(tmp_path, capfd, monkeypatch):
         f"saq-hf: error: '{tmp_path}' has no saq_run.json: pass --dataset (and --split)",
         f"saq-hf: error: '{tmp_path}' has no saq_run.json: pass the output_dir of a finished saq-hf run",
     ]
+
+
+def test_eval_of_a_run_with_corrupt_weights_exits_2(tmp_path, fixtures, capfd):
+    recipe = write_recipe(tmp_path / "recipe.yaml", fixtures, max_steps=1)
+    assert main(["train", str(recipe)]) == 0
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"truncated")
+    capfd.readouterr()
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"saq-hf: error: could not load the model in '{tmp_path / 'run'}'")
 
 
 def test_python_dash_m_exits_2_without_traceback(tmp_path):

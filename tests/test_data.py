@@ -2,6 +2,8 @@
 
 import random
 
+import datasets.config
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,16 @@ from saq_hf.data import (
     with_transforms,
 )
 from saq_hf.metrics import TOP_K_ACCURACY, evaluate_classifier, load_metric, score
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # huggingface_hub and datasets read these variables at import time, so set their constants too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 
 def write_imagefolder(root, classes=("cat", "dog", "fox"), per_class=10, size=(20, 12)):
@@ -85,9 +97,7 @@ def test_missing_column_names_the_column_and_the_key(tmp_path, key):
         load_image_data(DataArguments(data_dir=str(root), **{key: "pixels"}))
 
 
-def test_missing_data_dir_and_offline_hub_dataset_are_user_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_missing_data_dir_and_offline_hub_dataset_are_user_errors(tmp_path):
     with pytest.raises(UserInputError, match="recipe key: data_dir"):
         load_image_data(DataArguments(data_dir=str(tmp_path / "nowhere")))
     with pytest.raises(UserInputError, match="could not load dataset 'nobody/no-such-dataset'.*dataset_name"):
@@ -128,8 +138,7 @@ def test_train_transform_flips_half_the_time_only_when_enabled():
     assert all(steady.pixel_values(image)[0, 0, 0].item() > 0 for _ in range(20))
 
 
-def test_shipped_metric_loads_offline_by_path_and_scores_top1_top5(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_shipped_metric_loads_offline_by_path_and_scores_top1_top5():
     metric = load_metric()
     assert TOP_K_ACCURACY.endswith("top_k_accuracy")
     logits = np.eye(6)[[0, 1, 2, 3]] + np.array([0, 0.5, 0.4, 0.3, 0.2, 0.1])
