@@ -179,7 +179,8 @@ def _field_types(dataclass_types) -> dict[str, Any]:
 def _type_name(tp) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
+        nullable = " or null" if type(None) in typing.get_args(tp) else ""
+        return " or ".join(_type_name(a) for a in args) + nullable
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(args[0])}" if args else "list"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):

@@ -320,10 +320,10 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
     else:
         split_name, dataset = split, data.test
 
-    models = {"quantized": str(run_dir)}
+    models = {"quantized": str(run_dir)}  # first: a broken run folder fails before any other work
     fp_model = info.get("fp_model")
     if fp_model and (os.path.isdir(fp_model) or is_hub_id(fp_model)):
-        models = {"fp": fp_model, **models}
+        models["fp"] = fp_model
     results: dict[str, Any] = {"split": split_name, "num_examples": dataset.num_rows}
     processor = _load_image_processor(str(run_dir))
     with_transforms(data, processor, data_args)

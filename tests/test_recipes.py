@@ -88,7 +88,7 @@ def test_overrides_parse_pairs_equals_bare_flags_and_lists():
         ("", ["--max_stepz", "3"], "unknown option --max_stepz (did you mean --max_steps?)"),
         ("learning_rate: fast\n", [], "learning_rate must be float, got 'fast' (recipe key: learning_rate)"),
         ("", ["--per_device_train_batch_size", "8.5"], "per_device_train_batch_size must be int, got '8.5'"),
-        ("max_train_samples: lots\n", [], "max_train_samples must be int or None, got 'lots'"),
+        ("max_train_samples: lots\n", [], "max_train_samples must be int or null, got 'lots'"),
         ("w_bits: 9\n", [], "w_bits must be an integer in 2..8, got 9 (recipe key: w_bits)"),
         ("", ["--a_bits", "1"], "a_bits must be an integer in 2..8 or None (weights only), got 1 (option --a_bits)"),
         ("rho: -0.1\n", [], "rho must be >= 0, got -0.1 (recipe key: rho)"),
