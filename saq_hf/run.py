@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, Trainer
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, Trainer, set_seed
 from transformers.models.auto.image_processing_auto import (
     IMAGE_PROCESSOR_MAPPING_NAMES,
     get_image_processor_class_from_name,
@@ -144,6 +144,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
     """Load and check everything a run needs; raises :class:`UserInputError` and writes nothing."""
     if model_args.torch_num_threads is not None:
         torch.set_num_threads(model_args.torch_num_threads)
+    set_seed(training_args.seed)  # before any model is built: a from-scratch init (or a new head) is random
     if training_args.remove_unused_columns:
         raise UserInputError("remove_unused_columns must be false: images are transformed on the fly "
                              "(set_transform) from the image column")
