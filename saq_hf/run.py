@@ -251,6 +251,8 @@ def train(setup: RunSetup) -> RunResult:
     results: dict[str, Any] = {"split": report_name, "num_examples": report_split.num_rows}
     results["fp"] = evaluate_classifier(model, report_split, setup.metric, collate_fn, eval_batch)
     quantize_model(model, setup.quant_args.quant_config())
+    # Calibration crops draw from Python's RNG: reseed so a run from the cached FP model matches a fresh one.
+    set_seed(args.seed)
     if setup.quant_args.calibration_batches:
         calibrate(model, _calibration_batches(setup))
         results["quantized_calibrated"] = evaluate_classifier(model, report_split, setup.metric, collate_fn,
