@@ -5,12 +5,14 @@ split is carved from train when there is none), labels from its ``ClassLabel``, 
 with ``set_transform`` from the model's image processor (so ``remove_unused_columns=False`` is required).
 """
 
+import contextlib
 import functools
 import gzip
 import math
 import random
 from dataclasses import dataclass
 
+import datasets
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
@@ -76,12 +78,25 @@ def _first_line(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:200]
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def _load_raw(data_args: DataArguments, cache_dir: str | None) -> DatasetDict:
     if data_args.dataset_name == DEMO_DATASET:
         return digits_dataset()
     try:
         if data_args.dataset_name == "imagefolder":
-            return load_dataset("imagefolder", data_dir=data_args.data_dir, cache_dir=cache_dir)
+            # A local folder reads in seconds; datasets' "Downloading data" bars for it are noise on stderr.
+            with _quiet_progress_bars():
+                return load_dataset("imagefolder", data_dir=data_args.data_dir, cache_dir=cache_dir)
         return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
     except Exception as err:  # datasets raises many types (offline, missing, bad files): all are bad input
         if data_args.dataset_name == "imagefolder":

@@ -119,16 +119,25 @@ def _load_fp_model(model_args: ModelArguments, data: ImageClassificationData, so
             key = "model_type" if "model_type" in str(err) or "Unrecognized" in str(err) else "config_overrides"
             raise UserInputError(f"{_first_line(err)} (recipe key: {key})") from None
         return AutoModelForImageClassification.from_config(config), False
+    checkpoint_config = _checkpoint_config(model_args, source)
     try:
-        checkpoint_config = AutoConfig.from_pretrained(source, **_hub_kwargs(model_args, source))
         model = AutoModelForImageClassification.from_pretrained(source, ignore_mismatched_sizes=True, **labels,
                                                                 **_hub_kwargs(model_args, source))
     except Exception as err:  # missing/corrupt files, offline, unknown id: transformers raises many types
-        raise UserInputError(
-            f"could not load model {source!r}: {_first_line(err)} (recipe key: model_name_or_path; offline, a Hub "
-            "model must already be in the cache; a local folder needs config.json and *.safetensors)"
-        ) from None
+        raise UserInputError(_model_load_error(source, err)) from None
     return model, checkpoint_config.num_labels != len(data.label_names)
+
+
+def _model_load_error(source: str, err: BaseException) -> str:
+    return (f"could not load model {source!r}: {_first_line(err)} (recipe key: model_name_or_path; offline, a Hub "
+            "model must already be in the cache; a local folder needs config.json and *.safetensors)")
+
+
+def _checkpoint_config(model_args: ModelArguments, source: str):
+    try:
+        return AutoConfig.from_pretrained(source, **_hub_kwargs(model_args, source))
+    except Exception as err:
+        raise UserInputError(_model_load_error(source, err)) from None
 
 
 def _load_image_processor(source: str, hub_kwargs: dict[str, Any] | None = None):
@@ -153,6 +162,11 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
     except Exception as err:
         raise UserInputError(f"could not load metric {data_args.metric_name!r}: {_first_line(err)} "
                              "(recipe key: metric_name)") from None
+    checkpoint = model_args.model_name_or_path
+    image_processor = None
+    if checkpoint:  # before the dataset, which may be a long download: a wrong model id fails in seconds
+        _checkpoint_config(model_args, checkpoint)
+        image_processor = _load_image_processor(checkpoint, _hub_kwargs(model_args, checkpoint))
     data = load_image_data(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
 
     fp_dir, fp_cached = None, False
@@ -162,8 +176,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
         fp_cached = (fp_dir / "config.json").is_file()
     source = str(fp_dir) if fp_cached else model_args.model_name_or_path
     model, head_reinitialised = _load_fp_model(model_args, data, source)
-    image_processor = (_load_image_processor(source, _hub_kwargs(model_args, source)) if source is not None
-                       else _scratch_image_processor(model.config))
+    if image_processor is None:
+        image_processor = _scratch_image_processor(model.config)
     with_transforms(data, image_processor, data_args)
 
     hub_repo_id = None
