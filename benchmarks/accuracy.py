@@ -53,7 +53,11 @@ class Plan:
     seeds: tuple = (0, 1, 2)
     # The cross-check on scikit-learn's digits: fewer modes, same bits and seeds.
     cross_dataset: str | None = "digits"
-    cross_modes: tuple = ("qat", "saq", "saq_reuse_grad")
+    cross_modes: tuple = ("qat", "saq")
+    cross_bits: tuple = (2,)
+    # Case 1 / Case 2 are ablations of where ε lives: run at the bit-widths where the cases differ most.
+    ablation_modes: tuple = ("case1", "case2")
+    ablation_bits: tuple = (2,)
     # ρ chosen per architecture on the validation split: SAQ at these bit-widths and seeds, best mean.
     rho_grid: dict = field(default_factory=lambda: {"vit": (0.02, 0.05, 0.1), "convnext": (0.05, 0.1, 0.2)})
     sweep_bits: tuple = (2, 3)
@@ -169,14 +173,18 @@ def rho_stage(plan: Plan, fp: dict, args) -> tuple[dict, list]:
 
 
 def main_specs(plan: Plan, fp: dict, rho: dict, args) -> list[RunSpec]:
+    """The stage-2 runs, most important first (qat and saq everywhere, then the efficient strategies, the
+    case ablations, the cross-check), so a run cut short still answers the main question."""
     save_dir = args.cache / "final"
     specs = [spec(plan, fp, args, arch, plan.dataset, bits, mode, rho[arch], seed, save_dir)
-             for arch in plan.models for bits in plan.bits for mode in plan.modes for seed in plan.seeds]
+             for arch in plan.models for bits in plan.bits for mode in plan.modes for seed in plan.seeds
+             if mode not in plan.ablation_modes or bits in plan.ablation_bits]
     if plan.cross_dataset:
         specs += [spec(plan, fp, args, arch, plan.cross_dataset, bits, mode, rho[arch], seed, save_dir)
-                  for arch in plan.models for bits in plan.bits for mode in plan.cross_modes if mode in plan.modes
-                  for seed in plan.seeds]
-    return specs
+                  for arch in plan.models for bits in plan.cross_bits for mode in plan.cross_modes
+                  if mode in plan.modes for seed in plan.seeds]
+    priority = {mode: i for i, mode in enumerate((BASELINE, METHOD) + EFFICIENT + plan.ablation_modes)}
+    return sorted(specs, key=lambda s: (s.dataset != plan.dataset, priority.get(s.mode, len(priority)), s.seed))
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -379,16 +379,11 @@ def in_parallel(function, calls: list[tuple], jobs: int, threads: int):
             yield future.result()
 
 
-def _relative_cost(spec: RunSpec) -> float:
-    mode = MODES[spec.mode]
-    passes = {"full": 2.0, "every_k": 1.5, "reuse_grad": 1.0}[mode.get("saq_strategy", "full")]
-    return (1.0 if mode["saq_mode"] == "qat" else passes) * DATASETS[spec.dataset][1]
-
-
 def run_all(specs: list[RunSpec], jobs: int, threads: int, journal: Path, scratch: Path,
             progress=print) -> list[dict]:
-    """Run ``specs`` on ``jobs`` processes, skipping any whose row is already in ``journal`` (a JSONL file
-    that survives an interrupted run, so a re-run resumes); returns the rows in ``specs`` order."""
+    """Run ``specs`` on ``jobs`` processes in the order given, skipping any whose row is already in
+    ``journal`` (a JSONL file that survives an interrupted run, so a re-run resumes); returns the rows in
+    ``specs`` order."""
     done = {}
     if journal.exists():
         for line in journal.read_text().splitlines():
@@ -396,8 +391,6 @@ def run_all(specs: list[RunSpec], jobs: int, threads: int, journal: Path, scratc
             done[row["key"]] = row
     todo = list({s.key(): s for s in specs
                  if s.key() not in done or (s.save_to and not Path(s.save_to).exists())}.values())
-    # Longest first, so the last runs to finish on a pool are short ones.
-    todo.sort(key=lambda s: -_relative_cost(s))
     journal.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for count, row in enumerate(in_parallel(qat_run, [(s, threads, scratch) for s in todo], jobs, threads), 1):
