@@ -34,7 +34,6 @@ class ImageClassificationData:
     validation: Dataset
     test: Dataset | None
     label_names: list[str]
-    validation_carved: bool
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -126,12 +125,11 @@ def load_image_data(data_args: DataArguments, seed: int = 42, cache_dir: str | N
     _check_columns(train, data_args.train_split, data_args)
     label = data_args.label_column_name
     if not isinstance(train.features[label], ClassLabel):
-        # An imagefolder or a plain int/str column: give it a ClassLabel so label2id/id2label exist.
+        # A plain int/str label column: give it a ClassLabel so label2id/id2label exist.
         train = train.class_encode_column(label)
     label_feature = train.features[label]
 
-    validation_carved = data_args.validation_split not in raw
-    if validation_carved:
+    if data_args.validation_split not in raw:
         try:
             parts = train.train_test_split(test_size=data_args.train_val_split, seed=seed, stratify_by_column=label)
         except ValueError:  # a class too small to stratify: fall back to a plain seeded split
@@ -147,8 +145,12 @@ def load_image_data(data_args: DataArguments, seed: int = 42, cache_dir: str | N
             continue
         _check_columns(split, name, data_args)
         feature = split.features[label]
-        if not isinstance(feature, ClassLabel):
-            split = split.cast_column(label, label_feature)
+        if not isinstance(feature, ClassLabel):  # encode with train's classes, not with this split's own
+            try:
+                split = split.map(lambda values: {label: [label_feature.str2int(str(v)) for v in values]},
+                                  input_columns=label, batched=True).cast_column(label, label_feature)
+            except ValueError:
+                raise UserInputError(f"split {name!r} has labels that split {data_args.train_split!r} lacks") from None
         elif feature.names != label_feature.names:
             raise UserInputError(f"split {name!r} has other class names than split {data_args.train_split!r}")
         if data_args.max_eval_samples is not None:
@@ -157,7 +159,7 @@ def load_image_data(data_args: DataArguments, seed: int = 42, cache_dir: str | N
     if data_args.max_train_samples is not None:
         train = train.shuffle(seed=seed).select(range(min(data_args.max_train_samples, train.num_rows)))
     return ImageClassificationData(train=train, validation=held_out["validation"], test=held_out["test"],
-                                   label_names=list(label_feature.names), validation_carved=validation_carved)
+                                   label_names=list(label_feature.names))
 
 
 def processor_geometry(image_processor) -> tuple[tuple[int, int], float]:

@@ -74,7 +74,6 @@ def test_imagefolder_without_validation_gets_a_seeded_stratified_split(tmp_path)
     assert args.dataset_name == "imagefolder"
     data = load_image_data(args, seed=3)
     assert (data.train.num_rows, data.validation.num_rows, data.test) == (24, 6, None)
-    assert data.validation_carved
     assert data.label2id == {"cat": 0, "dog": 1, "fox": 2} and data.id2label[2] == "fox"
     assert sorted(data.validation["label"]) == [0, 0, 1, 1, 2, 2]
     assert load_image_data(args, seed=3).validation["label"] == data.validation["label"]
@@ -88,6 +87,24 @@ def test_imagefolder_split_folders_are_used_as_they_are(tmp_path):
     # 12 train images, 10% carved (rounded up to 2; too few to stratify 3 classes, so a plain seeded split).
     assert (data.train.num_rows, data.validation.num_rows, data.test.num_rows) == (10, 2, 6)
     assert data.report_split[0] == "test"
+
+
+def test_plain_string_labels_get_one_class_label_shared_by_all_splits(monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    import saq_hf.data
+
+    image = Image.new("RGB", (4, 4))
+    raw = DatasetDict(train=Dataset.from_dict({"image": [image] * 4, "breed": ["pug", "boxer", "pug", "boxer"]}),
+                      validation=Dataset.from_dict({"image": [image] * 2, "breed": ["pug", "pug"]}),
+                      test=Dataset.from_dict({"image": [image], "breed": ["beagle"]}))
+    monkeypatch.setattr(saq_hf.data, "_load_raw", lambda data_args, cache_dir: raw)
+    args = DataArguments(dataset_name="someone/pets", label_column_name="breed", test_split=None)
+    data = load_image_data(args)
+    assert data.label2id == {"boxer": 0, "pug": 1}
+    assert data.validation["breed"] == [1, 1]  # pug is 1 in train's encoding, not 0 as its own would give
+    with pytest.raises(UserInputError, match="split 'test' has labels that split 'train' lacks"):
+        load_image_data(DataArguments(dataset_name="someone/pets", label_column_name="breed"))
 
 
 @pytest.mark.parametrize("key", ["image_column_name", "label_column_name"])
