@@ -1,4 +1,4 @@
-"""``saq-hf``: train a recipe, evaluate a run folder, push it to the Hub.
+"""``saq-hf``: train a recipe, evaluate a run folder, push it to the Hub, export integer weights.
 
 A thin shell over :mod:`saq_hf.run` and :mod:`saq_hf.hub`. Each subcommand is a ``_add_<name>`` function that
 declares its arguments and a handler returning the exit status; bad input (a :class:`UserInputError`) becomes
@@ -48,9 +48,13 @@ def _eval(ns: argparse.Namespace) -> int:
     from . import run
 
     results = run.evaluate_run(ns.run_dir, dataset_name=ns.dataset, data_dir=ns.data_dir, split=ns.split,
-                               batch_size=ns.batch_size, max_eval_samples=ns.max_eval_samples)
+                               batch_size=ns.batch_size, max_eval_samples=ns.max_eval_samples,
+                               sharpness=ns.sharpness, sharpness_rho=ns.sharpness_rho,
+                               sharpness_batches=ns.sharpness_batches)
     print(f"{ns.run_dir}: {results['dataset']}, split {results['split']} ({results['num_examples']} images)")
     print(run.format_results(results, results["tag"]))
+    if "sharpness" in results:
+        print(run.format_sharpness(results["sharpness"]))
     return 0
 
 
@@ -62,6 +66,11 @@ def _add_eval(commands) -> None:
     parser.add_argument("--split", help="split to score (default: test when the dataset has it, else validation)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_eval_samples", type=int, help="score only the first N images")
+    parser.add_argument("--sharpness", action="store_true",
+                        help="also measure the quantized model's sharpness (top Hessian eigenvalue w.r.t. Q(w), "
+                             "loss increase under random/adversarial perturbations) and add it to the model card")
+    parser.add_argument("--sharpness_rho", type=float, default=0.05, help="perturbation radius (default 0.05)")
+    parser.add_argument("--sharpness_batches", type=int, default=4, help="batches used for sharpness (default 4)")
     parser.set_defaults(handler=_eval)
 
 
@@ -88,7 +97,25 @@ def _add_push(commands) -> None:
     parser.set_defaults(handler=_push)
 
 
-SUBCOMMANDS = (_add_train, _add_eval, _add_push)
+def _export(ns: argparse.Namespace) -> int:
+    from .export import export_command
+
+    try:
+        print(export_command(ns.run_dir, ns.out_dir, onnx=ns.onnx))
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise UserInputError(str(err).splitlines()[0]) from None
+    return 0
+
+
+def _add_export(commands) -> None:
+    parser = commands.add_parser("export", help="write packed integer weights + scales (and optionally ONNX)")
+    parser.add_argument("run_dir", help="output_dir of a finished saq-hf run (or any saved saq-hf model)")
+    parser.add_argument("out_dir", help="folder for config.json, weights.safetensors, export_manifest.json")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (QuantizeLinear/DequantizeLinear)")
+    parser.set_defaults(handler=_export)
+
+
+SUBCOMMANDS = (_add_train, _add_eval, _add_push, _add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -429,6 +429,9 @@ def export_command(run_dir: str, out_dir: str, onnx: bool = False) -> str:
     if not (run / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {run}: pass the output folder of a saq-hf training run "
                                 "(the one holding config.json and model.safetensors)")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise FileExistsError(f"{out} already holds files that are not a saq-hf export: choose a new or empty OUT_DIR")
     model = transformers.AutoModelForImageClassification.from_pretrained(run)
     export_quantized(model, out_dir)
     table = size_table(out_dir)

@@ -28,6 +28,7 @@ from .args import DataArguments, ModelArguments, QuantArguments, UserInputError
 from .data import ImageClassificationData, collate_fn, load_image_data, with_transforms
 from .hub import RUN_INFO_NAME, PushError, create_repo, is_hub_id, push_run_folder, read_run_info, write_model_card
 from .metrics import compute_metrics_fn, evaluate_classifier, load_metric
+from .landscape import sharpness_report
 from .quant import calibrate
 from .quantize import quantize_model
 from .trainer import SAQTrainer, SAQTrainingArguments
@@ -303,13 +304,18 @@ def train(setup: RunSetup) -> RunResult:
 
 
 def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, data_dir: str | None = None,
-                 split: str | None = None, batch_size: int = 64,
-                 max_eval_samples: int | None = None) -> dict[str, Any]:
+                 split: str | None = None, batch_size: int = 64, max_eval_samples: int | None = None,
+                 sharpness: bool = False, sharpness_rho: float = 0.05,
+                 sharpness_batches: int = 4) -> dict[str, Any]:
     """Top-1/top-5 of a run folder's quantized model, and of its FP model when the run recorded a usable one.
 
     Defaults to the run's own dataset and report split (``saq_run.json``); ``dataset_name``/``data_dir``
-    evaluate on another dataset with the same classes.
+    evaluate on another dataset with the same classes. With ``sharpness`` the quantized model's
+    :func:`saq_hf.landscape.sharpness_report` on the first ``sharpness_batches`` batches of the split is
+    added as ``results["sharpness"]``, stored in ``saq_run.json`` and written into the model card.
     """
+    if sharpness and sharpness_rho < 0:
+        raise UserInputError(f"--sharpness_rho must be >= 0, got {sharpness_rho}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserInputError(f"run folder {str(run_dir)!r} not found")
@@ -361,9 +367,26 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
             raise UserInputError(f"the model predicts {model.config.num_labels} classes but the dataset has "
                                  f"{len(data.label_names)}: evaluate on a dataset with the model's classes")
         results[name] = evaluate_classifier(model.to(device), dataset, metric, collate_fn, batch_size)
+        if name == "quantized" and sharpness:
+            batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+            results["sharpness"] = sharpness_report(model, batches, rho=sharpness_rho, max_batches=sharpness_batches)
     results["tag"] = info.get("quantization", {}).get("tag", "quantized")
     results["dataset"] = data_args.dataset_name
+    if "sharpness" in results and has_info:
+        info["sharpness"] = {**results["sharpness"], "split": split_name, "dataset": data_args.dataset_name}
+        (run_dir / RUN_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+        write_model_card(run_dir, repo_id=info.get("hub_model_id"))
     return results
+
+
+def format_sharpness(report: dict[str, Any]) -> str:
+    """Sharpness numbers of :func:`saq_hf.landscape.sharpness_report` as a short table."""
+    rows = [("loss", report["loss"]), ("top Hessian eigenvalue (w.r.t. Q(w))", report["top_eigenvalue"]),
+            (f"loss increase, random ε (rho={report['rho']:g})", report["random_loss_increase"]),
+            (f"loss increase, adversarial ε (rho={report['rho']:g})", report["adversarial_loss_increase"])]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([f"sharpness on {report['n_samples']} images"]
+                     + [f"{name:<{width}}  {value:10.4f}" for name, value in rows])
 
 
 def format_results(results: dict[str, Any], tag: str) -> str:

@@ -14,6 +14,7 @@ from huggingface_hub import metadata_load
 from PIL import Image
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
+import saq_hf
 import saq_hf.hub as hub
 from saq_hf.cli import main
 from saq_hf.quant import quantized_layer_bits
@@ -259,3 +260,46 @@ def test_python_dash_m_exits_2_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "saq_hf", "train", str(recipe)], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr == "saq-hf: error: unknown recipe key rhoo (did you mean rho?)\n"
+
+
+def test_eval_sharpness_goes_into_the_card_and_export_writes_integer_weights(tmp_path, fixtures, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", fixtures, max_steps=1)
+    assert main(["train", str(recipe)]) == 0
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+
+    assert main(["eval", str(run_dir), "--sharpness", "--sharpness_rho", "0.1", "--sharpness_batches", "1"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((run_dir / "saq_run.json").read_text())["sharpness"]
+    assert report["rho"] == 0.1 and report["n_samples"] == 6 and report["top_eigenvalue"] > 0
+    assert report["adversarial_loss_increase"] >= report["random_loss_increase"]
+    assert any(line.startswith("top Hessian eigenvalue") and line.split()[-1] == f"{report['top_eigenvalue']:.4f}"
+               for line in out.splitlines())
+    card = (run_dir / "README.md").read_text()
+    assert "## Sharpness" in card and f"| top Hessian eigenvalue | {report['top_eigenvalue']:.4f} |" in card
+
+    export_dir = tmp_path / "export"
+    assert main(["export", str(run_dir), str(export_dir)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:3] == ["bits", "layers", "weights"] and "W4" in table
+    exported = saq_hf.load_exported(export_dir)
+    trained = AutoModelForImageClassification.from_pretrained(run_dir).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(pixel_values=x).logits, trained(pixel_values=x).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_export_into_a_folder_with_other_files_is_refused_and_keeps_them(tmp_path, fixtures, capfd):
+    recipe = write_recipe(tmp_path / "recipe.yaml", fixtures, max_steps=1)
+    assert main(["train", str(recipe)]) == 0
+    run_dir = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    capfd.readouterr()
+    assert main(["export", str(run_dir), str(run_dir)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [f"saq-hf: error: {run_dir} already holds files that are not a saq-hf export: "
+                   "choose a new or empty OUT_DIR"]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "no config.json" in capfd.readouterr().err and not (tmp_path / "out").exists()
