@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny random ViT / ConvNeXt (a few thousand parameters, offline) and a toy image dataset."""
+"""Shared fixtures: offline Hub, tiny random ViT / ConvNeXt (a few thousand parameters, offline) and a toy image dataset."""
 
+import datasets.config
+import huggingface_hub.constants
 import pytest
 import torch
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
@@ -9,6 +11,17 @@ NUM_LABELS = 5
 # Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU the thread barriers make every op
 # ~30x slower: one thread keeps each test to seconds.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Every test runs as on a machine without the Hub. huggingface_hub and datasets read these variables at
+    import time, so their constants are set too."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:

@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets.config
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -21,16 +19,6 @@ from saq_hf.quant import quantized_layer_bits
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_mnist_vit_w4a4.yaml"
 CLASSES = ("cat", "dog", "fox")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    # huggingface_hub and datasets read these variables at import time, so set their constants too.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")

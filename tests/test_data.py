@@ -2,8 +2,6 @@
 
 import random
 
-import datasets.config
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -21,16 +19,6 @@ from saq_hf.data import (
     with_transforms,
 )
 from saq_hf.metrics import TOP_K_ACCURACY, evaluate_classifier, load_metric, score
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    # huggingface_hub and datasets read these variables at import time, so set their constants too.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 
 def write_imagefolder(root, classes=("cat", "dog", "fox"), per_class=10, size=(20, 12)):

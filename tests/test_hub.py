@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-import datasets.config
-import huggingface_hub.constants
 import pytest
 import torch
 from huggingface_hub import ModelCard, metadata_load
@@ -14,16 +12,6 @@ import saq_hf.hub as hub
 from saq_hf import QuantConfig, quantize_model
 from saq_hf.cli import main
 from saq_hf.hub import PushError, model_card, push_run_folder, write_model_card
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    # huggingface_hub and datasets read these variables at import time, so set their constants too.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
 
 
 def run_info(**changes):

@@ -9,15 +9,12 @@ import torch
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
-    ConvNextConfig,
-    ConvNextForImageClassification,
     Trainer,
     TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
 )
 
 import saq_hf
+from conftest import tiny_convnext, tiny_vit
 from saq_hf import QuantConfig, calibrate, quantize_model, quantized_layer_bits
 from saq_hf.quant import (
     LSQQuantizer,
@@ -27,20 +24,6 @@ from saq_hf.quant import (
     perturb_quantized_weights,
     quantized_layers,
 )
-
-
-def tiny_vit(num_labels=5):
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64, num_labels=num_labels)
-    return ViTForImageClassification(config).eval()
-
-
-def tiny_convnext(num_labels=5):
-    torch.manual_seed(0)
-    config = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
-                            num_labels=num_labels, image_size=16)
-    return ConvNextForImageClassification(config).eval()
 
 
 MODELS = {"vit": tiny_vit, "convnext": tiny_convnext}
