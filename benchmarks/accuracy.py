@@ -277,7 +277,7 @@ def plot(summary: list[dict], fp: dict, modes: tuple, path: Path) -> None:
             bits, means, stds = zip(*points)
             offset = (i - len(modes) / 2) * 0.03
             ax.errorbar([b + offset for b in bits], means, yerr=stds, marker="o", capsize=3, label=mode,
-                        linewidth=2.2 if mode in (BASELINE, METHOD) else 1.2)
+                        color=f"C{list(modes).index(mode)}", linewidth=2.2 if mode in (BASELINE, METHOD) else 1.2)
         if (arch, ds) in fp:
             ax.axhline(fp[(arch, ds)]["test_accuracy"], color="grey", linestyle="--", label="FP32")
         ax.set_title(f"{arch} / {ds}")
