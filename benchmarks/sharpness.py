@@ -133,7 +133,8 @@ def plot_sharpness(rows: list[dict], modes: list[str], path: Path) -> None:
                 for b in bits:
                     runs = [r[key] for r in rows if (r["model"], r["dataset"], r["w_bits"], r["mode"]) == (arch, ds, b, mode)]
                     values.append(sum(runs) / len(runs) if runs else float("nan"))
-                ax.bar([j + (i - (len(present) - 1) / 2) * width for j in range(len(bits))], values, width, label=mode)
+                ax.bar([j + (i - (len(present) - 1) / 2) * width for j in range(len(bits))], values, width, label=mode,
+                       color=f"C{modes.index(mode)}")
             ax.set_xticks(range(len(bits)), [f"W{b}A{b}" for b in bits])
             ax.set_ylabel(label)
             ax.set_title(f"{arch} / {ds}")
@@ -159,7 +160,7 @@ def plot_landscape(rows: list[dict], modes: list[str], path: Path) -> None:
                 if runs:
                     run = min(runs, key=lambda r: r["seed"])
                     ax.plot(run["curve"]["alphas"], run["curve"]["losses"], label=f"{mode} (seed {run['seed']})",
-                            linewidth=2.2 if mode in (BASELINE, METHOD) else 1.2)
+                            color=f"C{modes.index(mode)}", linewidth=2.2 if mode in (BASELINE, METHOD) else 1.2)
             ax.set_title(f"{arch} / {ds}  W{b}A{b}")
             ax.set_xlabel("α  (Q(w) + α·d, d filter-normalised)")
             ax.set_ylabel("training loss")
