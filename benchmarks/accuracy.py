@@ -34,7 +34,9 @@ from common import (  # noqa: E402
     machine,
     mean_std,
     plateau,
+    pyplot,
     run_all,
+    save_figure,
     train_fp,
 )
 
@@ -261,11 +263,7 @@ def print_table(summary: list[dict], modes: tuple) -> None:
 
 
 def plot(summary: list[dict], fp: dict, modes: tuple, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     configs = sorted({(s["model"], s["dataset"]) for s in summary}, key=lambda c: (c[1] != "mnist", c))
     fig, axes = plt.subplots(1, len(configs), figsize=(max(4.6 * len(configs), 8), 4), squeeze=False)
     for ax, (arch, ds) in zip(axes[0], configs):
@@ -285,11 +283,7 @@ def plot(summary: list[dict], fp: dict, modes: tuple, path: Path) -> None:
         ax.set_xticks(sorted({s["w_bits"] for s in summary}))
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("SAQ vs QAT: test accuracy vs bit-width (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, axes, "SAQ vs QAT: test accuracy vs bit-width (mean ± std over seeds)", path)
 
 
 def main(argv=None) -> dict:

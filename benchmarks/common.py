@@ -379,6 +379,25 @@ def in_parallel(function, calls: list[tuple], jobs: int, threads: int):
             yield future.result()
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on a benchmark machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, axes, title: str, path: Path) -> None:
+    """Legend in the first panel, suptitle, tight layout, write the PNG, free the figure."""
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def run_all(specs: list[RunSpec], jobs: int, threads: int, journal: Path, scratch: Path,
             progress=print) -> list[dict]:
     """Run ``specs`` on ``jobs`` processes in the order given, skipping any whose row is already in

@@ -20,7 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import DEFAULT_RESULTS, batches_of, in_parallel, load_pretrained, load_splits, machine, quiet  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_RESULTS,
+    batches_of,
+    in_parallel,
+    load_pretrained,
+    load_splits,
+    machine,
+    pyplot,
+    quiet,
+    save_figure,
+)
 
 BASELINE, METHOD = "qat", "saq"
 TARGET_RATIO = 0.7
@@ -107,17 +117,8 @@ def print_table(rows: list[dict], ratio_rows: list[dict]) -> None:
               f"{verdict}")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sharpness(rows: list[dict], modes: list[str], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     configs = sorted({(r["model"], r["dataset"]) for r in rows})
     metrics = [("top_eigenvalue", "top Hessian eigenvalue λ_max"),
                ("adversarial_loss_increase", "loss increase, adversarial ε")]
@@ -139,15 +140,11 @@ def plot_sharpness(rows: list[dict], modes: list[str], path: Path) -> None:
             ax.set_ylabel(label)
             ax.set_title(f"{arch} / {ds}")
             ax.grid(alpha=0.3, axis="y")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Sharpness w.r.t. Q(w) of the final quantized models (lower = flatter)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, axes, "Sharpness w.r.t. Q(w) of the final quantized models (lower = flatter)", path)
 
 
 def plot_landscape(rows: list[dict], modes: list[str], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     configs = sorted({(r["model"], r["dataset"]) for r in rows})
     bits = sorted({r["w_bits"] for r in rows})
     fig, axes = plt.subplots(len(configs), len(bits), figsize=(max(4.2 * len(bits), 8), 3.4 * len(configs)),
@@ -166,11 +163,7 @@ def plot_landscape(rows: list[dict], modes: list[str], path: Path) -> None:
             ax.set_ylabel("training loss")
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("1-D loss landscape around the final quantized weights, same random direction seed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, axes, "1-D loss landscape around the final quantized weights, same random direction seed", path)
 
 
 def main(argv=None) -> dict:

@@ -46,18 +46,18 @@ from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_LABELS = 10
 
+VIT_TINY = dict(patch_size=4, hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768)
+
 # name -> (model family, config kwargs, image size, batch size) for each device type.
 CONFIGS = {
     "cpu": {
-        "vit-tiny": ("vit", dict(patch_size=4, hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
-                                 intermediate_size=768), 32, 16),
+        "vit-tiny": ("vit", VIT_TINY, 32, 16),
         "convnext-tiny": ("convnext", dict(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1]), 32, 32),
         "vit-b16-width": ("vit", dict(patch_size=16, hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
                                       intermediate_size=3072), 64, 16),
     },
     "cuda": {
-        "vit-tiny": ("vit", dict(patch_size=4, hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
-                                 intermediate_size=768), 32, 128),
+        "vit-tiny": ("vit", VIT_TINY, 32, 128),
         "convnext-tiny": ("convnext", dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3]), 224, 64),
         "vit-b16": ("vit", dict(patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                 intermediate_size=3072), 224, 64),
