@@ -1,6 +1,6 @@
 """How sharp is the loss around a quantized model's weights? Measurements with respect to ``Q(w)``.
 
-SAQ's claim (METHOD.md) is about the loss as a function of the quantized weights ``Q(w)``: it trains for a
+SAQ's claim (docs/METHOD.md) is about the loss as a function of the quantized weights ``Q(w)``: it trains for a
 minimum where ``L(Q(w) + ε)`` stays low for every ``||ε||₂ ≤ ρ``. This module measures that, on a fixed
 list of batches and with the model in eval mode:
 

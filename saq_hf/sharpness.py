@@ -1,4 +1,4 @@
-"""The sharpness-aware perturbation of METHOD.md: ascent gradients, ε, apply, restore, for the three cases.
+"""The sharpness-aware perturbation of docs/METHOD.md: ascent gradients, ε, apply, restore, for the three cases.
 
 Case table (``w`` latent weight, ``Q(w)`` its fake-quantized value, ``θ`` the other perturbed parameters):
 

@@ -1,4 +1,4 @@
-"""``SAQTrainer``: ``transformers.Trainer`` whose training step is METHOD.md's two-pass SAQ update.
+"""``SAQTrainer``: ``transformers.Trainer`` whose training step is docs/METHOD.md's two-pass SAQ update.
 
 Cost model of ``saq_strategy`` (one step = one micro-batch's forward + backward):
 

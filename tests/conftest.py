@@ -60,7 +60,7 @@ def toy_images():
 
 class OneLayerRegression(torch.nn.Module):
     """``y = W x + b`` with a mean-squared-error loss: a plain ``nn.Module`` returning ``{"loss": ...}``
-    (or ``(loss, output)`` with ``tuple_output``), small enough to redo METHOD.md's formulas by hand."""
+    (or ``(loss, output)`` with ``tuple_output``), small enough to redo docs/METHOD.md's formulas by hand."""
 
     def __init__(self, in_features: int = 6, out_features: int = 3, tuple_output: bool = False, seed: int = 0):
         super().__init__()

@@ -1,4 +1,4 @@
-"""SAQTrainer end to end on tiny models: equivalences, METHOD.md's formulas by hand, Trainer integration."""
+"""SAQTrainer end to end on tiny models: equivalences, docs/METHOD.md's formulas by hand, Trainer integration."""
 
 import pytest
 import torch
@@ -76,10 +76,10 @@ def test_case1_and_case3_differ_only_when_weights_clip(tmp_path):
     assert_same(run("case1", 1.0), run("saq", 1.0))  # nothing clipped: ∇_w L == ∇_{Q(w)} L
 
 
-# --- one SGD step against METHOD.md by hand ----------------------------------------------------------------
+# --- one SGD step against docs/METHOD.md by hand ----------------------------------------------------------------
 
 def hand_sgd_step(model, mode: str, rho: float, lr: float, adaptive: bool):
-    """METHOD.md's step for ``y = Q(w) x + b`` computed with plain torch (LSQ and STE written out)."""
+    """docs/METHOD.md's step for ``y = Q(w) x + b`` computed with plain torch (LSQ and STE written out)."""
     layer, data = model.fc, Regression()
     w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
     is_quantized = hasattr(layer, "weight_quantizer")

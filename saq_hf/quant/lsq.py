@@ -106,7 +106,7 @@ class LSQQuantizer(nn.Module):
 
     def _estimate_step_size(self, x: torch.Tensor) -> torch.Tensor:
         # LSQ's 2·mean|x|/sqrt(Qp) wastes most of the range at 6-8 bits; the step that minimises the
-        # quantization MSE (METHOD.md names both) is good at every bit-width, so search it on a grid.
+        # quantization MSE (docs/METHOD.md names both) is good at every bit-width, so search it on a grid.
         qn, qp = self.qrange()
         x = x.detach().float()
         dims = self._group_dims(x)
