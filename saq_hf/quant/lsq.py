@@ -1,6 +1,21 @@
-"""Learned Step Size Quantization (Esser et al., ICLR 2020) as one fused autograd function and a module."""
+"""Learned Step Size Quantization (Esser et al., ICLR 2020): one fused fake-quant op and a module.
+
+The op is written once, as the elementwise arithmetic of LSQ's forward and backward (``_fake_quantize``,
+``_fake_quantize_grads``), and reaches fusion two ways:
+
+- eager: each of the two functions runs as one kernel compiled by Inductor (C++ on CPU, Triton on CUDA),
+  one pass over the tensor instead of four (forward) and nine (backward); the step-size gradient is then
+  summed by ``torch.sum`` as before, so outputs and gradients are bit-identical to the unfused ops;
+- inside ``torch.compile`` (e.g. ``SAQTrainingArguments(torch_compile=True)``) the plain functions are
+  traced into the model's graph, where Inductor fuses them with their neighbours.
+
+Where a compiled kernel cannot run (double backward, tracing for ONNX, other devices, no compiler) the
+same functions run as plain torch ops.
+"""
 
 import math
+import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -18,37 +33,86 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-class _LSQFunction(torch.autograd.Function):
-    """``round(clamp(x / s, qn, qp)) * s`` with the LSQ gradients.
+def _fake_quantize(x: torch.Tensor, step_size: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """``round(clamp(x / s, qn, qp)) * s``."""
+    return torch.clamp(x / step_size, qn, qp).round() * step_size
 
-    One function instead of a chain of autograd ops: it saves only ``x`` and ``s`` for backward, which keeps
-    the activation memory of a fake-quantized model close to the FP model's.
+
+def _fake_quantize_grads(grad_output: torch.Tensor, x: torch.Tensor, step_size: torch.Tensor, qn: int,
+                         qp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSQ's gradient w.r.t. ``x`` and, per element (not yet summed), w.r.t. the step size."""
+    scaled = x / step_size
+    clipped = torch.clamp(scaled, qn, qp)
+    inside = clipped == scaled
+    # STE: identity inside the representable range, zero where clipped. d(out)/ds = round(v) - v inside
+    # the range, and the clip bound (= round(clamp(v))) outside it.
+    return grad_output * inside, (clipped.round() - scaled * inside) * grad_output
+
+
+_compiled_kernels: dict[tuple, object] = {}
+_compiler_failed: list[str] = []
+
+
+def _compiled(fn, x: torch.Tensor, step_size: torch.Tensor, qn: int):
+    """``fn`` compiled for the dtype, device and layout of its inputs (compiled once, any shape)."""
+    key = (fn.__name__, x.dtype, x.device.type, step_size.dim() > 0, qn == 0)
+    kernel = _compiled_kernels.get(key)
+    if kernel is None:
+        # Dynamo keeps one cache per code object, capped at 8 graphs; a copy of the code per key keeps
+        # every (dtype, layout) within that cap whatever mix of models a process runs.
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{'_'.join(map(str, key[1:]))}")
+        copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        # emulate_precision_casts: round every intermediate to the input dtype as eager does, so bf16/fp16
+        # results match the unfused ops bit for bit.
+        kernel = torch.compile(copy, dynamic=True, options={"emulate_precision_casts": True})
+        _compiled_kernels[key] = kernel
+    return kernel
+
+
+def _run(fn, x: torch.Tensor, step_size: torch.Tensor, qn: int, *args):
+    """``fn(*args)`` as a fused kernel where one can run, else as plain torch ops."""
+    plain = (_compiler_failed or torch.compiler.is_compiling() or torch.jit.is_tracing()
+             or x.device.type not in ("cpu", "cuda") or torch.is_grad_enabled())
+    if plain:
+        return fn(*args)
+    try:
+        return _compiled(fn, x, step_size, qn)(*args)
+    except Exception as error:  # noqa: BLE001 - any compiler failure (no C++ compiler, no Triton) falls back
+        _compiler_failed.append(f"{type(error).__name__}: {error}")
+        warnings.warn(f"saq_hf: fused LSQ kernels unavailable, using unfused torch ops ({_compiler_failed[0][:300]})",
+                      stacklevel=3)
+        return fn(*args)
+
+
+class _LSQFakeQuantize(torch.autograd.Function):
+    """``round(clamp(x / s, qn, qp)) * s`` with the LSQ gradients, as one fused op.
+
+    It saves only ``x`` and ``s`` for backward, which keeps the activation memory of a fake-quantized model
+    close to the FP model's.
     """
 
     @staticmethod
     def forward(ctx, x, step_size, qn, qp, grad_scale):
         ctx.save_for_backward(x, step_size)
         ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
-        # In place after the first op: one temporary instead of three (this is most of QAT's overhead).
-        return (x / step_size).clamp_(qn, qp).round_().mul_(step_size)
+        return _run(_fake_quantize, x, step_size, qn, x, step_size, qn, qp)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, step_size = ctx.saved_tensors
-        scaled = x / step_size
-        clipped = torch.clamp(scaled, ctx.qn, ctx.qp)
-        inside = clipped == scaled
-        # STE: identity inside the representable range, zero where clipped.
-        grad_x = grad_output * inside
-        # d(out)/ds = round(v) - v inside the range, and the clip bound (= round(clamp(v))) outside it;
-        # computed in place in the two temporaries.
-        grad_s = clipped.round_().sub_(scaled.mul_(inside)).mul_(grad_output)
+        grad_x, grad_s = _run(_fake_quantize_grads, x, step_size, ctx.qn,
+                              grad_output, x, step_size, ctx.qn, ctx.qp)
         if step_size.dim() == 0:
             grad_s = grad_s.sum()
         else:
             dims = [d for d in range(grad_s.dim()) if step_size.shape[d] == 1]
             grad_s = grad_s.sum(dim=dims, keepdim=True)
         return grad_x, (grad_s * ctx.grad_scale).to(step_size.dtype), None, None, None
+
+
+def lsq_fake_quantize(x: torch.Tensor, step_size: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
+    """LSQ fake quantization of ``x`` with step size(s) ``step_size`` (broadcastable), range ``[qn, qp]``."""
+    return _LSQFakeQuantize.apply(x, step_size, qn, qp, grad_scale)
 
 
 class LSQQuantizer(nn.Module):
@@ -59,6 +123,9 @@ class LSQQuantizer(nn.Module):
     non-negative, as after ReLU/softmax). The step size is initialised from data the first time the quantizer
     sees a tensor (the step minimising the quantization MSE); ``initialized`` and ``signed`` are buffers, so a reloaded
     quantizer keeps its learned state and never re-initialises.
+
+    Once initialised, forward is compile-friendly: no host sync, no branch on tensor values, no buffer write.
+    Initialisation and calibration run eagerly, outside any compiled graph.
     """
 
     def __init__(self, bits: int, signed: bool | None = True, channel_shape: tuple[int, ...] | None = None,
@@ -75,19 +142,19 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("signed", torch.tensor(bool(signed) if signed is not None else True, device=device))
         self._calibration_estimates: list[torch.Tensor] | None = None
         # (Qn, Qp) once the buffers say "initialised": reading a buffer as a Python bool is a host sync
-        # (on GPU) on every call, which is a large part of fake-quant's overhead. Cleared whenever the
-        # buffers may change: initialisation, calibration and state-dict loading.
+        # (on GPU) and a graph break under torch.compile. Cleared whenever the buffers may change:
+        # initialisation, calibration and state-dict loading.
         self._known_range: tuple[int, int] | None = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._known_range = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _ready_range(self) -> tuple[int, int] | None:
-        """``(Qn, Qp)`` if the quantizer is initialised, else ``None``."""
+    def ready(self) -> bool:
+        """Whether the quantizer is initialised; reads the buffers (a host sync) only until it is."""
         if self._known_range is None and bool(self.initialized):
             self._known_range = quant_range(self.bits, bool(self.signed))
-        return self._known_range
+        return self._known_range is not None
 
     @property
     def per_channel(self) -> bool:
@@ -99,7 +166,7 @@ class LSQQuantizer(nn.Module):
         return f"bits={self.bits}, {kind}, {sign}"
 
     def qrange(self) -> tuple[int, int]:
-        return self._ready_range() or quant_range(self.bits, bool(self.signed))
+        return self._known_range or quant_range(self.bits, bool(self.signed))
 
     def _group_dims(self, x: torch.Tensor) -> list[int]:
         return [d for d in range(x.dim()) if not self.per_channel or self.step_size.shape[d] == 1]
@@ -123,7 +190,19 @@ class LSQQuantizer(nn.Module):
                 best_error = torch.where(better, error, best_error)
         return best_step
 
+    def check_step_size(self, name: str) -> None:
+        """``ValueError`` naming the tensor ``name`` unless an initialised step size is finite and > 0 everywhere (a
+        NaN, infinite, zero or negative one quantizes everything to NaN or garbage without any error)."""
+        step = self.step_size.detach()
+        if bool(self.initialized) and not bool((torch.isfinite(step) & (step > 0)).all()):
+            bad = step[~(torch.isfinite(step) & (step > 0))].flatten()
+            raise ValueError(f"step size {name} holds {bad.numel()} invalid value(s) (e.g. {bad[0].item()}): "
+                             "step sizes must be finite and > 0; the checkpoint is corrupt or was edited")
+
     def _set_step_size(self, estimate: torch.Tensor) -> None:
+        if not bool(torch.isfinite(estimate).all()):
+            raise ValueError("cannot initialise a step size from NaN or infinite values: the model's input (or a "
+                             "layer before this one) holds NaN/inf; check the data and its normalisation")
         # Every data-parallel worker sees a different first batch; averaging keeps replicas identical.
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             estimate = estimate.clone()
@@ -153,21 +232,25 @@ class LSQQuantizer(nn.Module):
         if estimates:
             self._set_step_size(torch.stack(estimates).mean(dim=0))
 
+    @torch.compiler.disable
+    def _initialize_or_read(self, x: torch.Tensor) -> tuple[int, int]:
+        """First call only, always eager: initialise from ``x`` (or read the loaded buffers)."""
+        if not self.ready():
+            self.initialize_from(x)
+            self.ready()
+        return self._known_range
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._calibration_estimates is not None:
             if not self._calibration_estimates and self.auto_signed:
                 self.initialize_from(x)
             self._calibration_estimates.append(self._estimate_step_size(x))
             return x
-        qrange = self._ready_range()
-        if qrange is None:
-            self.initialize_from(x)
-            qrange = self.qrange()
-        qn, qp = qrange
+        qn, qp = self._known_range or self._initialize_or_read(x)
         # LSQ's gradient scale counts the elements sharing one step size: per sample for activations.
         group_numel = x[0].numel() if self.is_activation and x.dim() > 1 else x.numel() // self.step_size.numel()
         grad_scale = 1.0 / math.sqrt(max(group_numel, 1) * qp)
-        return _LSQFunction.apply(x, self.step_size.to(x.dtype), qn, qp, grad_scale)
+        return lsq_fake_quantize(x, self.step_size.to(x.dtype), qn, qp, grad_scale)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:

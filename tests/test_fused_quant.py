@@ -1,0 +1,95 @@
+"""The fused LSQ op gives bit for bit the outputs and gradients of the unfused autograd function it replaced."""
+
+import pytest
+import torch
+
+from saq_hf.quant import lsq
+from saq_hf.quant.lsq import lsq_fake_quantize, quant_range
+
+
+class UnfusedLSQ(torch.autograd.Function):
+    """The reference: saq-hf's LSQ op before fusion (commit 3ac8034), verbatim."""
+
+    @staticmethod
+    def forward(ctx, x, step_size, qn, qp, grad_scale):
+        ctx.save_for_backward(x, step_size)
+        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+        return (x / step_size).clamp_(qn, qp).round_().mul_(step_size)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, step_size = ctx.saved_tensors
+        scaled = x / step_size
+        clipped = torch.clamp(scaled, ctx.qn, ctx.qp)
+        inside = clipped == scaled
+        grad_x = grad_output * inside
+        grad_s = clipped.round_().sub_(scaled.mul_(inside)).mul_(grad_output)
+        if step_size.dim() == 0:
+            grad_s = grad_s.sum()
+        else:
+            dims = [d for d in range(grad_s.dim()) if step_size.shape[d] == 1]
+            grad_s = grad_s.sum(dim=dims, keepdim=True)
+        return grad_x, (grad_s * ctx.grad_scale).to(step_size.dtype), None, None, None
+
+
+# (x shape, step-size shape): activations per tensor (ViT tokens, conv maps, classifier input), weights per
+# channel (Linear, Conv2d) and per tensor.
+LAYOUTS = [((6, 17, 48), ()), ((4, 8, 5, 5), ()), ((8, 40), ()), ((24, 40), (24, 1)), ((16, 8, 3, 3), (16, 1, 1, 1)),
+           ((16, 8, 3, 3), ())]
+
+
+def inputs(shape, step_shape, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    step = (torch.rand(step_shape, generator=generator) * 0.2 + 0.01).to(dtype)
+    x = (torch.randn(shape, generator=generator) * 0.3).to(dtype)
+    # Exact ties (k + 0.5)·s and exact clip points, where round-half-even and the STE mask are decided.
+    ties = (torch.randint(-10, 10, shape, generator=generator) + 0.5).to(dtype) * step
+    x = torch.where(torch.rand(shape, generator=generator) < 0.2, ties, x)
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    return x, step, grad
+
+
+def outputs_and_grads(function, x, step, grad, qn, qp, grad_scale):
+    x, step = x.clone().requires_grad_(), step.clone().requires_grad_()
+    out = function(x, step, qn, qp, grad_scale)
+    out.backward(grad)
+    return out.detach(), x.grad, step.grad
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.int16 if a.element_size() == 2
+                                                                                    else torch.int32),
+                                                                    b.view(-1).view(torch.int16 if b.element_size() == 2
+                                                                                    else torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_op_is_bit_identical_to_the_unfused_reference_at_every_bit_width(dtype):
+    checked = 0
+    for bits in range(2, 9):
+        for signed in (True, False):
+            qn, qp = quant_range(bits, signed)
+            for seed, (shape, step_shape) in enumerate(LAYOUTS):
+                x, step, grad = inputs(shape, step_shape, dtype, seed + 100 * bits)
+                grad_scale = 1.0 / (x.numel() * qp) ** 0.5
+                expected = outputs_and_grads(UnfusedLSQ.apply, x, step, grad, qn, qp, grad_scale)
+                fused = outputs_and_grads(lsq_fake_quantize, x, step, grad, qn, qp, grad_scale)
+                for name, a, b in zip(("output", "grad x", "grad step"), fused, expected):
+                    assert same_bits(a, b), (name, bits, signed, shape, step_shape, (a != b).sum().item())
+                checked += 1
+    assert checked == 7 * 2 * len(LAYOUTS)
+    # The comparison was against the compiled kernels, not the plain-ops fallback.
+    assert not lsq._compiler_failed
+    assert {key[0] for key in lsq._compiled_kernels if key[1] == dtype} == {"_fake_quantize", "_fake_quantize_grads"}
+
+
+def test_double_backward_runs_through_plain_ops_and_matches_the_reference():
+    x, step, _ = inputs((4, 32), (), torch.float32, 0)
+    results = []
+    for function in (UnfusedLSQ.apply, lsq_fake_quantize):
+        xs = x.clone().requires_grad_()
+        out = function(xs * xs, step, -8, 7, 0.1)
+        (g,) = torch.autograd.grad(out.sum(), xs, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), xs)
+        results.append((g.detach(), gg))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
