@@ -6,17 +6,102 @@ one line on stderr and exit status 2.
 """
 
 import argparse
+import dataclasses
 import sys
+import textwrap
+import typing
+from pathlib import Path
 
 from .args import UserInputError
 
+BUNDLED_RECIPES = Path(__file__).parent / "recipes"
+# Training fields listed by `saq-hf train RECIPE --help` even when the recipe leaves them at their default; the
+# other ~100 TrainingArguments fields are listed only when the recipe sets them.
+COMMON_TRAINING_FIELDS = ("output_dir", "num_train_epochs", "max_steps", "learning_rate", "weight_decay", "optim",
+                          "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
+                          "per_device_eval_batch_size", "gradient_accumulation_steps", "eval_strategy",
+                          "save_strategy", "logging_steps", "seed", "bf16", "fp16", "push_to_hub", "hub_model_id")
+
+
+def _recipe_path(recipe: str) -> Path:
+    """``recipe`` itself, or the recipe of that name shipped with saq-hf (``demo_mnist_vit_w4a4``, or
+    ``recipes/demo_mnist_vit_w4a4.yaml`` outside the checkout), so an installed wheel runs the README's commands."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_RECIPES / (path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml")
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED_RECIPES.glob("*.yaml")))
+    raise UserInputError(f"recipe {recipe!r} not found (recipes shipped with saq-hf: {names})")
+
+
+def _recipe_groups():
+    from .args import DataArguments, ModelArguments, QuantArguments
+    from .trainer import SAQTrainingArguments
+
+    saq_fields = [f.name for f in dataclasses.fields(SAQTrainingArguments) if f.name.startswith("saq_")
+                  or f.name == "rho"]
+    return (("model", ModelArguments, None), ("data", DataArguments, None), ("quantization", QuantArguments, None),
+            ("SAQ", SAQTrainingArguments, saq_fields), ("training", SAQTrainingArguments, "rest"))
+
+
+def recipe_help(recipe: str | Path, values: dict) -> str:
+    """Every recipe field grouped (model, data, quantization, SAQ, training) with type, default, help and the
+    value ``values`` (the recipe's YAML) sets; training lists the common fields and those the recipe sets."""
+    from .args import _type_name
+
+    lines = [f"usage: saq-hf train {recipe} [--field value ...]", "",
+             f"Fields of {recipe}; `recipe:` is the value it sets, a --field flag on the command line overrides it.",
+             "Every transformers TrainingArguments field is accepted; training lists the common ones."]
+    saq_names: set[str] = set()
+    for title, dtype, names in _recipe_groups():
+        hints = typing.get_type_hints(dtype)
+        fields = {f.name: f for f in dataclasses.fields(dtype) if f.init}
+        if names == "rest":
+            names = [n for n in fields if n not in saq_names and (n in COMMON_TRAINING_FIELDS or n in values)]
+        elif names is None:
+            names = list(fields)
+        else:
+            saq_names = set(names)
+        lines += ["", f"{title}:"]
+        for name in names:
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = getattr(default, "value", default)
+            type_text = _type_name(hints.get(name, f.type))
+            if len(type_text) > 60:  # optim and lr_scheduler_type name dozens of choices
+                type_text = ", ".join(type_text.split(", ")[:4]) + ", ..."
+            line = f"  --{name}  ({type_text}; default: {_yaml_value(default)})"
+            if name in values:
+                line += f"  recipe: {_yaml_value(values[name])}"
+            lines.append(line)
+            help_text = " ".join(str(f.metadata.get("help", "")).split())
+            if help_text:
+                lines += textwrap.wrap(help_text, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _yaml_value(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
 
 def _train(ns: argparse.Namespace) -> int:
+    import yaml
+
     from . import run
     from .args import DataArguments, ModelArguments, QuantArguments, parse_recipe
     from .trainer import SAQTrainingArguments
 
-    recipe_args = parse_recipe(ns.recipe, ns.overrides,
+    recipe = _recipe_path(ns.recipe)
+    if "--help" in ns.overrides or "-h" in ns.overrides:
+        try:
+            values = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            values = {}
+        print(recipe_help(recipe, values if isinstance(values, dict) else {}))
+        return 0
+    recipe_args = parse_recipe(recipe, ns.overrides,
                                (ModelArguments, DataArguments, QuantArguments, SAQTrainingArguments))
     result = run.train(run.prepare(*recipe_args))
     info = result.run_info
@@ -37,9 +122,11 @@ def _add_train(commands) -> None:
     parser = commands.add_parser(
         "train", help="run a recipe: FP model -> quantize -> SAQ training -> hub-ready run folder",
         description="Any ModelArguments/DataArguments/QuantArguments/SAQTrainingArguments field overrides the "
-                    "recipe: saq-hf train recipes/demo_mnist_vit_w4a4.yaml --max_steps 5 --output_dir /tmp/x",
+                    "recipe: saq-hf train recipes/demo_mnist_vit_w4a4.yaml --max_steps 5 --output_dir /tmp/x. "
+                    "saq-hf train RECIPE --help lists the fields with their types, defaults and the recipe's values.",
     )
-    parser.add_argument("recipe", help="YAML recipe whose keys are dataclass field names")
+    parser.add_argument("recipe", help="YAML recipe whose keys are dataclass field names, or the name of a recipe "
+                                       "shipped with saq-hf (e.g. demo_mnist_vit_w4a4)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--field value pairs that override the recipe")
     parser.set_defaults(handler=_train)
 
@@ -129,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    from .progress import quiet_transformers_bars
+
     try:
-        return ns.handler(ns)
+        with quiet_transformers_bars():
+            return ns.handler(ns)
     except UserInputError as err:
         print(f"saq-hf: error: {err}", file=sys.stderr)
         return 2

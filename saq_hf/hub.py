@@ -7,11 +7,15 @@ processor, ``saq_run.json`` (settings and results) and ``README.md``, the card r
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import filter_repo_objects
 
+from . import __version__
 from .args import DEMO_DATASET, UserInputError
 
 RUN_INFO_NAME = "saq_run.json"
@@ -19,6 +23,9 @@ MODEL_CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "model_card.md"
 # Same exclusions as Trainer.push_to_hub: intermediate checkpoints and private scratch files stay local.
 PUSH_IGNORE_PATTERNS = ["checkpoint-*", "_*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# The card's license: saq-hf's own. A fine-tuned checkpoint also inherits its base model's and dataset's terms.
+CARD_LICENSE = "apache-2.0"
+INSTALL_COMMAND = f"pip install saq-hf=={__version__}"
 
 
 class PushError(Exception):
@@ -76,6 +83,7 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
         base_model=base_model if is_hub_id(base_model) else None,
         datasets=[hub_dataset] if hub_dataset else None,
         library_name="transformers",
+        license=CARD_LICENSE,
         pipeline_tag="image-classification",
         tags=["saq", "quantized", "qat", tag.lower(), "image-classification"],
         eval_results=eval_results or None,
@@ -104,6 +112,7 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
         result_rows=[{"name": label, "top1": _percent(scores.get("accuracy")),
                       "top5": _percent(scores.get("top5_accuracy"))} for label, scores in rows if scores],
         repo_id=repo_id or run_info.get("hub_model_id") or "path/to/" + run_info["run_name"],
+        install_command=INSTALL_COMMAND,
         quant_settings=[(key, quant[key]) for key in ("w_bits", "a_bits", "per_channel", "modules_to_not_convert",
                                                       "bits_overrides", "calibration_batches") if key in quant],
         saq_settings=list(saq.items()) + [(key, value) for key, value in run_info["training"].items()],
@@ -146,17 +155,36 @@ def push_run_folder(run_dir: str | os.PathLike, repo_id: str, *, token: str | No
     """Create ``repo_id`` if needed and upload ``run_dir`` with its card; returns the commit URL.
 
     Raises :class:`UserInputError` for a folder that is not a finished run, and :class:`PushError` (with the
-    retry command) when the Hub fails; the local folder is left as it was, apart from the card's usage snippet.
+    retry command) when the Hub fails. The card naming ``repo_id`` is uploaded from a staging folder and
+    written into ``run_dir`` only once the push succeeded: a failed push leaves every local file as it was.
     """
     check_run_folder(run_dir)
-    write_model_card(run_dir, repo_id=repo_id)
+    card = model_card(read_run_info(run_dir), repo_id=repo_id)
     api = HfApi(token=token)
     try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=str(run_dir), revision=revision,
-                                   commit_message=commit_message, ignore_patterns=PUSH_IGNORE_PATTERNS)
+        with tempfile.TemporaryDirectory(prefix="saq-hf-push-") as staging:
+            _stage_upload(Path(run_dir), Path(staging), card)
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=staging, revision=revision,
+                                       commit_message=commit_message, ignore_patterns=PUSH_IGNORE_PATTERNS)
     except Exception as err:  # network, auth, offline mode, rate limits: all mean "retry later"
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise PushError(f"push to {repo_id} failed ({reason}); the run is saved in {run_dir}; retry with: "
                         f"saq-hf push {run_dir} --hub_model_id {repo_id}") from None
+    card.save(Path(run_dir) / "README.md")  # the local card now names the repo it was pushed to
     return getattr(commit, "commit_url", None) or str(commit)
+
+
+def _stage_upload(run_dir: Path, staging: Path, card: ModelCard) -> None:
+    """``staging`` = links to the files of ``run_dir`` that a push uploads, with ``card`` as ``README.md``."""
+    files = [str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()]
+    for name in filter_repo_objects(files, ignore_patterns=PUSH_IGNORE_PATTERNS):
+        if name == "README.md":
+            continue
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.symlink_to((run_dir / name).resolve())
+        except OSError:  # no symlinks (Windows without the privilege): copy
+            shutil.copy2(run_dir / name, target)
+    card.save(staging / "README.md")

@@ -28,6 +28,7 @@ from .args import DataArguments, ModelArguments, QuantArguments, UserInputError
 from .data import ImageClassificationData, collate_fn, load_image_data, with_transforms
 from .hub import RUN_INFO_NAME, PushError, create_repo, is_hub_id, push_run_folder, read_run_info, write_model_card
 from .metrics import compute_metrics_fn, evaluate_classifier, load_metric
+from .progress import forward_pass_bar, read_train_log, sharpness_passes, show_stage_progress
 from .landscape import sharpness_report
 from .quant import calibrate
 from .quantize import quantize_model
@@ -42,6 +43,16 @@ FP_STAGE_TRAINING_FIELDS = ("optim", "weight_decay", "lr_scheduler_type", "warmu
 
 def _say(message: str) -> None:
     print(f"[saq-hf] {message}", flush=True)
+
+
+# Below this many images one image moves accuracy by more than a point: say so next to the numbers.
+SMALL_SPLIT = 100
+
+
+def _warn_if_small(split_name: str, num_rows: int) -> None:
+    if num_rows < SMALL_SPLIT:
+        _say(f"warning: the {split_name} split has only {num_rows} images, so one image is {100 / num_rows:.1f} "
+             f"points of accuracy; report on a larger split (test_split, train_val_split) for figures that mean much")
 
 
 def _first_line(err: BaseException) -> str:
@@ -206,6 +217,7 @@ def _train_full_precision(setup: RunSetup) -> None:
     trainer = Trainer(model=setup.model, args=fp_args, train_dataset=setup.data.train,
                       eval_dataset=setup.data.validation, compute_metrics=compute_metrics_fn(setup.metric),
                       data_collator=collate_fn, processing_class=setup.image_processor)
+    show_stage_progress(trainer, "full precision", log_stage="full_precision")
     try:
         trainer.train()
         if fp_args.should_save:
@@ -252,6 +264,7 @@ def train(setup: RunSetup) -> RunResult:
     """Run a prepared recipe: FP stage (or its cache), quantize, calibrate, SAQ training, report, save, push."""
     args, data = setup.training_args, setup.data
     report_name, report_split = data.report_split
+    _warn_if_small(report_name, report_split.num_rows)
     eval_batch = args.per_device_eval_batch_size
     if setup.model_args.fp_stage and not setup.fp_cached:
         _say(f"full-precision stage -> {setup.fp_dir}")
@@ -280,6 +293,8 @@ def train(setup: RunSetup) -> RunResult:
     trainer = SAQTrainer(model=model, args=trainer_args, train_dataset=data.train, eval_dataset=data.validation,
                          compute_metrics=compute_metrics_fn(setup.metric), data_collator=collate_fn,
                          processing_class=setup.image_processor)
+    show_stage_progress(trainer, f"{model.config.quantization_config.tag} {args.saq_mode}", log_stage="quantized",
+                        earlier=read_train_log(setup.fp_dir) if setup.fp_dir is not None else None)
     started = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     train_runtime = time.perf_counter() - started
@@ -342,12 +357,16 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
         raise UserInputError(f"dataset has no split {split!r}; pass --split with one of its splits")
     else:
         split_name, dataset = split, data.test
+    _warn_if_small(split_name, dataset.num_rows)
 
     models = {"quantized": str(run_dir)}  # first: a broken run folder fails before any other work
     fp_model = info.get("fp_model")
+    results: dict[str, Any] = {"split": split_name, "num_examples": dataset.num_rows}
     if fp_model and (os.path.isdir(fp_model) or is_hub_id(fp_model)):
         models["fp"] = fp_model
-    results: dict[str, Any] = {"split": split_name, "num_examples": dataset.num_rows}
+    else:  # the table says why the FP row is missing
+        results["fp_missing"] = (f"{fp_model} no longer exists (FP cache cleared?); rerun the recipe to rebuild it"
+                                 if fp_model else "the run has no FP model of these classes (new head, no FP stage)")
     processor = _load_image_processor(str(run_dir))
     with_transforms(data, processor, data_args)
     metric = load_metric(data_args.metric_name)
@@ -360,7 +379,7 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
             model = AutoModelForImageClassification.from_pretrained(source, **hub_kwargs)
         except Exception as err:
             if name == "fp":  # the FP model is a bonus: a cache that was cleared or no network skips it
-                _say(f"FP model {source} not available ({_first_line(err)}); skipped")
+                results["fp_missing"] = f"{source} could not be loaded: {_first_line(err)}"
                 continue
             raise UserInputError(f"could not load the model in {str(run_dir)!r}: {_first_line(err)}") from None
         if model.config.num_labels != len(data.label_names):
@@ -369,7 +388,9 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
         results[name] = evaluate_classifier(model.to(device), dataset, metric, collate_fn, batch_size)
         if name == "quantized" and sharpness:
             batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
-            results["sharpness"] = sharpness_report(model, batches, rho=sharpness_rho, max_batches=sharpness_batches)
+            with forward_pass_bar(model, sharpness_passes(min(sharpness_batches, len(batches))), "sharpness"):
+                results["sharpness"] = sharpness_report(model, batches, rho=sharpness_rho,
+                                                        max_batches=sharpness_batches)
     results["tag"] = info.get("quantization", {}).get("tag", "quantized")
     results["dataset"] = data_args.dataset_name
     if "sharpness" in results and has_info:
@@ -393,10 +414,14 @@ def format_results(results: dict[str, Any], tag: str) -> str:
     """The summary table: one row per evaluated model, top-1 and top-5 in percent."""
     labels = {"fp": "full precision", "quantized_calibrated": f"{tag} calibrated, no training",
               "quantized": f"{tag} after training"}
-    rows = [(label, results[key]) for key, label in labels.items() if key in results]
+    rows = [(label, results.get(key)) for key, label in labels.items()
+            if key in results or (key == "fp" and "fp_missing" in results)]
     width = max(len(label) for label, _ in rows)
     lines = [f"{'model':<{width}}  top-1 %  top-5 %"]
     for label, scores in rows:
+        if scores is None:
+            lines.append(f"{label:<{width}}      n/a      n/a  ({results['fp_missing']})")
+            continue
         top5 = scores.get("top5_accuracy")
         lines.append(f"{label:<{width}}  {100 * scores['accuracy']:7.2f}  "
                      + (f"{100 * top5:7.2f}" if top5 is not None else "    n/a"))

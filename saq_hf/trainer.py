@@ -95,6 +95,10 @@ class SAQTrainingArguments(TrainingArguments):
         if isinstance(self.saq_interval, bool) or not isinstance(self.saq_interval, int) or self.saq_interval < 1:
             raise ValueError(f"saq_interval must be an integer >= 1, got {self.saq_interval!r} (field: saq_interval)")
         super().__post_init__()
+        # Pinned memory needs an accelerator: without one, torch 2.13 warns on every DataLoader the Trainer builds.
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
+            self.dataloader_pin_memory = False
 
 
 class SAQTrainer(Trainer):
