@@ -7,8 +7,10 @@ A recipe is a flat YAML file whose keys are the field names of these dataclasses
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,6 +250,67 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+# Bounds on what a recipe value may hold and on what an error message echoes of it: YAML anchors nested a few
+# levels deep expand to billions of items when printed.
+MAX_VALUE_ITEMS = 10_000
+_ECHO = reprlib.Repr()  # keyword arguments only from Python 3.12
+_ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxtuple, _ECHO.maxdict, _ECHO.maxstring, _ECHO.maxother = 2, 4, 4, 4, 60, 60
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a few dozen characters, whatever the size of ``value``."""
+    return _ECHO.repr(value)
+
+
+def _too_many_items(value: Any) -> bool:
+    """Whether ``value`` holds more than ``MAX_VALUE_ITEMS`` items, counting shared (aliased) parts each time."""
+    budget, stack = MAX_VALUE_ITEMS, [value]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: construct_mapping reports it
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise UserInputError(f"recipe key {short_repr(key)} is given twice (line {key_node.start_mark.line + 1})"
+                                     ": keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_training_args(training_args) -> None:
+    """Values ``TrainingArguments`` accepts but that fail (or do nothing) only once training runs."""
+    positive_ints = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+    for name in positive_ints:
+        value = getattr(training_args, name)
+        if not isinstance(value, int) or value < 1:
+            raise UserInputError(f"{name} must be an integer >= 1, got {short_repr(value)} (recipe key: {name})")
+    for name in ("learning_rate", "weight_decay", "num_train_epochs", "max_grad_norm", "warmup_steps",
+                 "label_smoothing_factor"):
+        value = getattr(training_args, name, 0)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise UserInputError(f"{name} must be a finite number >= 0, got {short_repr(value)} (recipe key: {name})")
+    if training_args.learning_rate <= 0:
+        raise UserInputError(f"learning_rate must be > 0, got {training_args.learning_rate} (recipe key: "
+                             "learning_rate)")
+
+
 def _unknown_key_message(key: str, known, prefix: str) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
@@ -284,7 +347,10 @@ def parse_recipe(recipe: str | os.PathLike | None, overrides: list[str], datacla
         if not path.is_file():
             raise UserInputError(f"recipe {str(recipe)!r} not found")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as err:
+            raise UserInputError(f"recipe {str(recipe)!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") \
+                from None
         except yaml.YAMLError as err:
             line = getattr(getattr(err, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
@@ -301,15 +367,19 @@ def parse_recipe(recipe: str | os.PathLike | None, overrides: list[str], datacla
             raise UserInputError(_unknown_key_message(key, field_types, "--"))
     merged = {**values, **cli_values}
     for key, value in merged.items():
+        source = "option --" if key in cli_values else "recipe key: "
+        if _too_many_items(value):
+            raise UserInputError(f"{key} holds more than {MAX_VALUE_ITEMS:,} items (YAML anchors/aliases?), got "
+                                 f"{short_repr(value)} ({source}{key})")
         coerced = _coerce(value, field_types[key])
         if coerced is _NO_MATCH:
-            source = "option --" if key in cli_values else "recipe key: "
-            raise UserInputError(f"{key} must be {_type_name(field_types[key])}, got {value!r} ({source}{key})")
+            raise UserInputError(f"{key} must be {_type_name(field_types[key])}, got {short_repr(value)} "
+                                 f"({source}{key})")
         merged[key] = coerced
     try:
         return HfArgumentParser(dataclass_types).parse_dict(merged)
     except (ValueError, TypeError) as err:
-        message = re.sub(r" \(field: \w+\)$", "", str(err).strip().splitlines()[0])
+        message = re.sub(r" \(field: \w+\)$", "", str(err).strip().splitlines()[0])[:300]
         key = message.split(" ", 1)[0].strip("`'\":,")
         if key in merged:
             message += f" (option --{key})" if key in cli_values else f" (recipe key: {key})"

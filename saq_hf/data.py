@@ -8,9 +8,13 @@ with ``set_transform`` from the model's image processor (so ``remove_unused_colu
 import contextlib
 import functools
 import gzip
+import hashlib
+import io
 import math
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -103,7 +107,7 @@ def _load_raw(data_args: DataArguments, cache_dir: str | None) -> DatasetDict:
                                  " (recipe key: data_dir)") from None
         raise UserInputError(
             f"could not load dataset {data_args.dataset_name!r}: {_first_line(err)} (recipe key: dataset_name; "
-            "offline, it must already be in the datasets cache)"
+            "offline (no network or HF_HUB_OFFLINE=1) it must already be in the datasets cache)"
         ) from None
 
 
@@ -162,6 +166,61 @@ def load_image_data(data_args: DataArguments, seed: int = 42, cache_dir: str | N
                                    label_names=list(label_feature.names))
 
 
+def data_fingerprint(data_args: DataArguments, data: ImageClassificationData) -> str:
+    """A hash that changes when the data changes: for an image folder its file list, sizes and modification
+    times; for a Hub dataset the ``datasets`` fingerprints of its splits; the bundled digits never change."""
+    if data_args.dataset_name == DEMO_DATASET:
+        return DEMO_DATASET
+    digest = hashlib.sha256()
+    if data_args.dataset_name == "imagefolder":
+        root = Path(data_args.data_dir).expanduser()
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(folder, name)
+                stat = path.stat()
+                digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        for split in (data.train, data.validation, data.test):
+            digest.update(f"{getattr(split, '_fingerprint', None)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _image_label(value, split_name: str) -> str:
+    path = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None)
+    return f"image {path!r}" if path else f"an image of split {split_name!r}"
+
+
+def _decode_image(value, split_name: str) -> PILImage.Image:
+    """A fully decoded PIL image from a ``datasets`` image value (``{"bytes", "path"}``) or a PIL image; a file
+    that is empty, truncated, not an image or a decompression bomb is a :class:`UserInputError` naming it."""
+    try:
+        if isinstance(value, PILImage.Image):
+            image = value
+        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            image = PILImage.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        else:
+            raise ValueError(f"not an image value ({type(value).__name__})")
+        image.load()
+        return image
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise UserInputError(f"{_image_label(value, split_name)} cannot be read ({_first_line(err)}): fix or remove "
+                             "it") from None
+
+
+def check_image_files(dataset: Dataset, image_column: str, split_name: str) -> None:
+    """Open every image file of ``dataset`` (its header and, for PNG, its checksums) before any training, so a
+    corrupt, truncated, empty or oversized file fails now, naming the file."""
+    for value in dataset.cast_column(image_column, Image(decode=False))[image_column]:
+        try:
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+            with PILImage.open(source) as image:
+                image.verify()
+        except Exception as err:
+            raise UserInputError(f"{_image_label(value, split_name)} cannot be read ({_first_line(err)}): fix or "
+                                 "remove it (recipe key: data_dir)") from None
+
+
 def processor_geometry(image_processor) -> tuple[tuple[int, int], float]:
     """``((height, width), crop_fraction)`` the model expects: ViT-style processors resize to a fixed size
     (fraction 1); ConvNeXt-style ones resize the short side to ``size / crop_pct`` and center-crop ``size``."""
@@ -214,18 +273,19 @@ class ImageTransform:
     """
 
     def __init__(self, image_processor, image_column: str, label_column: str, train: bool,
-                 random_crop_min_scale: float = 0.08, random_flip: bool = True):
+                 random_crop_min_scale: float = 0.08, random_flip: bool = True, split_name: str = "train"):
         (self.height, self.width), self.crop_fraction = processor_geometry(image_processor)
         self.image_column, self.label_column = image_column, label_column
         self.train, self.random_crop_min_scale, self.random_flip = train, random_crop_min_scale, random_flip
+        self.split_name = split_name
         self.rescale = float(image_processor.rescale_factor) if image_processor.do_rescale else 1.0
         normalize = image_processor.do_normalize
         self.mean = torch.tensor(image_processor.image_mean if normalize else [0.0] * 3).view(-1, 1, 1)
         self.std = torch.tensor(image_processor.image_std if normalize else [1.0] * 3).view(-1, 1, 1)
         self.resample = PILImage.Resampling(int(getattr(image_processor, "resample", None) or 2))
 
-    def pixel_values(self, image: PILImage.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+    def pixel_values(self, image) -> torch.Tensor:
+        image = _decode_image(image, self.split_name).convert("RGB")
         if self.train:
             box = _random_resized_crop_box(image.width, image.height, self.random_crop_min_scale)
         else:
@@ -242,14 +302,27 @@ class ImageTransform:
 
 
 def with_transforms(data: ImageClassificationData, image_processor, data_args: DataArguments) -> None:
-    """Attach train/eval transforms to the splits of ``data`` in place (``set_transform``)."""
-    common = dict(image_processor=image_processor, image_column=data_args.image_column_name,
-                  label_column=data_args.label_column_name)
-    data.train.set_transform(ImageTransform(train=True, random_crop_min_scale=data_args.random_crop_min_scale,
-                                            random_flip=data_args.random_flip, **common))
-    for split in (data.validation, data.test):
-        if split is not None:
-            split.set_transform(ImageTransform(train=False, **common))
+    """Attach train/eval transforms to the splits of ``data`` (``set_transform``), replacing them in ``data``.
+
+    Images reach the transform undecoded, so one that cannot be read is an error naming it rather than a
+    traceback from inside ``datasets``; an image folder's files are all checked here, before any training.
+    """
+    column = data_args.image_column_name
+    common = dict(image_processor=image_processor, image_column=column, label_column=data_args.label_column_name)
+    for name in ("train", "validation", "test"):
+        split = getattr(data, name)
+        if split is None:
+            continue
+        if isinstance(split.features.get(column), Image):
+            if data_args.dataset_name == "imagefolder":
+                check_image_files(split, column, name)
+            split = split.cast_column(column, Image(decode=False))
+        if name == "train":
+            split.set_transform(ImageTransform(train=True, random_crop_min_scale=data_args.random_crop_min_scale,
+                                               random_flip=data_args.random_flip, split_name=name, **common))
+        else:
+            split.set_transform(ImageTransform(train=False, split_name=name, **common))
+        setattr(data, name, split)
 
 
 def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:

@@ -165,6 +165,10 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def _short(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def _corrupt(folder: Path, what: str) -> ValueError:
     return ValueError(f"export folder {folder} is corrupt: {what}; re-run saq-hf export")
 
@@ -179,8 +183,8 @@ def _read_manifest(folder: Path) -> dict:
         )
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _corrupt(folder, f"{MANIFEST_FILE} is not valid JSON ({error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise _corrupt(folder, f"{MANIFEST_FILE} is not valid JSON ({str(error)[:100]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _corrupt(folder, f"{MANIFEST_FILE} is not a {FORMAT} manifest")
     version = manifest.get("format_version")
@@ -191,7 +195,44 @@ def _read_manifest(folder: Path) -> dict:
                          f"({FORMAT_VERSION}): upgrade saq-hf")
     if not isinstance(manifest.get("layers"), dict) or not manifest["layers"]:
         raise _corrupt(folder, f"{MANIFEST_FILE} lists no quantized layers")
+    for name, entry in manifest["layers"].items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise _corrupt(folder, f"layer {name[:100]!r} has a malformed entry or tensors ({problem})")
     return manifest
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _entry_problem(entry) -> str | None:
+    """What is malformed in one layer entry of the manifest (types and ranges), or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("weight"), dict):
+        return "entry is not an object with a 'weight' object"
+    weight, activation = entry["weight"], entry.get("input")
+    if activation is not None and not isinstance(activation, dict):
+        return "'input' is neither null nor an object"
+    parts = [(weight, ("bits", "qmin", "qmax", "shape", "dtype", "codes", "step_size"))]
+    parts += [(activation, ("bits", "signed", "qmin", "qmax", "step_size"))] if activation else []
+    for part, fields in parts:
+        missing = [key for key in fields if key not in part]
+        if missing:
+            return f"missing {', '.join(missing)}"
+    for part in (weight, activation) if activation else (weight,):
+        if not _is_int(part["bits"], 2, 8):
+            return f"bits must be an integer in 2..8, got {str(part['bits'])[:40]}"
+        if not (_is_int(part["qmin"], -128, 255) and _is_int(part["qmax"], -128, 255)
+                and 0 < part["qmax"] - part["qmin"] < 2 ** part["bits"]):
+            return "qmin/qmax do not form a code range of its bits"
+        if not isinstance(part["step_size"], str):
+            return "step_size must name a tensor"
+    shape = weight["shape"]
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 5 and all(_is_int(d, 1, 2**31) for d in shape)):
+        return "weight shape must be a list of 1 to 5 positive integers"
+    if weight["dtype"] not in ("float32", "float16", "bfloat16", "float64") or not isinstance(weight["codes"], str):
+        return "weight dtype or codes name is invalid"
+    return None
 
 
 def _read_weights(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
@@ -206,10 +247,13 @@ def _read_weights(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 
 def _read_config(folder: Path, manifest: dict) -> tuple[type[PreTrainedModel], transformers.PretrainedConfig]:
+    if "auto_map" in (_json_object(folder / CONFIG_FILE) or {}):
+        raise _corrupt(folder, f"{CONFIG_FILE} asks to run Python code from the folder (auto_map), which saq-hf never "
+                               "does")
     try:
-        config = transformers.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise _corrupt(folder, f"{CONFIG_FILE} cannot be read ({error})") from None
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, RecursionError) as error:
+        raise _corrupt(folder, f"{CONFIG_FILE} cannot be read ({_short(error)})") from None
     quant_config = getattr(config, "quantization_config", None)
     if not isinstance(quant_config, dict) or quant_config.get("quant_method") != QUANT_METHOD:
         raise _corrupt(folder, f"{CONFIG_FILE} has no saq quantization_config")
@@ -224,7 +268,14 @@ def _layer_weight(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.
     shape, dtype = entry["shape"], getattr(torch, entry["dtype"], None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {entry['dtype']!r}")
-    codes = unpack_codes(tensors.pop(entry["codes"]), entry["bits"], math.prod(shape), entry["qmin"])
+    packed, step_size = tensors[entry["codes"]], tensors[entry["step_size"]]
+    count = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != (count * entry["bits"] + 7) // 8:
+        raise ValueError(f"{entry['codes']} holds {packed.numel()} bytes, not the {(count * entry['bits'] + 7) // 8} "
+                         f"of {count} {entry['bits']}-bit codes")
+    if step_size.numel() not in (1, shape[0]) or not step_size.is_floating_point():
+        raise ValueError(f"{entry['step_size']} has {step_size.numel()} values for {shape[0]} output channels")
+    codes = unpack_codes(tensors.pop(entry["codes"]), entry["bits"], count, entry["qmin"])
     codes = codes.reshape(shape)
     return codes, _dequantize(codes, tensors[entry["step_size"]], dtype)
 
@@ -256,14 +307,14 @@ def load_exported(out_dir: str | os.PathLike) -> PreTrainedModel:
     for name, entry in manifest["layers"].items():
         try:
             codes[name], tensors[f"{name}.weight"] = _layer_weight(entry["weight"], tensors)
-        except (KeyError, TypeError, ValueError) as error:
-            raise _corrupt(folder, f"layer '{name}' has a malformed entry or tensors ({error})") from None
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise _corrupt(folder, f"layer '{name}' has a malformed entry or tensors ({_short(error)})") from None
     # The rebuilt state dict is a fake-quant checkpoint, so transformers loads it through the saq HfQuantizer
     # exactly as from_pretrained loads a saved run: built on the meta device, no re-initialised step sizes.
     try:
         model, info = model_class.from_pretrained(None, config=config, state_dict=tensors, output_loading_info=True)
-    except (RuntimeError, ValueError) as error:
-        raise _corrupt(folder, f"{WEIGHTS_FILE} does not fit {CONFIG_FILE} ({error})".replace("\n", " ")) from None
+    except (RuntimeError, ValueError, TypeError, AttributeError, OverflowError) as error:
+        raise _corrupt(folder, f"{WEIGHTS_FILE} does not fit {CONFIG_FILE} ({_short(error)})") from None
     unfit = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]}
     if unfit:
         raise _corrupt(folder, f"{WEIGHTS_FILE} does not fit {CONFIG_FILE}: {unfit}")
@@ -274,8 +325,8 @@ def load_exported(out_dir: str | os.PathLike) -> PreTrainedModel:
     for name, entry in manifest["layers"].items():
         try:
             _check_layer(folder, name, entry, layers[name], codes[name])
-        except (KeyError, TypeError) as error:
-            raise _corrupt(folder, f"layer '{name}' has a malformed entry ({error!r})") from None
+        except (KeyError, TypeError, AttributeError) as error:
+            raise _corrupt(folder, f"layer '{name}' has a malformed entry ({error!r})"[:300]) from None
     return model.eval()
 
 
@@ -419,6 +470,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17) -> P
     return path
 
 
+def _json_object(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def export_command(run_dir: str, out_dir: str, onnx: bool = False) -> str:
     """``saq-hf export RUN_DIR OUT_DIR [--onnx]``: export the quantized model saved in ``run_dir``.
 
@@ -432,7 +491,13 @@ def export_command(run_dir: str, out_dir: str, onnx: bool = False) -> str:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out} already holds files that are not a saq-hf export: choose a new or empty OUT_DIR")
-    model = transformers.AutoModelForImageClassification.from_pretrained(run)
+    if "auto_map" in (_json_object(run / CONFIG_FILE) or {}):
+        raise ValueError(f"{run / CONFIG_FILE} asks to run Python code from the folder (auto_map); saq-hf never runs "
+                         "code shipped with a model: export a folder written by saq-hf")
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(run, trust_remote_code=False)
+    except Exception as error:  # truncated or corrupt weights, a config that does not fit them: many types
+        raise ValueError(f"could not load the model in {run}: {_short(error)}") from None
     export_quantized(model, out_dir)
     table = size_table(out_dir)
     if onnx:

@@ -1,10 +1,43 @@
 """The ``saq`` HfQuantizer: how transformers' ``from_pretrained`` rebuilds and loads a saq-hf model."""
 
+import re
+import warnings
+
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
 from .config import QUANT_METHOD
 from .quant.convert import convert_layers
+from .quant.layers import quantized_layers
+
+QUANTIZER_TENSOR = re.compile(r"(^|\.)(weight_quantizer|input_quantizer)\.")
+
+
+def _keys_message(kind: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"{len(keys)} {kind} quantizer tensor(s) ({shown})"
+
+
+def _check_quantizer_keys(model) -> None:
+    """Make this load fail when a quantizer tensor of the checkpoint is left unused (its layer is not quantized
+    under the saved config) or a quantized layer finds no state in the checkpoint (its step size would be
+    uninitialised memory). transformers only logs both; its report is final in ``_adjust_missing_and_unexpected_keys``
+    (5.x), which this wraps on the instance."""
+    adjust = model._adjust_missing_and_unexpected_keys
+
+    def adjust_and_check(loading_info):
+        adjust(loading_info)
+        del model._adjust_missing_and_unexpected_keys
+        model._saq_keys_checked = True
+        unused = sorted(key for key in loading_info.unexpected_keys if QUANTIZER_TENSOR.search(key))
+        missing = sorted(key for key in loading_info.missing_keys if QUANTIZER_TENSOR.search(key))
+        problems = ([_keys_message("unused", unused)] if unused else []) + (
+            [_keys_message("missing", missing)] if missing else [])
+        if problems:
+            raise ValueError(f"the checkpoint does not fit its quantization_config: {'; '.join(problems)}; restore "
+                             "the config.json saved with these weights")
+
+    model._adjust_missing_and_unexpected_keys = adjust_and_check
 
 
 @register_quantizer(QUANT_METHOD)
@@ -21,9 +54,20 @@ class SAQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             convert_layers(model, self.quantization_config)
+            if hasattr(model, "_adjust_missing_and_unexpected_keys"):
+                _check_quantizer_keys(model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            if not model.__dict__.pop("_saq_keys_checked", False):
+                warnings.warn("saq-hf could not check this checkpoint's quantizer tensors against its "
+                              "quantization_config with this transformers version", stacklevel=2)
+                model.__dict__.pop("_adjust_missing_and_unexpected_keys", None)
+            for name, layer in quantized_layers(model):
+                layer.weight_quantizer.check_step_size(f"{name}.weight_quantizer.step_size")
+                if layer.input_quantizer is not None:
+                    layer.input_quantizer.check_step_size(f"{name}.input_quantizer.step_size")
         if not self.pre_quantized:
             from .quantize import resolve_defaults
 

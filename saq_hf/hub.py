@@ -8,10 +8,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any
 
+import huggingface_hub.constants
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import filter_repo_objects
 
@@ -37,14 +40,49 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(os.path.expanduser(name)) and bool(_REPO_ID.match(name))
 
 
+# Top-level fields of saq_run.json (saq_hf.run._run_info writes them; ``sharpness`` is added by saq-hf eval).
+RUN_INFO_FIELDS = {"saq_hf_version", "run_name", "base_model", "fp_stage", "fp_model", "hub_model_id", "model", "data",
+                   "quantization", "saq", "training", "results", "sharpness"}
+RUN_INFO_SECTIONS = ("model", "data", "quantization", "saq", "training", "results")
+# Config files whose ``auto_map`` makes transformers import Python code shipped in the model folder.
+CODE_CONFIG_FILES = ("config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def refuse_custom_code(source: str, hint: str = "") -> None:
+    """Raise :class:`UserInputError` when the local folder ``source`` asks transformers to run its own code
+    (``auto_map``). saq-hf also passes ``trust_remote_code=False`` to every load, which covers Hub ids."""
+    folder = Path(os.path.expanduser(source))
+    if not folder.is_dir():
+        return
+    for name in CODE_CONFIG_FILES:
+        try:
+            settings = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(settings, dict) and "auto_map" in settings:
+            where = f" ({hint})" if hint else ""
+            raise UserInputError(f"{folder / name} asks to run Python code from the folder (auto_map); saq-hf never "
+                                 f"runs code shipped with a model: use a folder saved by transformers' own classes{where}")
+
+
 def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``saq_run.json`` of a finished run, checked: a JSON object with saq-hf's fields and nothing else."""
     path = Path(run_dir) / RUN_INFO_NAME
     if not path.is_file():
         raise UserInputError(f"{str(run_dir)!r} has no {RUN_INFO_NAME}: pass the output_dir of a finished saq-hf run")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UserInputError(f"{path} is not valid JSON: rerun the training or restore the file") from None
+    if not isinstance(info, dict):
+        raise UserInputError(f"{path} must hold a JSON object, got a {type(info).__name__}: restore the file")
+    unknown = sorted(set(info) - RUN_INFO_FIELDS)
+    if unknown:
+        raise UserInputError(f"{path} has unknown fields {', '.join(map(repr, unknown[:5]))[:200]}: restore the file")
+    for section in RUN_INFO_SECTIONS:
+        if not isinstance(info.get(section, {}), dict):
+            raise UserInputError(f"{path}: {section!r} must be a JSON object: restore the file")
+    return info
 
 
 def _percent(value: float | None) -> str:
@@ -142,6 +180,30 @@ def check_run_folder(run_dir: str | os.PathLike) -> None:
         raise UserInputError(f"{config_path} has no quantization_config: not a saq-hf quantized model")
     if not any(run_dir.glob("*.safetensors")):
         raise UserInputError(f"{run_dir} has no .safetensors weights: rerun the training")
+
+
+def work_offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
+    """Switch this process to offline mode (cached models and datasets only) when the Hub does not accept a
+    connection within ``timeout`` seconds; otherwise every Hub request retries for ~30 s before it fails. Returns
+    whether the process now works offline. Behind a proxy the Hub is not probed (a direct connection may be
+    refused while the proxy works)."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return True
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return False
+    except OSError:
+        pass
+    import datasets.config
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    return True
 
 
 def create_repo(repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:

@@ -9,9 +9,13 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
+import socket
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +28,25 @@ from transformers.models.auto.image_processing_auto import (
 )
 
 from . import __version__
-from .args import DataArguments, ModelArguments, QuantArguments, UserInputError
-from .data import ImageClassificationData, collate_fn, load_image_data, with_transforms
-from .hub import RUN_INFO_NAME, PushError, create_repo, is_hub_id, push_run_folder, read_run_info, write_model_card
+from .args import DataArguments, ModelArguments, QuantArguments, UserInputError, check_training_args
+from .data import ImageClassificationData, collate_fn, data_fingerprint, load_image_data, with_transforms
+from .hub import (
+    RUN_INFO_NAME,
+    PushError,
+    create_repo,
+    is_hub_id,
+    push_run_folder,
+    read_run_info,
+    refuse_custom_code,
+    write_model_card,
+)
 from .metrics import compute_metrics_fn, evaluate_classifier, load_metric
 from .progress import forward_pass_bar, read_train_log, sharpness_passes, show_stage_progress
+from .progress import forward_pass_bar, read_train_log, sharpness_passes, show_stage_progress
+from .progress import forward_pass_bar, read_train_log, sharpness_passes, show_stage_progress
 from .landscape import sharpness_report
-from .quant import calibrate
+from .quant import calibrate, is_quantized
+from .quant.convert import planned_layers
 from .quantize import quantize_model
 from .trainer import SAQTrainer, SAQTrainingArguments
 
@@ -43,6 +59,26 @@ FP_STAGE_TRAINING_FIELDS = ("optim", "weight_decay", "lr_scheduler_type", "warmu
 
 def _say(message: str) -> None:
     print(f"[saq-hf] {message}", flush=True)
+
+
+# Below this many images one image moves accuracy by more than a point: say so next to the numbers.
+SMALL_SPLIT = 100
+
+
+def _warn_if_small(split_name: str, num_rows: int) -> None:
+    if num_rows < SMALL_SPLIT:
+        _say(f"warning: the {split_name} split has only {num_rows} images, so one image is {100 / num_rows:.1f} "
+             f"points of accuracy; report on a larger split (test_split, train_val_split) for figures that mean much")
+
+
+# Below this many images one image moves accuracy by more than a point: say so next to the numbers.
+SMALL_SPLIT = 100
+
+
+def _warn_if_small(split_name: str, num_rows: int) -> None:
+    if num_rows < SMALL_SPLIT:
+        _say(f"warning: the {split_name} split has only {num_rows} images, so one image is {100 / num_rows:.1f} "
+             f"points of accuracy; report on a larger split (test_split, train_val_split) for figures that mean much")
 
 
 # Below this many images one image moves accuracy by more than a point: say so next to the numbers.
@@ -86,8 +122,9 @@ class RunResult:
     push_error: str | None = None
 
 
-def _fp_stage_key(model_args, data_args, training_args, num_labels: int) -> str:
-    """Hash of everything the FP stage result depends on, so identical recipes reuse it."""
+def _fp_stage_key(model_args, data_args, training_args, data: ImageClassificationData) -> str:
+    """Hash of everything the FP stage result depends on (recipe, data content, class names), so identical recipes
+    on identical data reuse it."""
     def absolute(path):
         return os.path.abspath(os.path.expanduser(path)) if path and os.path.exists(os.path.expanduser(path)) else path
 
@@ -98,7 +135,8 @@ def _fp_stage_key(model_args, data_args, training_args, num_labels: int) -> str:
         "data": {**dataclasses.asdict(data_args), "data_dir": absolute(data_args.data_dir), "metric_name": None,
                  "max_eval_samples": None, "test_split": None},
         "training": {name: str(getattr(training_args, name)) for name in FP_STAGE_TRAINING_FIELDS},
-        "num_labels": num_labels,
+        "label_names": data.label_names,
+        "data_fingerprint": data_fingerprint(data_args, data),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -119,8 +157,10 @@ def _hub_kwargs(model_args: ModelArguments, source: str) -> dict[str, Any]:
     return dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir) if is_hub_id(source) else {}
 
 
-def _load_fp_model(model_args: ModelArguments, data: ImageClassificationData, source: str | None):
-    """FP model (and whether its classifier was re-initialised), from ``source`` or from scratch."""
+def _load_fp_model(model_args: ModelArguments, data: ImageClassificationData, source: str | None,
+                   cached: bool = False):
+    """FP model (and whether its classifier was re-initialised), from ``source`` or from scratch. With ``cached``
+    (an FP stage result) any problem is a cache problem, reported without pointing at the recipe."""
     labels = dict(num_labels=len(data.label_names), label2id=data.label2id, id2label=data.id2label)
     if source is None:
         try:
@@ -131,9 +171,18 @@ def _load_fp_model(model_args: ModelArguments, data: ImageClassificationData, so
             key = "model_type" if "model_type" in str(err) or "Unrecognized" in str(err) else "config_overrides"
             raise UserInputError(f"{_first_line(err)} (recipe key: {key})") from None
         return AutoModelForImageClassification.from_config(config), False
+    if cached:
+        try:
+            model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=False)
+        except Exception as err:
+            raise UserInputError(_first_line(err)) from None
+        if model.config.id2label != data.id2label:
+            raise UserInputError(f"its classes {list(model.config.id2label.values())} are not the data's")
+        return model, False
     checkpoint_config = _checkpoint_config(model_args, source)
     try:
         model = AutoModelForImageClassification.from_pretrained(source, ignore_mismatched_sizes=True, **labels,
+                                                                trust_remote_code=False,
                                                                 **_hub_kwargs(model_args, source))
     except Exception as err:  # missing/corrupt files, offline, unknown id: transformers raises many types
         raise UserInputError(_model_load_error(source, err)) from None
@@ -141,28 +190,216 @@ def _load_fp_model(model_args: ModelArguments, data: ImageClassificationData, so
 
 
 def _model_load_error(source: str, err: BaseException) -> str:
-    return (f"could not load model {source!r}: {_first_line(err)} (recipe key: model_name_or_path; offline, a Hub "
-            "model must already be in the cache; a local folder needs config.json and *.safetensors)")
+    return (f"could not load model {source!r}: {_first_line(err)} (recipe key: model_name_or_path; offline (no network "
+            "or HF_HUB_OFFLINE=1) a Hub model must already be in the cache; a local folder needs config.json and *.safetensors)")
 
 
 def _checkpoint_config(model_args: ModelArguments, source: str):
+    refuse_custom_code(source, "recipe key: model_name_or_path")
     try:
-        return AutoConfig.from_pretrained(source, **_hub_kwargs(model_args, source))
+        return AutoConfig.from_pretrained(source, trust_remote_code=False, **_hub_kwargs(model_args, source))
     except Exception as err:
         raise UserInputError(_model_load_error(source, err)) from None
 
 
 def _load_image_processor(source: str, hub_kwargs: dict[str, Any] | None = None):
+    refuse_custom_code(source)
     try:
-        return AutoImageProcessor.from_pretrained(source, **(hub_kwargs or {}))
+        return AutoImageProcessor.from_pretrained(source, trust_remote_code=False, **(hub_kwargs or {}))
     except Exception as err:
         raise UserInputError(f"could not load the image processor of {source!r}: {_first_line(err)} "
                              "(a run or model folder needs preprocessor_config.json)") from None
 
 
+WRITER_FILE = "_saq_hf_writer.json"  # in a staging folder while a run writes it; "_*" files are never pushed
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def staging_dir(output_dir: str | os.PathLike) -> Path:
+    """Where a run builds its folder (checkpoints included) before renaming it to ``output_dir``."""
+    output_dir = Path(output_dir).expanduser().absolute()
+    return output_dir.with_name(output_dir.name + ".partial")
+
+
+def _writer_alive(staging: Path) -> int | None:
+    """PID of the live process writing ``staging``, or None when nobody is (finished, crashed or killed)."""
+    try:
+        writer = json.loads((staging / WRITER_FILE).read_text(encoding="utf-8"))
+        pid, host = int(writer["pid"]), writer["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return pid  # another machine's process cannot be checked from here: assume it runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` looks like something saq-hf or the Trainer wrote, so replacing it loses no user files."""
+    markers = (RUN_INFO_NAME, "config.json", "trainer_state.json", "training_args.bin", WRITER_FILE)
+    return any((folder / name).exists() for name in markers) or any(folder.glob(CHECKPOINT_PREFIX + "*"))
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """``folder`` (which may not exist yet) can be created and written: checked by writing a probe file."""
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{key} {str(folder)!r} is a file, not a folder: choose another {key}")
+    existing = folder if folder.exists() else folder.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"{key} {str(folder)!r} is inside {str(existing)!r}, which is a file: choose another {key}")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".saq_hf_probe_")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserInputError(f"cannot write to {key} {str(folder)!r} ({err.strerror or err} in {str(existing)!r}): "
+                             f"choose a writable {key}") from None
+
+
+def _check_output_dir(args: SAQTrainingArguments) -> None:
+    """Refuse to replace a finished run (without ``overwrite_output_dir``), to write where nothing can be written,
+    and to share an output_dir with a live run; all before any work."""
+    output_dir = Path(args.output_dir).expanduser().absolute()
+    staging = staging_dir(output_dir)
+    _check_writable(output_dir, "output_dir")
+    _check_writable(staging.parent, "output_dir")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        what = "a finished saq-hf run" if (output_dir / RUN_INFO_NAME).is_file() else "files"
+        if not args.overwrite_output_dir:
+            raise UserInputError(f"output_dir {str(output_dir)!r} already holds {what}: pass --overwrite_output_dir "
+                                 "true to replace it, or choose another output_dir")
+        if not _is_run_folder(output_dir):
+            raise UserInputError(f"output_dir {str(output_dir)!r} holds files that saq-hf did not write, so "
+                                 "--overwrite_output_dir will not delete them: choose another output_dir")
+    if staging.exists():
+        pid = _writer_alive(staging)
+        if pid is not None:
+            raise UserInputError(f"another saq-hf run (pid {pid}) is writing output_dir {str(output_dir)!r} (in "
+                                 f"{str(staging)!r}): wait for it, or choose another output_dir")
+        if not args.resume_from_checkpoint and not args.overwrite_output_dir:
+            raise UserInputError(f"{str(staging)!r} holds an interrupted run: pass --resume_from_checkpoint true to "
+                                 "continue it, or --overwrite_output_dir true to discard it")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file ``path`` is unreadable (header, or data shorter than the header says), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_size > size - 8:
+                return f"{path.name} is truncated"
+            header = json.loads(handle.read(header_size))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{path.name} is not a readable safetensors file"
+    if 8 + header_size + max(ends, default=0) > size:
+        return f"{path.name} is truncated"
+    return None
+
+
+def checkpoint_problem(folder: Path, need_optimizer: bool = True) -> str | None:
+    """Why the Trainer checkpoint ``folder`` cannot be resumed from (a file missing, truncated or unreadable), or
+    None when it is complete. Reads headers and zip directories only; nothing is unpickled."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors weights"
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            return problem
+    states = ("optimizer.pt", "scheduler.pt") if need_optimizer else ()
+    for name in states:
+        if not (folder / name).is_file():
+            return f"no {name}"
+    for path in sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
+        try:  # torch.save writes a zip archive: a truncated one has no central directory, a damaged one bad CRCs
+            with zipfile.ZipFile(path) as archive:
+                if archive.testzip() is not None:
+                    return f"{path.name} is corrupt"
+        except (OSError, zipfile.BadZipFile):
+            return f"{path.name} is truncated or not a torch file"
+    return None
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """``checkpoint-N`` folders of ``folder``, newest (highest N) first."""
+    found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), reverse=True)
+
+
+def _resolve_resume_checkpoint(args: SAQTrainingArguments) -> str | None:
+    """``resume_from_checkpoint`` as a complete checkpoint folder: ``true`` means the newest complete checkpoint of
+    this output_dir (an interrupted run's first); an incomplete one is an error naming what is missing."""
+    value = args.resume_from_checkpoint
+    if value is None or (isinstance(value, str) and value.lower() in ("false", "no", "none", "")):
+        return None
+    need_optimizer = not args.save_only_model
+    if isinstance(value, bool) or value.lower() in ("true", "yes", "latest"):
+        output_dir = Path(args.output_dir).expanduser().absolute()
+        staging = staging_dir(output_dir)
+        candidates = _checkpoints(staging) if staging.is_dir() else []
+        candidates = candidates or (_checkpoints(output_dir) if output_dir.is_dir() else [])
+        skipped = []
+        for folder in candidates:
+            problem = checkpoint_problem(folder, need_optimizer)
+            if problem is None:
+                if skipped:
+                    _say(f"skipping incomplete checkpoints ({'; '.join(skipped)}); resuming from {folder}")
+                return str(folder)
+            skipped.append(f"{folder.name}: {problem}")
+        detail = f" ({'; '.join(skipped)})" if skipped else ""
+        raise UserInputError(f"no complete checkpoint to resume from in {str(output_dir)!r}{detail}: drop "
+                             "resume_from_checkpoint or pass a checkpoint folder")
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise UserInputError(f"resume_from_checkpoint {value!r} is not a folder (recipe key: resume_from_checkpoint;"
+                             " true resumes from the newest checkpoint of output_dir)")
+    problem = checkpoint_problem(folder, need_optimizer)
+    if problem:
+        raise UserInputError(f"checkpoint {value!r} is incomplete ({problem}; interrupted while saving?): pass an "
+                             "earlier checkpoint, or resume_from_checkpoint true for the newest complete one")
+    return str(folder.absolute())
+
+
+def _check_device_precision(args: SAQTrainingArguments) -> None:
+    if args.fp16 and args.device.type == "cpu":
+        raise UserInputError("fp16 mixed precision needs a GPU and this run trains on the CPU, where it would do "
+                             "nothing: drop fp16, or use bf16 (recipe key: fp16)")
+
+
+def _check_quantizable(model: torch.nn.Module, quant_args: QuantArguments) -> None:
+    """The quantization settings applied to the FP model leave something to quantize and every pattern matches."""
+    from .quantize import resolve_defaults
+
+    try:
+        planned_layers(model, resolve_defaults(model, quant_args.quant_config()))
+    except ValueError as err:
+        raise UserInputError(f"{_first_line(err)} (recipe key: modules_to_not_convert)") from None
+
+
 def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: QuantArguments,
             training_args: SAQTrainingArguments) -> RunSetup:
     """Load and check everything a run needs; raises :class:`UserInputError` and writes nothing."""
+    check_training_args(training_args)
+    _check_device_precision(training_args)
+    if training_args.should_save:  # the main process: it alone writes output_dir
+        _check_output_dir(training_args)
+    training_args.resume_from_checkpoint = _resolve_resume_checkpoint(training_args)
     if model_args.torch_num_threads is not None:
         torch.set_num_threads(model_args.torch_num_threads)
     set_seed(training_args.seed)  # before any model is built: a from-scratch init (or a new head) is random
@@ -177,17 +414,30 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
     checkpoint = model_args.model_name_or_path
     image_processor = None
     if checkpoint:  # before the dataset, which may be a long download: a wrong model id fails in seconds
-        _checkpoint_config(model_args, checkpoint)
+        checkpoint_config = _checkpoint_config(model_args, checkpoint)
+        if getattr(checkpoint_config, "quantization_config", None) is not None:
+            raise UserInputError(f"model_name_or_path {checkpoint!r} is already quantized: start from its "
+                                 "full-precision model (a finished run's saq_run.json names it as fp_model) "
+                                 "(recipe key: model_name_or_path)")
         image_processor = _load_image_processor(checkpoint, _hub_kwargs(model_args, checkpoint))
     data = load_image_data(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
 
     fp_dir, fp_cached = None, False
     if model_args.fp_stage:
-        key = _fp_stage_key(model_args, data_args, training_args, len(data.label_names))
+        key = _fp_stage_key(model_args, data_args, training_args, data)
         fp_dir = Path(os.path.expanduser(model_args.fp_cache_dir)) / key
         fp_cached = (fp_dir / "config.json").is_file()
-    source = str(fp_dir) if fp_cached else model_args.model_name_or_path
-    model, head_reinitialised = _load_fp_model(model_args, data, source)
+        _check_writable(fp_dir.parent, "fp_cache_dir")
+    model = None
+    if fp_cached:
+        try:
+            model, head_reinitialised = _load_fp_model(model_args, data, str(fp_dir), cached=True)
+        except UserInputError as err:
+            _say(f"the cached full-precision model {fp_dir} is unreadable ({err}); it will be rebuilt")
+            fp_cached = False
+    if model is None:
+        model, head_reinitialised = _load_fp_model(model_args, data, model_args.model_name_or_path)
+    _check_quantizable(model, quant_args)
     if image_processor is None:
         image_processor = _scratch_image_processor(model.config)
     with_transforms(data, image_processor, data_args)
@@ -208,7 +458,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
 def _train_full_precision(setup: RunSetup) -> None:
     """FP stage: train the loaded model with a stock Trainer and keep the result in ``setup.fp_dir``."""
     model_args, args = setup.model_args, setup.training_args
-    partial = setup.fp_dir.with_name(setup.fp_dir.name + ".partial")
+    partial = setup.fp_dir.with_name(f"{setup.fp_dir.name}.partial-{os.getpid()}")
     fp_args = dataclasses.replace(
         args, output_dir=str(partial), num_train_epochs=model_args.fp_num_train_epochs,
         max_steps=model_args.fp_max_steps, learning_rate=model_args.fp_learning_rate or args.learning_rate,
@@ -218,14 +468,70 @@ def _train_full_precision(setup: RunSetup) -> None:
                       eval_dataset=setup.data.validation, compute_metrics=compute_metrics_fn(setup.metric),
                       data_collator=collate_fn, processing_class=setup.image_processor)
     show_stage_progress(trainer, "full precision", log_stage="full_precision")
+    show_stage_progress(trainer, "full precision", log_stage="full_precision")
+    show_stage_progress(trainer, "full precision", log_stage="full_precision")
     try:
         trainer.train()
         if fp_args.should_save:
             trainer.save_model(str(partial))
-            shutil.rmtree(setup.fp_dir, ignore_errors=True)
-            os.replace(partial, setup.fp_dir)
+            _replace_folder(partial, setup.fp_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``, replacing what is there: each rename is atomic, so ``target`` is always either
+    the old folder or the new one, never a mix."""
+    if target.exists():
+        trash = target.with_name(f"{target.name}.replaced-{os.getpid()}")
+        os.rename(target, trash)
+        os.rename(new, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(new, target)
+
+
+def _claim_staging(setup: RunSetup) -> Path:
+    """Create (or, to resume an interrupted run, take over) the staging folder; ``mkdir`` is atomic, so of two runs
+    started into one output_dir only one gets it."""
+    args = setup.training_args
+    output_dir = Path(args.output_dir).expanduser().absolute()
+    staging = staging_dir(output_dir)
+    resume = args.resume_from_checkpoint
+    if not args.should_save:
+        return staging
+    resuming_here = resume is not None and staging.is_dir() and Path(resume).parent == staging
+    if staging.exists() and not resuming_here:
+        pid = _writer_alive(staging)
+        if pid is not None or not args.overwrite_output_dir:
+            raise UserInputError(f"another saq-hf run{f' (pid {pid})' if pid else ''} is writing output_dir "
+                                 f"{str(output_dir)!r} (in {str(staging)!r}): wait for it, or choose another output_dir")
+        shutil.rmtree(staging)
+    if not resuming_here:
+        try:
+            staging.mkdir(parents=True)
+        except FileExistsError:
+            raise UserInputError(f"another saq-hf run is writing output_dir {str(output_dir)!r} (in "
+                                 f"{str(staging)!r}): wait for it, or choose another output_dir") from None
+        if resume is not None and Path(resume).parent == output_dir:
+            # Resuming a finished run: its checkpoints move into the new folder with it, none is lost.
+            for checkpoint in _checkpoints(output_dir):
+                shutil.copytree(checkpoint, staging / checkpoint.name)
+            args.resume_from_checkpoint = str(staging / Path(resume).name)
+    (staging / WRITER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
+                                       encoding="utf-8")
+    return staging
+
+
+def _finish_run_folder(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    """Rename the finished staging folder to ``output_dir`` (replacing a previous run only with overwrite)."""
+    (staging / WRITER_FILE).unlink(missing_ok=True)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise UserInputError(f"output_dir {str(output_dir)!r} was filled by something else during training; this "
+                             f"run is complete in {str(staging)!r}: move it where you want it")
+    if output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+    _replace_folder(staging, output_dir)
 
 
 def _calibration_batches(setup: RunSetup):
@@ -233,7 +539,11 @@ def _calibration_batches(setup: RunSetup):
     loader = torch.utils.data.DataLoader(setup.data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
                                          collate_fn=collate_fn, generator=torch.Generator().manual_seed(args.seed))
     device = args.device
-    for batch in itertools.islice(loader, setup.quant_args.calibration_batches):
+    for index, batch in enumerate(itertools.islice(loader, setup.quant_args.calibration_batches)):
+        if not torch.isfinite(batch["pixel_values"]).all():
+            raise UserInputError(f"calibration batch {index} has NaN or infinite pixel values, which would make the "
+                                 "activation step sizes NaN: check the images and the image processor's image_std "
+                                 "(zero?) and image_mean")
         yield {"pixel_values": batch["pixel_values"].to(device)}
 
 
@@ -261,8 +571,14 @@ def _run_info(setup: RunSetup, results: dict, train_runtime: float, global_step:
 
 
 def train(setup: RunSetup) -> RunResult:
-    """Run a prepared recipe: FP stage (or its cache), quantize, calibrate, SAQ training, report, save, push."""
+    """Run a prepared recipe: FP stage (or its cache), quantize, calibrate, SAQ training, report, save, push.
+
+    The run folder is built beside ``output_dir`` (``<output_dir>.partial``, checkpoints included) and renamed to
+    ``output_dir`` when complete, so ``output_dir`` never holds a half-written or mixed run.
+    """
     args, data = setup.training_args, setup.data
+    output_dir = Path(args.output_dir).expanduser().absolute()
+    staging = _claim_staging(setup)
     report_name, report_split = data.report_split
     _warn_if_small(report_name, report_split.num_rows)
     eval_batch = args.per_device_eval_batch_size
@@ -289,25 +605,30 @@ def train(setup: RunSetup) -> RunResult:
 
     # With hub_strategy "end" saq-hf pushes the finished folder itself (with its own card); with the
     # checkpoint strategies the Trainer also pushes checkpoints as they are saved.
-    trainer_args = dataclasses.replace(args, push_to_hub=False) if args.hub_strategy == "end" else args
+    trainer_args = dataclasses.replace(args, output_dir=str(staging),
+                                       push_to_hub=args.push_to_hub and args.hub_strategy != "end")
     trainer = SAQTrainer(model=model, args=trainer_args, train_dataset=data.train, eval_dataset=data.validation,
                          compute_metrics=compute_metrics_fn(setup.metric), data_collator=collate_fn,
                          processing_class=setup.image_processor)
     show_stage_progress(trainer, f"{model.config.quantization_config.tag} {args.saq_mode}", log_stage="quantized",
                         earlier=read_train_log(setup.fp_dir) if setup.fp_dir is not None else None)
+    show_stage_progress(trainer, f"{model.config.quantization_config.tag} {args.saq_mode}", log_stage="quantized",
+                        earlier=read_train_log(setup.fp_dir) if setup.fp_dir is not None else None)
+    show_stage_progress(trainer, f"{model.config.quantization_config.tag} {args.saq_mode}", log_stage="quantized",
+                        earlier=read_train_log(setup.fp_dir) if setup.fp_dir is not None else None)
     started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=trainer_args.resume_from_checkpoint)
     train_runtime = time.perf_counter() - started
     results["quantized"] = evaluate_classifier(trainer.model, report_split, setup.metric, collate_fn, eval_batch)
 
-    output_dir = Path(args.output_dir)
     # _internal_call: save without Trainer.push_to_hub, which would replace our card with its own.
-    trainer.save_model(str(output_dir), _internal_call=True)
+    trainer.save_model(str(staging), _internal_call=True)
     run_info = _run_info(setup, results, train_runtime, train_output.global_step)
-    result = RunResult(output_dir=output_dir, run_info=run_info)
+    result = RunResult(output_dir=Path(args.output_dir), run_info=run_info)
     if args.should_save:
-        (output_dir / RUN_INFO_NAME).write_text(json.dumps(run_info, indent=2, default=str) + "\n", encoding="utf-8")
-        write_model_card(output_dir, repo_id=setup.hub_repo_id)
+        (staging / RUN_INFO_NAME).write_text(json.dumps(run_info, indent=2, default=str) + "\n", encoding="utf-8")
+        write_model_card(staging, repo_id=setup.hub_repo_id)
+        _finish_run_folder(staging, output_dir, args.overwrite_output_dir)
         if setup.hub_repo_id:
             try:
                 result.push_url = push_run_folder(output_dir, setup.hub_repo_id, token=args.hub_token,
@@ -329,11 +650,18 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
     :func:`saq_hf.landscape.sharpness_report` on the first ``sharpness_batches`` batches of the split is
     added as ``results["sharpness"]``, stored in ``saq_run.json`` and written into the model card.
     """
-    if sharpness and sharpness_rho < 0:
-        raise UserInputError(f"--sharpness_rho must be >= 0, got {sharpness_rho}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserInputError(f"--batch_size must be an integer >= 1, got {batch_size}")
+    if max_eval_samples is not None and max_eval_samples < 1:
+        raise UserInputError(f"--max_eval_samples must be >= 1, got {max_eval_samples}")
+    if not math.isfinite(sharpness_rho) or sharpness_rho < 0:
+        raise UserInputError(f"--sharpness_rho must be a finite number >= 0, got {sharpness_rho}")
+    if not isinstance(sharpness_batches, int) or sharpness_batches < 1:
+        raise UserInputError(f"--sharpness_batches must be an integer >= 1, got {sharpness_batches}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserInputError(f"run folder {str(run_dir)!r} not found")
+    refuse_custom_code(str(run_dir))
     has_info = (run_dir / RUN_INFO_NAME).is_file()
     info = read_run_info(run_dir) if has_info else {}
     if not has_info and not (dataset_name or data_dir):
@@ -344,11 +672,13 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
     data_fields["max_eval_samples"] = max_eval_samples or data_fields.get("max_eval_samples")
     try:
         data_args = DataArguments(**data_fields)
-    except ValueError as err:
-        raise UserInputError(_first_line(err)) from None
+    except (ValueError, TypeError) as err:
+        raise UserInputError(f"{_first_line(err)} (in the data settings of {RUN_INFO_NAME})") from None
     if split is not None and split != data_args.validation_split:
         data_args.test_split = split
     data = load_image_data(data_args, seed=info.get("training", {}).get("seed", 42))
+    processor = _load_image_processor(str(run_dir))
+    with_transforms(data, processor, data_args)
     if split is None:
         split_name, dataset = data.report_split
     elif split == data_args.validation_split:
@@ -367,8 +697,6 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
     else:  # the table says why the FP row is missing
         results["fp_missing"] = (f"{fp_model} no longer exists (FP cache cleared?); rerun the recipe to rebuild it"
                                  if fp_model else "the run has no FP model of these classes (new head, no FP stage)")
-    processor = _load_image_processor(str(run_dir))
-    with_transforms(data, processor, data_args)
     metric = load_metric(data_args.metric_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_info = info.get("model", {})
@@ -376,12 +704,20 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
         hub_kwargs = (dict(revision=model_info.get("model_revision"), cache_dir=model_info.get("cache_dir"))
                       if is_hub_id(source) else {})
         try:
-            model = AutoModelForImageClassification.from_pretrained(source, **hub_kwargs)
+            if name == "fp":
+                refuse_custom_code(source)
+            model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=False, **hub_kwargs)
         except Exception as err:
             if name == "fp":  # the FP model is a bonus: a cache that was cleared or no network skips it
                 results["fp_missing"] = f"{source} could not be loaded: {_first_line(err)}"
                 continue
             raise UserInputError(f"could not load the model in {str(run_dir)!r}: {_first_line(err)}") from None
+        if name == "quantized":
+            quant_config = getattr(model.config, "quantization_config", None)
+            if not is_quantized(model) or quant_config is None:
+                raise UserInputError(f"the model in {str(run_dir)!r} is not quantized (no saq quantization_config in "
+                                     "its config.json): not a saq-hf run folder")
+            tag = quant_config.tag
         if model.config.num_labels != len(data.label_names):
             raise UserInputError(f"the model predicts {model.config.num_labels} classes but the dataset has "
                                  f"{len(data.label_names)}: evaluate on a dataset with the model's classes")
@@ -391,7 +727,7 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
             with forward_pass_bar(model, sharpness_passes(min(sharpness_batches, len(batches))), "sharpness"):
                 results["sharpness"] = sharpness_report(model, batches, rho=sharpness_rho,
                                                         max_batches=sharpness_batches)
-    results["tag"] = info.get("quantization", {}).get("tag", "quantized")
+    results["tag"] = tag
     results["dataset"] = data_args.dataset_name
     if "sharpness" in results and has_info:
         info["sharpness"] = {**results["sharpness"], "split": split_name, "dataset": data_args.dataset_name}

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import CONFIG_NAME
 
+from .quant import LSQQuantizer
 from .sharpness import CASES, PERTURB_CHOICES, SharpnessPerturbation, frozen_running_stats
 
 SAQ_MODES = CASES + ("qat",)
@@ -76,6 +77,11 @@ class SAQTrainingArguments(TrainingArguments):
         default=2,
         metadata={"help": "k for saq_strategy='every_k': optimizer steps 0, k, 2k, ... are SAQ steps (>= 1)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished run in output_dir (transformers 4's field, dropped from "
+                          "TrainingArguments in 5.x); without it saq-hf train refuses a non-empty output_dir."},
+    )
 
     def __post_init__(self):
         if self.saq_mode not in SAQ_MODES:
@@ -95,6 +101,10 @@ class SAQTrainingArguments(TrainingArguments):
         if isinstance(self.saq_interval, bool) or not isinstance(self.saq_interval, int) or self.saq_interval < 1:
             raise ValueError(f"saq_interval must be an integer >= 1, got {self.saq_interval!r} (field: saq_interval)")
         super().__post_init__()
+        # Pinned memory needs an accelerator: without one, torch 2.13 warns on every DataLoader the Trainer builds.
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
+            self.dataloader_pin_memory = False
         # Pinned memory needs an accelerator: without one, torch 2.13 warns on every DataLoader the Trainer builds.
         accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
         if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
@@ -147,6 +157,8 @@ class SAQTrainer(Trainer):
         return args.saq_strategy == "every_k" and self.state.global_step % args.saq_interval != 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.torch_compile:
+            self._initialize_quantizers_eagerly(model, inputs, num_items_in_batch)
         if self._is_plain_step():
             return super().training_step(model, inputs, num_items_in_batch)
         sharpness = self._sharpness_for(model)
@@ -179,6 +191,16 @@ class SAQTrainer(Trainer):
             sums["count"] += 1
         return eps
 
+    def _initialize_quantizers_eagerly(self, model, inputs, num_items_in_batch):
+        """LSQ's first-batch initialisation reads the data and writes buffers, which a compiled graph should
+        not do: run it once, eagerly, on the batch the compiled model is about to see (same dropout draws,
+        running statistics untouched), so the step sizes are those an eager run would set."""
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        if all(q.ready() for q in unwrapped.modules() if isinstance(q, LSQQuantizer)):
+            return
+        with torch.no_grad(), self._same_random_draws(), frozen_running_stats(unwrapped):
+            self._ascent_loss(unwrapped, inputs, num_items_in_batch)
+
     def _same_random_draws(self):
         """Fork the RNG for the ascent pass, so the descent pass draws the same dropout masks (and the
         random stream stays the one plain QAT would see)."""
@@ -210,6 +232,16 @@ class SAQTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         reloaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype)
         unwrapped.load_state_dict(reloaded.state_dict())
+
+    def _load_best_model(self) -> None:
+        # The stock best-model reload is the same plain ``load_state_dict`` of renamed keys as the resume path
+        # above, so it keeps the last step's weights wherever a key was renamed: reload it the same way.
+        best = self.state.best_model_checkpoint
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not isinstance(unwrapped, PreTrainedModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled or \
+                not os.path.isfile(os.path.join(best, CONFIG_NAME)):
+            return super()._load_best_model()
+        self._load_from_checkpoint(best)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.args.saq_mode != "qat":

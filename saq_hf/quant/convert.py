@@ -32,9 +32,12 @@ def default_bits_overrides(model: nn.Module) -> dict[str, dict[str, int]]:
     """8-bit patterns for ``model``: per architecture for known HF models, else its first and last layer."""
     eight_bit = {"w_bits": 8, "a_bits": 8}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in ARCHITECTURE_8BIT_MODULES:
-        return {pattern: dict(eight_bit) for pattern in ARCHITECTURE_8BIT_MODULES[model_type]}
     names = [name for name, module in model.named_modules() if _convertible(module)]
+    if model_type in ARCHITECTURE_8BIT_MODULES:
+        # Only the patterns this model has (DeiT's distillation head exists in one class only): a saved pattern
+        # that matches nothing is refused on load.
+        return {pattern: dict(eight_bit) for pattern in ARCHITECTURE_8BIT_MODULES[model_type]
+                if any(name_matches(name, pattern) for name in names)}
     return {name: dict(eight_bit) for name in dict.fromkeys(names[:1] + names[-1:])}
 
 
@@ -68,6 +71,24 @@ def _quantized_copy(module: nn.Module, w_bits: int, a_bits: int | None, per_chan
     return layer
 
 
+def planned_layers(model: nn.Module, config) -> dict[str, tuple[int, int | None]]:
+    """``{name: (w_bits, a_bits)}`` of the layers :func:`convert_layers` converts under ``config``.
+
+    ``ValueError`` when nothing would be converted, or when a ``modules_to_not_convert`` or ``bits_overrides``
+    pattern matches no layer: a typo, or a saved config that no longer fits the weights (a layer would come back
+    at other bits, or a trained quantizer would be dropped).
+    """
+    names = [name for name, module in model.named_modules() if _convertible(module)]
+    for key in ("modules_to_not_convert", "bits_overrides"):
+        for pattern in getattr(config, key) or []:
+            if not any(name_matches(name, pattern) for name in names):
+                raise ValueError(f"{key} pattern {pattern!r} matches no nn.Linear/nn.Conv2d layer of the model")
+    plan = {name: bits for name in names if (bits := resolve_layer_bits(name, config)) is not None}
+    if not plan:
+        raise ValueError("no nn.Linear or nn.Conv2d left to quantize: check modules_to_not_convert")
+    return plan
+
+
 def convert_layers(model: nn.Module, config) -> dict[str, tuple[int, int | None]]:
     """Replace every convertible layer of ``model`` in place; returns ``{name: (w_bits, a_bits)}``.
 
@@ -80,21 +101,13 @@ def convert_layers(model: nn.Module, config) -> dict[str, tuple[int, int | None]
             f"model is already quantized (found a fake-quantized layer at '{existing}'); "
             "quantize the full-precision model once, or load the quantized checkpoint with from_pretrained"
         )
-    converted = {}
-    for name, module in list(model.named_modules()):
-        if not _convertible(module):
-            continue
-        bits = resolve_layer_bits(name, config)
-        if bits is None:
-            continue
-        layer = _quantized_copy(module, *bits, per_channel=config.per_channel)
+    converted = planned_layers(model, config)
+    for name, bits in converted.items():
+        layer = _quantized_copy(model.get_submodule(name), *bits, per_channel=config.per_channel)
         if layer.weight.device.type != "meta":
             layer.weight_quantizer.initialize_from(layer.weight)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        converted[name] = bits
-    if not converted:
-        raise ValueError("no nn.Linear or nn.Conv2d left to quantize: check modules_to_not_convert")
     return converted
 
 
@@ -119,20 +132,27 @@ def calibrate(model: nn.Module, batches: Iterable) -> int:
     A batch is a dict of model inputs, a ``(inputs, labels)`` pair, or an input tensor. Returns the number
     of batches used. Calibrating again overwrites earlier step sizes.
     """
-    quantizers = [layer.input_quantizer for _, layer in quantized_layers(model) if layer.input_quantizer is not None]
+    quantizers = {name: layer.input_quantizer for name, layer in quantized_layers(model)
+                  if layer.input_quantizer is not None}
     was_training = model.training
     model.eval()
-    for quantizer in quantizers:
+    for quantizer in quantizers.values():
         quantizer.start_calibration()
-    count = 0
+    count, failed = 0, []
     try:
         for batch in batches:
             _run_batch(model, batch)
             count += 1
     finally:
-        for quantizer in quantizers:
-            quantizer.finish_calibration()
+        for name, quantizer in quantizers.items():
+            try:
+                quantizer.finish_calibration()
+            except ValueError:  # non-finite estimate: the step size is left as it was
+                failed.append(name)
         model.train(was_training)
+    if failed:
+        raise ValueError(f"calibration saw NaN or infinite inputs at {len(failed)} layer(s) (first: '{failed[0]}'), "
+                         "so their activation step sizes cannot be set: check the batches and their normalisation")
     if count == 0:
         raise ValueError("calibrate() got no batches: pass at least one batch of model inputs")
     return count

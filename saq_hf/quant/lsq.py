@@ -191,13 +191,16 @@ class LSQQuantizer(nn.Module):
         return best_step
 
     def check_step_size(self, name: str) -> None:
-        """``ValueError`` naming the tensor ``name`` unless an initialised step size is finite and > 0 everywhere (a
-        NaN, infinite, zero or negative one quantizes everything to NaN or garbage without any error)."""
+        """``ValueError`` naming the tensor ``name`` unless an initialised step size is finite and non-zero everywhere
+        (a NaN, infinite or zero one makes NaN outputs or zero weights without any error). Negative values are
+        accepted: AdamW can move a small 8-bit step size across zero, and the saved model then still computes
+        exactly what was trained."""
         step = self.step_size.detach()
-        if bool(self.initialized) and not bool((torch.isfinite(step) & (step > 0)).all()):
-            bad = step[~(torch.isfinite(step) & (step > 0))].flatten()
+        valid = torch.isfinite(step) & (step != 0)
+        if bool(self.initialized) and not bool(valid.all()):
+            bad = step[~valid].flatten()
             raise ValueError(f"step size {name} holds {bad.numel()} invalid value(s) (e.g. {bad[0].item()}): "
-                             "step sizes must be finite and > 0; the checkpoint is corrupt or was edited")
+                             "step sizes must be finite and non-zero; the checkpoint is corrupt or was edited")
 
     def _set_step_size(self, estimate: torch.Tensor) -> None:
         if not bool(torch.isfinite(estimate).all()):
