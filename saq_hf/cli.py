@@ -91,6 +91,7 @@ def _train(ns: argparse.Namespace) -> int:
 
     from . import run
     from .args import DataArguments, ModelArguments, QuantArguments, parse_recipe
+    from .hub import work_offline_if_hub_unreachable
     from .trainer import SAQTrainingArguments
 
     recipe = _recipe_path(ns.recipe)
@@ -103,6 +104,9 @@ def _train(ns: argparse.Namespace) -> int:
         return 0
     recipe_args = parse_recipe(recipe, ns.overrides,
                                (ModelArguments, DataArguments, QuantArguments, SAQTrainingArguments))
+    model_args, data_args, _, training_args = recipe_args
+    if _uses_hub(model_args.model_name_or_path, data_args.dataset_name) or training_args.push_to_hub:
+        work_offline_if_hub_unreachable()
     result = run.train(run.prepare(*recipe_args))
     info = result.run_info
     results, training = info["results"], info["training"]
@@ -131,8 +135,27 @@ def _add_train(commands) -> None:
     parser.set_defaults(handler=_train)
 
 
+def _uses_hub(model: str | None, dataset: str | None) -> bool:
+    from .args import DEMO_DATASET
+    from .hub import is_hub_id
+
+    return is_hub_id(model) or (dataset not in (None, DEMO_DATASET, "imagefolder") and is_hub_id(dataset))
+
+
 def _eval(ns: argparse.Namespace) -> int:
+    import json
+
     from . import run
+    from .hub import RUN_INFO_NAME, work_offline_if_hub_unreachable
+
+    try:
+        info = json.loads((Path(ns.run_dir) / RUN_INFO_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}  # evaluate_run says what is wrong with the folder
+    info = info if isinstance(info, dict) else {}
+    data_info = info.get("data") if isinstance(info.get("data"), dict) else {}
+    if ns.data_dir is None and _uses_hub(info.get("fp_model"), ns.dataset or data_info.get("dataset_name")):
+        work_offline_if_hub_unreachable()
 
     results = run.evaluate_run(ns.run_dir, dataset_name=ns.dataset, data_dir=ns.data_dir, split=ns.split,
                                batch_size=ns.batch_size, max_eval_samples=ns.max_eval_samples,

@@ -42,8 +42,6 @@ from .hub import (
 )
 from .metrics import compute_metrics_fn, evaluate_classifier, load_metric
 from .progress import forward_pass_bar, read_train_log, sharpness_passes, show_stage_progress
-from .progress import forward_pass_bar, read_train_log, sharpness_passes, show_stage_progress
-from .progress import forward_pass_bar, read_train_log, sharpness_passes, show_stage_progress
 from .landscape import sharpness_report
 from .quant import calibrate, is_quantized
 from .quant.convert import planned_layers
@@ -59,26 +57,6 @@ FP_STAGE_TRAINING_FIELDS = ("optim", "weight_decay", "lr_scheduler_type", "warmu
 
 def _say(message: str) -> None:
     print(f"[saq-hf] {message}", flush=True)
-
-
-# Below this many images one image moves accuracy by more than a point: say so next to the numbers.
-SMALL_SPLIT = 100
-
-
-def _warn_if_small(split_name: str, num_rows: int) -> None:
-    if num_rows < SMALL_SPLIT:
-        _say(f"warning: the {split_name} split has only {num_rows} images, so one image is {100 / num_rows:.1f} "
-             f"points of accuracy; report on a larger split (test_split, train_val_split) for figures that mean much")
-
-
-# Below this many images one image moves accuracy by more than a point: say so next to the numbers.
-SMALL_SPLIT = 100
-
-
-def _warn_if_small(split_name: str, num_rows: int) -> None:
-    if num_rows < SMALL_SPLIT:
-        _say(f"warning: the {split_name} split has only {num_rows} images, so one image is {100 / num_rows:.1f} "
-             f"points of accuracy; report on a larger split (test_split, train_val_split) for figures that mean much")
 
 
 # Below this many images one image moves accuracy by more than a point: say so next to the numbers.
@@ -190,8 +168,9 @@ def _load_fp_model(model_args: ModelArguments, data: ImageClassificationData, so
 
 
 def _model_load_error(source: str, err: BaseException) -> str:
-    return (f"could not load model {source!r}: {_first_line(err)} (recipe key: model_name_or_path; offline (no network "
-            "or HF_HUB_OFFLINE=1) a Hub model must already be in the cache; a local folder needs config.json and *.safetensors)")
+    return (f"could not load model {source!r}: {_first_line(err)} (recipe key: model_name_or_path; offline (no "
+            "network or HF_HUB_OFFLINE=1) a Hub model must already be in the cache; a local folder needs config.json "
+            "and *.safetensors)")
 
 
 def _checkpoint_config(model_args: ModelArguments, source: str):
@@ -468,8 +447,6 @@ def _train_full_precision(setup: RunSetup) -> None:
                       eval_dataset=setup.data.validation, compute_metrics=compute_metrics_fn(setup.metric),
                       data_collator=collate_fn, processing_class=setup.image_processor)
     show_stage_progress(trainer, "full precision", log_stage="full_precision")
-    show_stage_progress(trainer, "full precision", log_stage="full_precision")
-    show_stage_progress(trainer, "full precision", log_stage="full_precision")
     try:
         trainer.train()
         if fp_args.should_save:
@@ -610,10 +587,6 @@ def train(setup: RunSetup) -> RunResult:
     trainer = SAQTrainer(model=model, args=trainer_args, train_dataset=data.train, eval_dataset=data.validation,
                          compute_metrics=compute_metrics_fn(setup.metric), data_collator=collate_fn,
                          processing_class=setup.image_processor)
-    show_stage_progress(trainer, f"{model.config.quantization_config.tag} {args.saq_mode}", log_stage="quantized",
-                        earlier=read_train_log(setup.fp_dir) if setup.fp_dir is not None else None)
-    show_stage_progress(trainer, f"{model.config.quantization_config.tag} {args.saq_mode}", log_stage="quantized",
-                        earlier=read_train_log(setup.fp_dir) if setup.fp_dir is not None else None)
     show_stage_progress(trainer, f"{model.config.quantization_config.tag} {args.saq_mode}", log_stage="quantized",
                         earlier=read_train_log(setup.fp_dir) if setup.fp_dir is not None else None)
     started = time.perf_counter()

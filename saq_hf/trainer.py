@@ -105,10 +105,6 @@ class SAQTrainingArguments(TrainingArguments):
         accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
         if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
             self.dataloader_pin_memory = False
-        # Pinned memory needs an accelerator: without one, torch 2.13 warns on every DataLoader the Trainer builds.
-        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-        if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
-            self.dataloader_pin_memory = False
 
 
 class SAQTrainer(Trainer):
