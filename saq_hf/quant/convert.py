@@ -141,7 +141,10 @@ def calibrate(model: nn.Module, batches: Iterable) -> int:
     count, failed = 0, []
     try:
         for batch in batches:
-            _run_batch(model, batch)
+            try:
+                _run_batch(model, batch)
+            except ValueError as error:  # e.g. a non-finite first batch for an auto-signed quantizer
+                raise ValueError(f"calibration batch {count}: {error}") from None
             count += 1
     finally:
         for name, quantizer in quantizers.items():
