@@ -104,7 +104,11 @@ def sharpness_passes(n_batches: int, n_random: int = 5, n_iter: int = 20) -> int
 def forward_pass_bar(model, total: int, description: str):
     """A bar that counts ``model``'s forward passes inside the block (long measurements that print nothing)."""
     bar = tqdm(total=total, desc=description, unit="pass", dynamic_ncols=True)
-    handle = model.register_forward_hook(lambda *_: bar.update(1))
+
+    def count(*_):  # returns None: a forward hook's return value would replace the model's output
+        bar.update(1)
+
+    handle = model.register_forward_hook(count)
     try:
         yield bar
         bar.update(max(0, total - bar.n))  # power iteration may stop early

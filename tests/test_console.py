@@ -1,0 +1,80 @@
+"""What `saq-hf` prints: one bar per training stage and the summary table, no raw log dicts, nested evaluation bars,
+weight-loading bars or pin_memory warnings; the logs in train_log.json; eval explains a missing FP row and shows
+progress while it measures sharpness; small report splits are called out."""
+
+import contextlib
+import io
+import json
+import shutil
+import warnings
+
+import pytest
+
+from saq_hf.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_output(tmp_path_factory):
+    """The demo recipe, 3 FP + 3 SAQ steps, logging and evaluating during training: the run folder's parent,
+    stdout, stderr and the warnings raised."""
+    root = tmp_path_factory.mktemp("console")
+    argv = ["train", "demo_mnist_vit_w4a4", "--fp_max_steps", "3", "--max_steps", "3", "--calibration_batches", "1",
+            "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2", "--max_eval_samples", "20",
+            "--disable_tqdm", "false", "--output_dir", str(root / "run"), "--fp_cache_dir", str(root / "fp")]
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    return root, out.getvalue(), err.getvalue(), [str(w.message) for w in caught]
+
+
+def test_train_shows_one_bar_per_stage_and_a_table_but_no_log_dicts_or_nested_bars(demo_output):
+    _, out, err, _ = demo_output
+    console = out + err
+    assert "{'loss'" not in console and "{'eval_loss'" not in console
+    assert "\x1b[A" not in console  # nested evaluation bars move the cursor up
+    assert "Loading weights" not in console and "Writing model shards" not in console
+    assert "full precision: 100%" in err and "W4A4 saq: 100%" in err
+    table = out[out.index("model "):].splitlines()
+    assert [line.split("  ")[0] for line in table[1:4]] == ["full precision", "W4A4 calibrated, no training",
+                                                            "W4A4 after training"]
+
+
+def test_train_raises_no_pin_memory_warning_on_a_machine_without_an_accelerator(demo_output):
+    assert not [message for message in demo_output[3] if "pin_memory" in message]
+
+
+def test_train_log_json_holds_both_stages_log_history(demo_output):
+    root = demo_output[0]
+    log = json.loads((root / "run" / "train_log.json").read_text())
+    assert set(log) == {"full_precision", "quantized"}
+    for stage in log.values():
+        assert [entry["step"] for entry in stage if "loss" in entry] == [1, 2, 3]
+        assert any("eval_accuracy" in entry for entry in stage)
+    assert any("saq_eps_norm" in entry for entry in log["quantized"])
+
+
+def test_a_report_split_under_100_images_is_called_out(demo_output):
+    assert "warning: the test split has only 20 images, so one image is 5.0 points of accuracy" in demo_output[1]
+
+
+def test_eval_says_why_the_fp_row_is_missing_when_the_fp_cache_is_gone(demo_output, capsys):
+    root = demo_output[0]
+    fp_model = json.loads((root / "run" / "saq_run.json").read_text())["fp_model"]
+    shutil.rmtree(fp_model)
+    assert main(["eval", str(root / "run"), "--max_eval_samples", "20"]) == 0
+    out = capsys.readouterr().out
+    (fp_row,) = [line for line in out.splitlines() if line.startswith("full precision")]
+    assert fp_row.split()[2:4] == ["n/a", "n/a"]
+    assert fp_row.endswith(f"({fp_model} no longer exists (FP cache cleared?); rerun the recipe to rebuild it)")
+    assert "W4A4 after training" in out
+
+
+def test_eval_sharpness_shows_a_progress_bar(demo_output, capsys):
+    root = demo_output[0]
+    assert main(["eval", str(root / "run"), "--max_eval_samples", "20", "--sharpness", "--sharpness_batches", "1",
+                 "--batch_size", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "sharpness: 100%" in captured.err and "28/28" in captured.err
+    assert "top Hessian eigenvalue" in captured.out
