@@ -22,7 +22,7 @@ One step reads like ``sam.py``::
 """
 
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -99,9 +99,13 @@ class SharpnessPerturbation:
             weights = [layer.weight for layer in self.layers]
         return weights + list(self.params)
 
+    def _probes(self):
+        """Case 3 takes gradients at each ``Q(w)`` through probes added to it; cases 1 and 2 need none."""
+        return capture_quantized_weights(self.layers) if self.case == "saq" else nullcontext({})
+
     def ascent_gradients(self, compute_loss: Callable[[], torch.Tensor]) -> list[torch.Tensor | None]:
         """Pass 1: ``compute_loss()`` runs one forward; returns ∇L at the current point (``.grad`` untouched)."""
-        with capture_quantized_weights(self.layers) as captured:
+        with self._probes() as captured:
             loss = compute_loss()
         points = self._points(captured)
         reached = [i for i, p in enumerate(points) if p is not None]
@@ -128,24 +132,19 @@ class SharpnessPerturbation:
 
             return hook
 
-        # Leaves (w for cases 1 and 2, and θ) can be hooked now; each Q(w) exists only once forward ran.
+        # Leaves (w for cases 1 and 2, and θ) are hooked; the gradient at each Q(w) is its probe's .grad.
         for i, point in enumerate(self._points({})):
             if point is not None:
                 handles.append(point.register_hook(keep(i)))
-        with capture_quantized_weights(self.layers) as captured:
-
-            def hook_quantized_weights(*_):
-                for i, layer in enumerate(self.layers):
-                    if layer in captured and captured[layer].requires_grad:
-                        handles.append(captured[layer].register_hook(keep(i)))
-
-            if self.case == "saq":
-                handles.append(self.model.register_forward_hook(hook_quantized_weights))
+        with self._probes() as captured:
             try:
                 yield grads
             finally:
                 for handle in handles:
                     handle.remove()
+                for i, layer in enumerate(self.layers):
+                    if layer in captured:
+                        grads[i] = captured[layer].grad
 
     @torch.no_grad()
     def _magnitudes(self, indices: list[int]) -> list[torch.Tensor]:

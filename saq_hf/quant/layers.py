@@ -12,10 +12,12 @@ from .lsq import LSQQuantizer
 class QuantLayerMixin:
     """Weight and input-activation LSQ quantizers plus the two hooks the sharpness step needs.
 
-    - ``weight_perturbation``: a constant tensor added to the quantized weight in forward (``Q(w) + ε``),
-      ``None`` otherwise. Set it through :func:`perturb_quantized_weights`.
-    - while :func:`capture_quantized_weights` is active, forward records the ``Q(w)`` tensor it used so a
-      caller can take gradients with respect to it.
+    - ``weight_perturbation``: a tensor added to the quantized weight in forward (``Q(w) + ε``), ``None``
+      otherwise. :func:`perturb_quantized_weights` sets a constant ε; :func:`capture_quantized_weights` a
+      probe whose gradient is the gradient w.r.t. ``Q(w)``.
+
+    Both hooks are plain attributes read in forward, so a compiled model sees the same graph whether it
+    runs the ascent pass (probe), the descent pass (ε) or plain QAT (``None``), after one compile each.
     """
 
     weight: nn.Parameter
@@ -30,7 +32,6 @@ class QuantLayerMixin:
             LSQQuantizer(a_bits, signed=None, is_activation=True, device=device, dtype=dtype) if a_bits else None
         )
         self.weight_perturbation: torch.Tensor | None = None
-        self._capture_into: dict | None = None
 
     @property
     def w_bits(self) -> int:
@@ -48,8 +49,6 @@ class QuantLayerMixin:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         weight = self.quantized_weight()
-        if self._capture_into is not None:
-            self._capture_into[self] = weight
         if self.weight_perturbation is not None:
             weight = weight + self.weight_perturbation
         return weight.to(x.dtype), x
@@ -110,13 +109,28 @@ def perturb_quantized_weights(perturbations: dict[nn.Module, torch.Tensor]):
 
 @contextmanager
 def capture_quantized_weights(layers):
-    """Yield a dict that each layer's forward fills with the ``Q(w)`` tensor it used: ``{layer: Q(w)}``."""
+    """Yield ``{layer: probe}``: tensors added to each layer's quantized weight inside the block, whose
+    gradient is the gradient w.r.t. ``Q(w)`` (``∇_δ L(Q(w) + δ) = ∇_{Q(w)} L``).
+
+    A probe carries the layer's current perturbation (zero when none, as a broadcast view: no memory), so
+    the forward value is unchanged. Unlike recording the ``Q(w)`` tensor forward built, this also works
+    when forward runs in a compiled graph: the probe is an input of that graph, not an intermediate.
+    Probes are leaves when they carry an ε, and keep their gradient in ``.grad`` after ``backward()``.
+    """
     layers = list(layers)
+    previous = {layer: layer.weight_perturbation for layer in layers}
     captured: dict[nn.Module, torch.Tensor] = {}
     try:
         for layer in layers:
-            layer._capture_into = captured
+            current = previous[layer]
+            if current is None:
+                zero = torch.zeros((), dtype=layer.weight.dtype, device=layer.weight.device, requires_grad=True)
+                probe = zero.expand_as(layer.weight)
+                probe.retain_grad()
+            else:
+                probe = current.detach().requires_grad_()
+            layer.weight_perturbation = captured[layer] = probe
         yield captured
     finally:
-        for layer in layers:
-            layer._capture_into = None
+        for layer, value in previous.items():
+            layer.weight_perturbation = value
