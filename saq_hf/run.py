@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import zipfile
@@ -64,9 +65,10 @@ SMALL_SPLIT = 100
 
 
 def _warn_if_small(split_name: str, num_rows: int) -> None:
-    if num_rows < SMALL_SPLIT:
-        _say(f"warning: the {split_name} split has only {num_rows} images, so one image is {100 / num_rows:.1f} "
-             f"points of accuracy; report on a larger split (test_split, train_val_split) for figures that mean much")
+    if num_rows < SMALL_SPLIT:  # on stderr: stdout stays the report
+        print(f"[saq-hf] warning: the {split_name} split has only {num_rows} images, so one image is "
+              f"{100 / num_rows:.1f} points of accuracy; report on a larger split (test_split, train_val_split) "
+              "for figures that mean much", file=sys.stderr, flush=True)
 
 
 def _first_line(err: BaseException) -> str:
@@ -704,7 +706,10 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
     results["dataset"] = data_args.dataset_name
     if "sharpness" in results and has_info:
         info["sharpness"] = {**results["sharpness"], "split": split_name, "dataset": data_args.dataset_name}
-        (run_dir / RUN_INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+        # Beside the file, then renamed over it: an interrupted eval leaves the old saq_run.json, never half of one.
+        partial = run_dir / f"_{RUN_INFO_NAME}.partial-{os.getpid()}"
+        partial.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(partial, run_dir / RUN_INFO_NAME)
         write_model_card(run_dir, repo_id=info.get("hub_model_id"))
     return results
 
