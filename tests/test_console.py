@@ -56,7 +56,7 @@ def test_train_log_json_holds_both_stages_log_history(demo_output):
 
 
 def test_a_report_split_under_100_images_is_called_out(demo_output):
-    assert "warning: the test split has only 20 images, so one image is 5.0 points of accuracy" in demo_output[1]
+    assert "warning: the test split has only 20 images, so one image is 5.0 points of accuracy" in demo_output[2]
 
 
 def test_eval_says_why_the_fp_row_is_missing_when_the_fp_cache_is_gone(demo_output, capsys):
