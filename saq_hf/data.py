@@ -28,6 +28,9 @@ from .args import DEMO_DATASET, DataArguments, UserInputError
 # same 4,000 / 500 / 500 images.
 DEMO_SPLIT_SEED = 0
 DEMO_HELD_OUT = 500
+# Where each image comes from, ``split[row]`` of the dataset as loaded, carried through splitting and shuffling, so
+# an image that cannot be decoded is named even when the dataset stores no file name.
+INDEX_COLUMN = "_saq_hf_index"
 
 
 @dataclass
@@ -125,6 +128,9 @@ def load_image_data(data_args: DataArguments, seed: int = 42, cache_dir: str | N
     if data_args.train_split not in raw:
         raise UserInputError(f"dataset has no split {data_args.train_split!r} (splits: {', '.join(raw)}); "
                              "set train_split")
+    raw = {name: split.add_column(INDEX_COLUMN, [f"{name}[{row}]" for row in range(split.num_rows)])
+           if name in (data_args.train_split, data_args.validation_split, data_args.test_split)
+           and INDEX_COLUMN not in split.column_names else split for name, split in raw.items()}
     train = raw[data_args.train_split]
     _check_columns(train, data_args.train_split, data_args)
     label = data_args.label_column_name
@@ -186,12 +192,15 @@ def data_fingerprint(data_args: DataArguments, data: ImageClassificationData) ->
     return digest.hexdigest()[:16]
 
 
-def _image_label(value, split_name: str) -> str:
+def _image_label(value, split_name: str, source: str | None = None) -> str:
     path = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None)
-    return f"image {path!r}" if path else f"an image of split {split_name!r}"
+    if path and os.path.isfile(path):
+        return f"image {path!r}"
+    where = f"image {source} of the dataset" if source else f"an image of split {split_name!r}"
+    return where + (f" ({path})" if path else "")
 
 
-def _decode_image(value, split_name: str) -> PILImage.Image:
+def _decode_image(value, split_name: str, source: str | None = None) -> PILImage.Image:
     """A fully decoded PIL image from a ``datasets`` image value (``{"bytes", "path"}``) or a PIL image; a file
     that is empty, truncated, not an image or a decompression bomb is a :class:`UserInputError` naming it."""
     try:
@@ -204,8 +213,8 @@ def _decode_image(value, split_name: str) -> PILImage.Image:
         image.load()
         return image
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise UserInputError(f"{_image_label(value, split_name)} cannot be read ({_first_line(err)}): fix or remove "
-                             "it") from None
+        raise UserInputError(f"{_image_label(value, split_name, source)} cannot be read ({_first_line(err)}): fix or "
+                             "remove it") from None
 
 
 def check_image_files(dataset: Dataset, image_column: str, split_name: str) -> None:
@@ -284,8 +293,8 @@ class ImageTransform:
         self.std = torch.tensor(image_processor.image_std if normalize else [1.0] * 3).view(-1, 1, 1)
         self.resample = PILImage.Resampling(int(getattr(image_processor, "resample", None) or 2))
 
-    def pixel_values(self, image) -> torch.Tensor:
-        image = _decode_image(image, self.split_name).convert("RGB")
+    def pixel_values(self, image, source: str | None = None) -> torch.Tensor:
+        image = _decode_image(image, self.split_name, source).convert("RGB")
         if self.train:
             box = _random_resized_crop_box(image.width, image.height, self.random_crop_min_scale)
         else:
@@ -297,7 +306,9 @@ class ImageTransform:
         return (pixels * self.rescale - self.mean) / self.std
 
     def __call__(self, batch: dict) -> dict:
-        return {"pixel_values": [self.pixel_values(image) for image in batch[self.image_column]],
+        images = batch[self.image_column]
+        sources = batch.get(INDEX_COLUMN) or [None] * len(images)
+        return {"pixel_values": [self.pixel_values(image, source) for image, source in zip(images, sources)],
                 "labels": batch[self.label_column]}
 
 

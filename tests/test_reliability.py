@@ -530,6 +530,28 @@ def test_case10_a_bad_image_file_is_one_line_naming_it_before_training(tmp_path,
     assert not (tmp_path / "fp_cache").exists() and not (tmp_path / "run").exists()
 
 
+def test_case10_a_bad_image_in_a_hub_dataset_is_named_by_split_and_row(monkeypatch):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as ImageFeature
+
+    import saq_hf.data
+    from saq_hf.data import load_image_data, with_transforms
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    images = [{"bytes": png.getvalue(), "path": None}] * 6
+    images[3] = {"bytes": png.getvalue()[:40], "path": None}  # truncated, and no file name to show
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b"])})
+    raw = DatasetDict(train=Dataset.from_dict({"image": images, "label": [0, 1] * 3}, features=features))
+    monkeypatch.setattr(saq_hf.data, "_load_raw", lambda data_args, cache_dir: raw)
+    args = DataArguments(dataset_name="someone/pets", test_split=None, train_val_split=0.5)
+    data = load_image_data(args)
+    with_transforms(data, ViTImageProcessorPil(size={"height": 8, "width": 8}), args)
+    with pytest.raises(UserInputError, match=r"^image train\[3\] of the dataset cannot be read"):
+        for split in (data.train, data.validation):
+            [split[row] for row in range(split.num_rows)]
+
+
 # --- 11. YAML: no multi-GB error messages, no silently dropped duplicate keys ------------------------------------
 
 def test_case11_a_yaml_alias_bomb_gives_a_short_error(tmp_path):
