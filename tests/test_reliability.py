@@ -292,6 +292,15 @@ def test_case5_eval_and_export_of_a_nan_step_size_exit_2_and_load_exported_refus
         load_exported(tmp_path / "good_export")
 
 
+def test_case5_step_sizes_that_training_drove_to_zero_or_below_are_reported(tmp_path, model_dir, capfd):
+    # AdamW moves each step size by about the learning rate per step: 1e-2 is far more than an 8-bit weight step.
+    assert main(["train", str(recipe(tmp_path, model_dir, learning_rate=1e-2))]) == 0
+    out = capfd.readouterr().out
+    assert "step size tensor(s) went to zero or below during training" in out
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "run")  # still loads: what was trained
+    assert any(bool((layer.weight_quantizer.step_size < 0).any()) for _, layer in saq_hf.quant.quantized_layers(model))
+
+
 # --- 6. a quantization_config that no longer fits the weights fails at load ---------------------------------------
 
 @pytest.mark.parametrize("edit,message", [
