@@ -185,8 +185,9 @@ def _add_eval(commands) -> None:
 
 
 def _push(ns: argparse.Namespace) -> int:
-    from .hub import PushError, push_run_folder
+    from .hub import PushError, push_run_folder, work_offline_if_hub_unreachable
 
+    work_offline_if_hub_unreachable()  # offline: fail in seconds, not after ~30 s of retries
     try:
         url = push_run_folder(ns.run_dir, ns.hub_model_id, token=ns.hub_token, private=ns.private,
                               revision=ns.revision)

@@ -78,3 +78,28 @@ def test_eval_sharpness_shows_a_progress_bar(demo_output, capsys):
     captured = capsys.readouterr()
     assert "sharpness: 100%" in captured.err and "28/28" in captured.err
     assert "top Hessian eigenvalue" in captured.out
+
+
+def test_an_unreachable_hub_switches_to_cached_files_and_fails_in_one_line_naming_hf_hub_offline(
+        monkeypatch, capfd, tmp_path):
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    with socket.socket() as probe:  # a port nobody listens on: the connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    capfd.readouterr()
+    status = main(["train", "vit_b16_pets_w4a4", "--model_name_or_path", "nobody/no-such-model",
+                   "--output_dir", str(tmp_path / "run")])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert err[0].startswith("saq-hf: error: could not load model 'nobody/no-such-model'") and "HF_HUB_OFFLINE=1" in err[0]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE  # no retries: offline mode
+    assert not (tmp_path / "run").exists()
