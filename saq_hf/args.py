@@ -288,8 +288,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue  # a list or mapping as a key: construct_mapping reports it
             key = self.construct_object(key_node)
             if key in seen:
-                raise UserInputError(f"recipe key {short_repr(key)} is given twice (line {key_node.start_mark.line + 1})"
-                                     ": keep one")
+                line = key_node.start_mark.line + 1
+                raise UserInputError(f"recipe key {short_repr(key)} is given twice (line {line}): keep one")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

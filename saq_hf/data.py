@@ -200,18 +200,12 @@ def _image_label(value, split_name: str, source: str | None = None) -> str:
     return where + (f" ({path})" if path else "")
 
 
-def _decode_image(value, split_name: str, source: str | None = None) -> PILImage.Image:
-    """A fully decoded PIL image from a ``datasets`` image value (``{"bytes", "path"}``) or a PIL image; a file
-    that is empty, truncated, not an image or a decompression bomb is a :class:`UserInputError` naming it."""
+def _decode_image(value, split_name: str, source: str | None = None, decoder: Image | None = None) -> PILImage.Image:
+    """A decoded PIL image from a ``datasets`` image value (``{"bytes", "path"}``), decoded by the column's own
+    ``datasets.Image`` feature (EXIF rotation, remote paths), or a PIL image; a file that is empty, truncated,
+    not an image or a decompression bomb is a :class:`UserInputError` naming it."""
     try:
-        if isinstance(value, PILImage.Image):
-            image = value
-        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-            image = PILImage.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-        else:
-            raise ValueError(f"not an image value ({type(value).__name__})")
-        image.load()
-        return image
+        return value if isinstance(value, PILImage.Image) else (decoder or Image()).decode_example(value)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise UserInputError(f"{_image_label(value, split_name, source)} cannot be read ({_first_line(err)}): fix or "
                              "remove it") from None
@@ -282,11 +276,12 @@ class ImageTransform:
     """
 
     def __init__(self, image_processor, image_column: str, label_column: str, train: bool,
-                 random_crop_min_scale: float = 0.08, random_flip: bool = True, split_name: str = "train"):
+                 random_crop_min_scale: float = 0.08, random_flip: bool = True, split_name: str = "train",
+                 decoder: Image | None = None):
         (self.height, self.width), self.crop_fraction = processor_geometry(image_processor)
         self.image_column, self.label_column = image_column, label_column
         self.train, self.random_crop_min_scale, self.random_flip = train, random_crop_min_scale, random_flip
-        self.split_name = split_name
+        self.split_name, self.decoder = split_name, decoder
         self.rescale = float(image_processor.rescale_factor) if image_processor.do_rescale else 1.0
         normalize = image_processor.do_normalize
         self.mean = torch.tensor(image_processor.image_mean if normalize else [0.0] * 3).view(-1, 1, 1)
@@ -294,7 +289,7 @@ class ImageTransform:
         self.resample = PILImage.Resampling(int(getattr(image_processor, "resample", None) or 2))
 
     def pixel_values(self, image, source: str | None = None) -> torch.Tensor:
-        image = _decode_image(image, self.split_name, source).convert("RGB")
+        image = _decode_image(image, self.split_name, source, self.decoder).convert("RGB")
         if self.train:
             box = _random_resized_crop_box(image.width, image.height, self.random_crop_min_scale)
         else:
@@ -324,15 +319,19 @@ def with_transforms(data: ImageClassificationData, image_processor, data_args: D
         split = getattr(data, name)
         if split is None:
             continue
-        if isinstance(split.features.get(column), Image):
+        decoder = split.features.get(column)
+        if isinstance(decoder, Image):
             if data_args.dataset_name == "imagefolder":
                 check_image_files(split, column, name)
             split = split.cast_column(column, Image(decode=False))
+        else:
+            decoder = None
         if name == "train":
             split.set_transform(ImageTransform(train=True, random_crop_min_scale=data_args.random_crop_min_scale,
-                                               random_flip=data_args.random_flip, split_name=name, **common))
+                                               random_flip=data_args.random_flip, split_name=name, decoder=decoder,
+                                               **common))
         else:
-            split.set_transform(ImageTransform(train=False, split_name=name, **common))
+            split.set_transform(ImageTransform(train=False, split_name=name, decoder=decoder, **common))
         setattr(data, name, split)
 
 

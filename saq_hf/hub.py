@@ -62,7 +62,8 @@ def refuse_custom_code(source: str, hint: str = "") -> None:
         if isinstance(settings, dict) and "auto_map" in settings:
             where = f" ({hint})" if hint else ""
             raise UserInputError(f"{folder / name} asks to run Python code from the folder (auto_map); saq-hf never "
-                                 f"runs code shipped with a model: use a folder saved by transformers' own classes{where}")
+                                 "runs code shipped with a model: use a folder saved by transformers' own classes"
+                                 f"{where}")
 
 
 def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:

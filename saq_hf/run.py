@@ -234,7 +234,8 @@ def _check_writable(folder: Path, key: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserInputError(f"{key} {str(folder)!r} is inside {str(existing)!r}, which is a file: choose another {key}")
+        raise UserInputError(f"{key} {str(folder)!r} is inside {str(existing)!r}, which is a file: choose another "
+                             f"{key}")
     try:
         handle, probe = tempfile.mkstemp(dir=existing, prefix=".saq_hf_probe_")
         os.close(handle)
@@ -319,8 +320,8 @@ def checkpoint_problem(folder: Path, need_optimizer: bool = True) -> str | None:
 
 def _checkpoints(folder: Path) -> list[Path]:
     """``checkpoint-N`` folders of ``folder``, newest (highest N) first."""
-    found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), reverse=True)
+    steps = {p: p.name[len(CHECKPOINT_PREFIX):] for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.is_dir()}
+    return sorted((p for p, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]), reverse=True)
 
 
 def _resolve_resume_checkpoint(args: SAQTrainingArguments) -> str | None:
@@ -483,8 +484,9 @@ def _claim_staging(setup: RunSetup) -> Path:
     if staging.exists() and not resuming_here:
         pid = _writer_alive(staging)
         if pid is not None or not args.overwrite_output_dir:
-            raise UserInputError(f"another saq-hf run{f' (pid {pid})' if pid else ''} is writing output_dir "
-                                 f"{str(output_dir)!r} (in {str(staging)!r}): wait for it, or choose another output_dir")
+            who = f"another saq-hf run (pid {pid})" if pid else "another saq-hf run"
+            raise UserInputError(f"{who} is writing output_dir {str(output_dir)!r} (in {str(staging)!r}): wait for "
+                                 "it, or choose another output_dir")
         shutil.rmtree(staging)
     if not resuming_here:
         try:
