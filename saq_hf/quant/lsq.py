@@ -49,13 +49,17 @@ def _fake_quantize_grads(grad_output: torch.Tensor, x: torch.Tensor, step_size: 
     return grad_output * inside, (clipped.round() - scaled * inside) * grad_output
 
 
+# Below these sizes the fixed cost of calling a compiled kernel (~40 µs: dynamo's guards, the wrapper)
+# exceeds what fusion saves. Measured on CPU with torch 2.13: the forward's four passes are cheap until
+# the tensor leaves the cache (fused wins from ~2^18 elements), the backward's nine are not (from ~2^14).
+_FUSED_MIN_NUMEL = {"_fake_quantize": 2**18, "_fake_quantize_grads": 2**14}
 _compiled_kernels: dict[tuple, object] = {}
 _compiler_failed: list[str] = []
 
 
-def _compiled(fn, x: torch.Tensor, step_size: torch.Tensor, qn: int):
+def _compiled(fn, x: torch.Tensor, per_channel: bool, qn: int):
     """``fn`` compiled for the dtype, device and layout of its inputs (compiled once, any shape)."""
-    key = (fn.__name__, x.dtype, x.device.type, step_size.dim() > 0, qn == 0)
+    key = (fn.__name__, x.dtype, x.device.type, per_channel, qn == 0)
     kernel = _compiled_kernels.get(key)
     if kernel is None:
         # Dynamo keeps one cache per code object, capped at 8 graphs; a copy of the code per key keeps
@@ -69,19 +73,29 @@ def _compiled(fn, x: torch.Tensor, step_size: torch.Tensor, qn: int):
     return kernel
 
 
-def _run(fn, x: torch.Tensor, step_size: torch.Tensor, qn: int, *args):
-    """``fn(*args)`` as a fused kernel where one can run, else as plain torch ops."""
-    plain = (_compiler_failed or torch.compiler.is_compiling() or torch.jit.is_tracing()
-             or x.device.type not in ("cpu", "cuda") or torch.is_grad_enabled())
+def _run(fn, step_size: torch.Tensor, qn: int, qp: int, *tensors: torch.Tensor):
+    """``fn(*tensors, step_size, qn, qp)`` as a fused kernel where one can run, else as plain torch ops."""
+    x = tensors[-1]
+    per_channel = step_size.dim() > 0
+    plain = (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled() or _compiler_failed
+             or x.numel() < _FUSED_MIN_NUMEL[fn.__name__] or x.device.type not in ("cpu", "cuda")
+             or not all(t.is_contiguous() for t in tensors)
+             or (per_channel and (x.dim() == 0 or step_size.numel() != x.shape[0])))
     if plain:
-        return fn(*args)
+        return fn(*tensors, step_size, qn, qp)
+    # The kernels see 1-D (per tensor) or (channels, rest) (per channel) views: one compiled graph serves
+    # every shape, where N-d inputs would need one per rank and per size-1 dimension.
+    rows = x.shape[0] if per_channel else 1
+    flat = [t.view(rows, -1) if per_channel else t.view(-1) for t in tensors]
+    flat_step = step_size.view(rows, 1) if per_channel else step_size
     try:
-        return _compiled(fn, x, step_size, qn)(*args)
+        out = _compiled(fn, x, per_channel, qn)(*flat, flat_step, qn, qp)
     except Exception as error:  # noqa: BLE001 - any compiler failure (no C++ compiler, no Triton) falls back
         _compiler_failed.append(f"{type(error).__name__}: {error}")
         warnings.warn(f"saq_hf: fused LSQ kernels unavailable, using unfused torch ops ({_compiler_failed[0][:300]})",
                       stacklevel=3)
-        return fn(*args)
+        return fn(*tensors, step_size, qn, qp)
+    return out.view(x.shape) if isinstance(out, torch.Tensor) else tuple(o.view(x.shape) for o in out)
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
@@ -95,13 +109,12 @@ class _LSQFakeQuantize(torch.autograd.Function):
     def forward(ctx, x, step_size, qn, qp, grad_scale):
         ctx.save_for_backward(x, step_size)
         ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
-        return _run(_fake_quantize, x, step_size, qn, x, step_size, qn, qp)
+        return _run(_fake_quantize, step_size, qn, qp, x)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, step_size = ctx.saved_tensors
-        grad_x, grad_s = _run(_fake_quantize_grads, x, step_size, ctx.qn,
-                              grad_output, x, step_size, ctx.qn, ctx.qp)
+        grad_x, grad_s = _run(_fake_quantize_grads, step_size, ctx.qn, ctx.qp, grad_output, x)
         if step_size.dim() == 0:
             grad_s = grad_s.sum()
         else:
