@@ -31,6 +31,7 @@ from .quant import LSQQuantizer, capture_quantized_weights, perturb_quantized_we
 
 CASES = ("saq", "case1", "case2")
 PERTURB_CHOICES = ("none", "bias_norm", "bias_norm_step_size")
+RADII = ("relative", "absolute")
 
 
 def _is_normalization(module: nn.Module) -> bool:
@@ -80,15 +81,18 @@ class SharpnessPerturbation:
     """
 
     def __init__(self, model: nn.Module, case: str = "saq", rho: float = 0.05, adaptive: bool = False,
-                 perturb: str = "bias_norm"):
+                 perturb: str = "bias_norm", radius: str = "relative"):
         if case not in CASES:
             raise ValueError(f"case must be one of {CASES}, got {case!r}")
+        if radius not in RADII:
+            raise ValueError(f"radius must be one of {RADII}, got {radius!r}")
         self.model = model
-        self.case, self.rho, self.adaptive = case, rho, adaptive
+        self.case, self.rho, self.adaptive, self.radius = case, rho, adaptive, radius
         self.layers = [layer for _, layer in quantized_layers(model) if layer.weight.requires_grad]
         self.params = other_perturbed_parameters(model, perturb)
         self.skipped = 0
         self.last_grad_norm: torch.Tensor | None = None
+        self.last_loss: torch.Tensor | None = None
         self._restore = ExitStack()
 
     def _points(self, captured: dict) -> list[torch.Tensor | None]:
@@ -103,17 +107,27 @@ class SharpnessPerturbation:
         """Case 3 takes gradients at each ``Q(w)`` through probes added to it; cases 1 and 2 need none."""
         return capture_quantized_weights(self.layers) if self.case == "saq" else nullcontext({})
 
-    def ascent_gradients(self, compute_loss: Callable[[], torch.Tensor]) -> list[torch.Tensor | None]:
-        """Pass 1: ``compute_loss()`` runs one forward; returns ∇L at the current point (``.grad`` untouched)."""
+    def ascent_gradients(self, compute_loss: Callable[[], torch.Tensor],
+                         extra: list[torch.Tensor] | None = None):
+        """Pass 1: ``compute_loss()`` runs one forward; returns ∇L at the current point (``.grad`` untouched).
+
+        With ``extra`` (tensors that are not perturbed, e.g. the LSQ step sizes), returns ``(grads,
+        extra_grads)``: their gradient at the unperturbed point, from the same backward. The loss is kept as
+        ``last_loss`` (detached).
+        """
         with self._probes() as captured:
             loss = compute_loss()
+        self.last_loss = loss.detach()
         points = self._points(captured)
         reached = [i for i, p in enumerate(points) if p is not None]
-        found = torch.autograd.grad(loss, [points[i] for i in reached], allow_unused=True)
+        targets = [points[i] for i in reached] + list(extra or [])
+        found = torch.autograd.grad(loss, targets, allow_unused=True)
         grads: list[torch.Tensor | None] = [None] * len(points)
         for i, grad in zip(reached, found):
             grads[i] = grad
-        return grads
+        if extra is None:
+            return grads
+        return grads, list(found[len(reached):])
 
     @contextmanager
     def recording_gradients(self):
@@ -147,24 +161,30 @@ class SharpnessPerturbation:
                         grads[i] = captured[layer].grad
 
     @torch.no_grad()
-    def _magnitudes(self, indices: list[int]) -> list[torch.Tensor]:
+    def _points_now(self, indices: list[int]) -> list[torch.Tensor]:
+        """The current value of each perturbed tensor: ``Q(w)`` (case 3), ``w`` (cases 1, 2) or ``θ``."""
         n = len(self.layers)
         values = []
         for i in indices:
             if i >= n:
-                values.append(self.params[i - n].abs())
+                values.append(self.params[i - n].detach())
             elif self.case == "saq":
-                values.append(self.layers[i].quantized_weight().abs())
+                values.append(self.layers[i].quantized_weight().detach())
             else:
-                values.append(self.layers[i].weight.abs())
+                values.append(self.layers[i].weight.detach())
         return values
 
     @torch.no_grad()
     def compute_epsilon(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
-        """``ε = ρ·g/||g||`` (ASAM: ``ρ·T²g/||Tg||``) with one global norm; ``None`` counts a skipped step.
+        """ε for one step; ``None`` counts a skipped step.
 
-        A zero or non-finite norm (no gradient reached the perturbed tensors, or an fp16 overflow) gives
-        no perturbation for this step: the step falls back to the plain QAT update.
+        ``radius="relative"`` (default): every perturbed tensor ``x`` moves by ``ρ·||x||`` along its own
+        gradient, ``ε_x = ρ·||x||·g_x/||g_x||`` (ASAM: ``T²g_x/||T g_x||``), so ρ is a fraction of each
+        tensor's size and means the same on every model width and bit-width. ``radius="absolute"`` is the
+        paper's ``ε = ρ·g/||g||`` (ASAM: ``ρ·T²g/||Tg||``) with one global norm over every perturbed tensor.
+
+        A zero or non-finite gradient norm (no gradient reached the perturbed tensors, or an fp16 overflow)
+        gives no perturbation for this step: the step falls back to the plain QAT update.
         """
         indices = [i for i, g in enumerate(grads) if g is not None]
         present = [grads[i] for i in indices]
@@ -173,24 +193,40 @@ class SharpnessPerturbation:
             self.skipped += 1
             return None
         self.last_grad_norm = _global_norm(present)
-        if self.adaptive:
-            magnitudes = self._magnitudes(indices)
-            scaled = torch._foreach_mul(present, magnitudes)
-            norm = _global_norm(scaled)
-        else:
-            scaled, norm = present, self.last_grad_norm
-        if not torch.isfinite(norm) or norm == 0:
+        if not torch.isfinite(self.last_grad_norm) or self.last_grad_norm == 0:
             self.skipped += 1
             return None
-        direction = torch._foreach_mul(scaled, magnitudes) if self.adaptive else scaled
+        points = self._points_now(indices) if self.adaptive or self.radius == "relative" else None
+        if self.adaptive:
+            magnitudes = [p.abs() for p in points]
+            scaled = torch._foreach_mul(present, magnitudes)
+            direction = torch._foreach_mul(scaled, magnitudes)
+        else:
+            scaled = direction = present
+        if self.radius == "absolute":
+            norm = _global_norm(scaled) if self.adaptive else self.last_grad_norm
+            if not torch.isfinite(norm) or norm == 0:
+                self.skipped += 1
+                return None
+            values = torch._foreach_mul(direction, self.rho / norm)
+        else:
+            # A tensor with a zero gradient (or zero value, e.g. a zero-initialised bias) is not moved.
+            norms = torch._foreach_norm(scaled)
+            sizes = torch._foreach_norm(points)
+            factors = [self.rho * size / norm if norm > 0 else norm for size, norm in zip(sizes, norms)]
+            values = torch._foreach_mul(direction, factors)
         eps: list[torch.Tensor | None] = [None] * len(grads)
-        for i, value in zip(indices, torch._foreach_mul(direction, self.rho / norm)):
+        for i, value in zip(indices, values):
             eps[i] = value
         return eps
 
     @torch.no_grad()
     def apply(self, eps: list[torch.Tensor | None]) -> None:
-        """Move to the perturbed point; :meth:`restore` moves back exactly."""
+        """Move to the perturbed point; :meth:`restore` moves back exactly.
+
+        ``eps`` is consumed (its entries set to ``None``): afterwards ε lives only in the layers that add it,
+        and :meth:`release_weight_perturbations` frees it once the descent forward has read it.
+        """
         n = len(self.layers)
         in_place = [(p, e) for p, e in zip(self.params, eps[n:]) if e is not None]
         weight_eps = [(layer, e) for layer, e in zip(self.layers, eps[:n]) if e is not None]
@@ -204,6 +240,14 @@ class SharpnessPerturbation:
             # Copying the saved values back (not subtracting ε) makes the round trip exact in floating point.
             self._restore.callback(torch._foreach_copy_, tensors, saved)
             torch._foreach_add_(tensors, [e for _, e in in_place])
+        eps[:] = [None] * len(eps)
+
+    def release_weight_perturbations(self) -> None:
+        """Drop the ε added to each ``Q(w)`` after the forward that used it: the backward does not read a
+        constant summand, so its memory is free for the gradients (SAQ's extra peak memory over QAT is then
+        only what :meth:`restore` keeps). Forward passes after this one see no perturbation."""
+        for layer in self.layers:
+            layer.weight_perturbation = None
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -236,3 +280,40 @@ def frozen_running_stats(model: nn.Module):
         if buffers:
             with torch.no_grad():
                 torch._foreach_copy_(buffers, saved)
+
+
+# Relative radii ``rho="auto"`` chooses from (fractions of each perturbed tensor's norm).
+AUTO_RHO_GRID = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+def adversarial_loss_increases(perturbation: SharpnessPerturbation, compute_loss: Callable[[], torch.Tensor],
+                               grid: tuple[float, ...] = AUTO_RHO_GRID,
+                               same_draws: Callable = torch.random.fork_rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, increases)`` on one batch: the loss at the current point and, for each radius in ``grid``,
+    ``L(at the perturbed point) - L`` with the step's own ε (its case, radius definition, ASAM setting).
+
+    ``compute_loss()`` runs one forward; each runs inside ``same_draws()`` so all see the same dropout masks.
+    Nothing is updated: ``.grad`` and batch-norm statistics are left as they were.
+    """
+    saved_rho, saved_skipped = perturbation.rho, perturbation.skipped
+    increases = []
+    try:
+        with frozen_running_stats(perturbation.model):
+            with same_draws():
+                grads = perturbation.ascent_gradients(compute_loss)
+            loss = perturbation.last_loss
+            for rho in grid:
+                perturbation.rho = rho
+                eps = perturbation.compute_epsilon(grads)
+                with torch.no_grad(), same_draws(), perturbation.perturbed(eps):
+                    increases.append(compute_loss().detach() - loss)
+    finally:
+        perturbation.rho, perturbation.skipped = saved_rho, saved_skipped
+    return loss.float(), torch.stack(increases).float()
+
+
+def choose_rho(loss: float, increases: list[float], share: float, grid: tuple[float, ...] = AUTO_RHO_GRID) -> float:
+    """The largest radius of ``grid`` whose adversarial loss increase stays within ``share`` of the loss
+    (the smallest radius when none does)."""
+    allowed = [rho for rho, increase in zip(grid, increases) if increase <= share * loss]
+    return max(allowed) if allowed else min(grid)

@@ -13,6 +13,8 @@ Memory on top of QAT: ε (one copy of the perturbed tensors) while the descent p
 
 import math
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +22,17 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import CONFIG_NAME
 
 from .quant import LSQQuantizer
-from .sharpness import CASES, PERTURB_CHOICES, SharpnessPerturbation, frozen_running_stats
+from .quant import LSQQuantizer
+from .sharpness import (
+    AUTO_RHO_GRID,
+    CASES,
+    PERTURB_CHOICES,
+    RADII,
+    SharpnessPerturbation,
+    adversarial_loss_increases,
+    choose_rho,
+    frozen_running_stats,
+)
 
 SAQ_MODES = CASES + ("qat",)
 SAQ_STRATEGIES = ("full", "every_k", "reuse_grad")
@@ -39,12 +51,38 @@ class SAQTrainingArguments(TrainingArguments):
             "choices": list(SAQ_MODES),
         },
     )
-    rho: float = field(
-        default=0.05,
+    rho: float | str = field(
+        default="auto",
         metadata={
-            "help": "Perturbation radius ρ (global L2 norm of ε). 0.05 is the middle of the 0.01-0.1 range the "
-            "authors swept for ViTs with AdamW; their CNN recipes use 0.3-0.4 because their ε lives in "
-            "normalised-weight space. With saq_adaptive, ASAM-style radii are larger (about 10x)."
+            "help": "Perturbation radius ρ, or 'auto'. With saq_radius='relative' (default) ρ is a fraction of "
+            "each perturbed tensor's norm; with 'absolute' it is the global L2 norm of ε (the paper's ρ). "
+            "'auto' measures, before training, the adversarial loss increase of every radius on a log grid "
+            "on rho_auto_batches training batches and takes the largest whose increase stays within "
+            "rho_auto_share of the loss."
+        },
+    )
+    saq_radius: str = field(
+        default="relative",
+        metadata={
+            "help": "How ρ is measured. 'relative': each perturbed tensor x moves by ρ·||x|| along its own gradient, "
+            "so one ρ means the same on any model size and bit-width; 'absolute': ε = ρ·g/||g|| with one global "
+            "norm, exactly the paper's formula (its size per element shrinks as the model grows).",
+            "choices": list(RADII),
+        },
+    )
+    rho_auto_share: float = field(
+        default=0.05,
+        metadata={"help": "rho='auto': the adversarial loss increase allowed, as a share of the loss (0 < share)."},
+    )
+    rho_auto_batches: int = field(
+        default=4, metadata={"help": "rho='auto': training batches the radius is measured on (>= 1)."}
+    )
+    saq_clean_step_sizes: bool = field(
+        default=True,
+        metadata={
+            "help": "Train the LSQ step sizes on the loss at the unperturbed point (from the ascent pass) instead "
+            "of the perturbed one. Without it, SAQ can 'flatten' the loss by shrinking an activation range "
+            "until every input is clipped, and the model stops learning (docs/METHOD.md)."
         },
     )
     saq_adaptive: bool = field(
@@ -86,10 +124,16 @@ class SAQTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.saq_mode not in SAQ_MODES:
             raise ValueError(f"saq_mode must be one of {SAQ_MODES}, got {self.saq_mode!r} (field: saq_mode)")
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not math.isfinite(self.rho):
-            raise ValueError(f"rho must be a finite number >= 0, got {self.rho!r} (field: rho)")
-        if self.rho < 0:
-            raise ValueError(f"rho must be >= 0, got {self.rho!r} (field: rho)")
+        self.rho = _parse_rho(self.rho)
+        if self.saq_radius not in RADII:
+            raise ValueError(f"saq_radius must be one of {RADII}, got {self.saq_radius!r} (field: saq_radius)")
+        if (isinstance(self.rho_auto_share, bool) or not isinstance(self.rho_auto_share, (int, float))
+                or not math.isfinite(self.rho_auto_share) or self.rho_auto_share <= 0):
+            raise ValueError(f"rho_auto_share must be a number > 0, got {self.rho_auto_share!r} (field: rho_auto_share)")
+        if isinstance(self.rho_auto_batches, bool) or not isinstance(self.rho_auto_batches, int) \
+                or self.rho_auto_batches < 1:
+            raise ValueError(
+                f"rho_auto_batches must be an integer >= 1, got {self.rho_auto_batches!r} (field: rho_auto_batches)")
         if self.saq_perturb not in PERTURB_CHOICES:
             raise ValueError(
                 f"saq_perturb must be one of {PERTURB_CHOICES}, got {self.saq_perturb!r} (field: saq_perturb)"
@@ -105,6 +149,24 @@ class SAQTrainingArguments(TrainingArguments):
         accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
         if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
             self.dataloader_pin_memory = False
+
+
+def _parse_rho(value) -> float | str:
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"rho must be 'auto' or a finite number >= 0, got {value!r} (field: rho)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"rho must be 'auto' or a finite number >= 0, got {value!r} (field: rho)")
+    return float(value)
+
+
+# The collapse guard: warn when the perturbed loss stays this many times the unperturbed one over this many
+# consecutive SAQ steps (docs/METHOD.md, "When SAQ stops a model from learning").
+GUARD_RATIO, GUARD_STEPS = 1.5, 50
 
 
 class SAQTrainer(Trainer):
@@ -135,16 +197,64 @@ class SAQTrainer(Trainer):
                 "build the arguments with saq_hf.SAQTrainingArguments(output_dir=..., saq_mode=..., rho=...)"
             )
         self.sharpness: SharpnessPerturbation | None = None
+        self.rho: float | None = None if self.args.rho == "auto" else self.args.rho
         self._previous_descent_grads: list | None = None
-        self._saq_sums: dict[str, float | torch.Tensor] = {"grad_norm": 0.0, "eps_norm": 0.0, "count": 0}
+        self._saq_sums = self._empty_sums()
+        self._guard_run, self._guard_warned = 0, False
+
+    @staticmethod
+    def _empty_sums() -> dict:
+        return {"grad_norm": 0.0, "eps_norm": 0.0, "count": 0, "ascent_loss": 0.0, "descent_loss": 0.0,
+                "loss_count": 0}
 
     def _sharpness_for(self, model: torch.nn.Module) -> SharpnessPerturbation:
         unwrapped = self.accelerator.unwrap_model(model)
         if self.sharpness is None or self.sharpness.model is not unwrapped:
             args = self.args
-            self.sharpness = SharpnessPerturbation(unwrapped, case=args.saq_mode, rho=args.rho,
-                                                   adaptive=args.saq_adaptive, perturb=args.saq_perturb)
+            self.sharpness = SharpnessPerturbation(unwrapped, case=args.saq_mode, rho=self.rho or 0.0,
+                                                   adaptive=args.saq_adaptive, perturb=args.saq_perturb,
+                                                   radius=args.saq_radius)
+        if self.rho is None:
+            self.rho = self._resolve_auto_rho(model, self.sharpness)
+        self.sharpness.rho = self.rho
         return self.sharpness
+
+    def _resolve_auto_rho(self, model, sharpness: SharpnessPerturbation) -> float:
+        """``rho="auto"``: the value a resumed run logged before, else measured now on the first training
+        batches (averaged over data-parallel workers, so every worker takes the same ρ), and logged."""
+        for entry in self.state.log_history:
+            if "saq_rho" in entry:
+                return float(entry["saq_rho"])
+        args = self.args
+        losses, increases = [], []
+        # Draws for the measurement (sampler order, dropout) must not shift the training run's random stream.
+        with self._same_random_draws():
+            for index, batch in enumerate(self.get_train_dataloader()):
+                if index == args.rho_auto_batches:
+                    break
+                batch = self._prepare_inputs(batch)
+                loss, increase = adversarial_loss_increases(
+                    sharpness, lambda b=batch: self._plain_loss(model, b), same_draws=self._same_random_draws)
+                losses.append(loss)
+                increases.append(increase)
+        loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+        increase = self.accelerator.reduce(torch.stack(increases).mean(0), reduction="mean")
+        rho = choose_rho(float(loss), increase.tolist(), args.rho_auto_share)
+        self.rho_auto_measurement = {"loss": float(loss), "grid": list(AUTO_RHO_GRID),
+                                     "loss_increase": increase.tolist(), "share": args.rho_auto_share, "rho": rho}
+        self.log({"saq_rho": rho})
+        return rho
+
+    def _plain_loss(self, model, inputs):
+        model.train()
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.mean() if self.args.n_gpu > 1 else loss
+
+    def _step_sizes(self, model) -> list[torch.nn.Parameter]:
+        unwrapped = self.accelerator.unwrap_model(model)
+        return [p for m in unwrapped.modules() if isinstance(m, LSQQuantizer)
+                for p in m.parameters(recurse=False) if p.requires_grad]
 
     def _is_plain_step(self) -> bool:
         args = self.args
@@ -160,12 +270,54 @@ class SAQTrainer(Trainer):
         sharpness = self._sharpness_for(model)
         if self.args.saq_strategy == "reuse_grad":
             return self._reuse_grad_step(sharpness, model, inputs, num_items_in_batch)
+        step_sizes = self._step_sizes(model) if self.args.saq_clean_step_sizes else []
         with self.accelerator.no_sync(model), self._same_random_draws():
-            grads = sharpness.ascent_gradients(lambda: self._ascent_loss(model, inputs, num_items_in_batch))
+            grads, clean = sharpness.ascent_gradients(
+                lambda: self._ascent_loss(model, inputs, num_items_in_batch), extra=step_sizes)
         eps = self._epsilon(sharpness, grads)
         del grads
-        with sharpness.perturbed(eps), frozen_running_stats(model):
-            return super().training_step(model, inputs, num_items_in_batch)
+        with sharpness.perturbed(eps), frozen_running_stats(model), \
+                self._gradients_replaced(step_sizes, clean, num_items_in_batch):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._record_losses(loss, num_items_in_batch)
+        return loss
+
+    @contextmanager
+    def _gradients_replaced(self, params, clean, num_items_in_batch):
+        """The descent pass adds ``clean`` (the ascent pass's gradients, scaled as the descent loss is) to
+        ``params`` instead of their gradient at the perturbed point. Hooks zero the perturbed-point gradient
+        before it is accumulated, so data-parallel all-reduce and gradient accumulation treat the clean
+        gradient exactly like any other."""
+        if not params:
+            yield
+            return
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            clean = [g / self.current_gradient_accumulation_steps if g is not None else None for g in clean]
+        handles = [p.register_hook(lambda g, c=c: c.to(g.dtype) if c is not None else torch.zeros_like(g))
+                   for p, c in zip(params, clean)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # The same rule as Trainer.training_step uses to decide whether to divide the loss by the accumulation steps.
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+            self.compute_loss_func is not None
+
+    def _record_losses(self, descent_loss: torch.Tensor, num_items_in_batch) -> None:
+        """Sum the unperturbed (ascent) and perturbed (descent) loss of this micro-batch for the log, both as
+        ``compute_loss`` returned them (the Trainer divides the returned descent loss for accumulation)."""
+        descent = descent_loss.detach().float()
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            descent = descent * self.current_gradient_accumulation_steps
+        sums = self._saq_sums
+        sums["ascent_loss"] = sums["ascent_loss"] + self._raw_ascent_loss.float()
+        sums["descent_loss"] = sums["descent_loss"] + descent
+        sums["loss_count"] += 1
 
     def _reuse_grad_step(self, sharpness, model, inputs, num_items_in_batch):
         previous, self._previous_descent_grads = self._previous_descent_grads, None
@@ -197,6 +349,14 @@ class SAQTrainer(Trainer):
         with torch.no_grad(), self._same_random_draws(), frozen_running_stats(unwrapped):
             self._ascent_loss(unwrapped, inputs, num_items_in_batch)
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        # The forward has read ε (a constant added to Q(w)); freeing it before the backward keeps SAQ's peak
+        # memory at QAT's. Gradient checkpointing runs forward again in the backward, so it keeps ε.
+        if self.sharpness is not None and not self.args.gradient_checkpointing:
+            self.sharpness.release_weight_perturbations()
+        return result
+
     def _same_random_draws(self):
         """Fork the RNG for the ascent pass, so the descent pass draws the same dropout masks (and the
         random stream stays the one plain QAT would see)."""
@@ -213,7 +373,9 @@ class SAQTrainer(Trainer):
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if self.args.n_gpu > 1:
             loss = loss.mean()
-        # Only ε's direction matters; the fp16 loss scale keeps small ascent gradients from underflowing.
+        self._raw_ascent_loss = loss.detach()
+        # The fp16 loss scale keeps small ascent gradients from underflowing, and puts the clean step-size
+        # gradients on the scale of the descent pass's (which the Trainer backpropagates scaled).
         scaler = getattr(self.accelerator, "scaler", None)
         return scaler.scale(loss) if scaler is not None else loss
 
@@ -245,6 +407,32 @@ class SAQTrainer(Trainer):
             if sums["count"]:
                 logs["saq_ascent_grad_norm"] = float(sums["grad_norm"]) / sums["count"]
                 logs["saq_eps_norm"] = float(sums["eps_norm"]) / sums["count"]
+            if sums["loss_count"]:
+                ascent = float(sums["ascent_loss"]) / sums["loss_count"]
+                descent = float(sums["descent_loss"]) / sums["loss_count"]
+                logs["saq_ascent_loss"], logs["saq_descent_loss"] = ascent, descent
+                self._watch_for_collapse(ascent, descent, sums["loss_count"])
             logs["saq_skipped"] = self.sharpness.skipped if self.sharpness is not None else 0
-            self._saq_sums = {"grad_norm": 0.0, "eps_norm": 0.0, "count": 0}
+            if self.rho is not None:
+                logs["saq_rho"] = self.rho
+            self._saq_sums = self._empty_sums()
         super().log(logs, start_time)
+
+    def _watch_for_collapse(self, ascent: float, descent: float, steps: int) -> None:
+        """Warn once when the perturbed loss has stayed ``GUARD_RATIO`` times the unperturbed one for
+        ``GUARD_STEPS`` SAQ steps, or any LSQ step size has left the positive numbers (every input clipped)."""
+        self._guard_run = self._guard_run + steps if descent > GUARD_RATIO * ascent else 0
+        bad = [name for name, module in self.accelerator.unwrap_model(self.model).named_modules()
+               if isinstance(module, LSQQuantizer) and not bool((module.step_size > 0).all())]
+        if self._guard_warned or (self._guard_run < GUARD_STEPS and not bad):
+            return
+        self._guard_warned = True
+        if bad:
+            reason = (f"the LSQ step size of {bad[0]} (and {len(bad) - 1} more) is <= 0, so its inputs are all "
+                      "clipped and get no gradient")
+        else:
+            reason = (f"the perturbed loss has stayed above {GUARD_RATIO:g}x the unperturbed loss for "
+                      f"{self._guard_run} steps ({descent:.3g} vs {ascent:.3g})")
+        warnings.warn(f"SAQ may be stopping this model from learning: {reason}. Use rho='auto' or a smaller rho "
+                      f"(now {self.rho:g}, saq_radius={self.args.saq_radius!r}), and keep "
+                      "saq_clean_step_sizes=True.", stacklevel=2)

@@ -55,7 +55,7 @@ def test_apply_then_restore_is_bit_exact(case):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss = vit_loss(model)
     clean = loss().item()
-    sharpness = SharpnessPerturbation(model, case=case, rho=0.5, perturb="bias_norm_step_size")
+    sharpness = SharpnessPerturbation(model, case=case, rho=0.5, perturb="bias_norm_step_size", radius="absolute")
     eps = sharpness.compute_epsilon(sharpness.ascent_gradients(loss))
     sharpness.apply(eps)
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_ascent_gradients_leave_grad_untouched():
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.full_like(p, 0.25)
-    sharpness = SharpnessPerturbation(model, case="saq")
+    sharpness = SharpnessPerturbation(model, case="saq", radius="absolute")
     grads = sharpness.ascent_gradients(vit_loss(model))
     assert sum(g is not None for g in grads) > 20
     assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in params)
@@ -85,7 +85,7 @@ def test_epsilon_is_rho_times_normalised_gradient(case):
     g_qw, g_b, inside, _ = hand_ascent_gradients(model)
     g_w = g_qw if case == "saq" else g_qw * inside  # case 1/2: gradient w.r.t. latent w goes through the STE
     norm = torch.sqrt(g_w.pow(2).sum() + g_b.pow(2).sum())
-    sharpness = SharpnessPerturbation(model, case=case, rho=0.3)
+    sharpness = SharpnessPerturbation(model, case=case, rho=0.3, radius="absolute")
     eps_w, eps_b = sharpness.compute_epsilon(sharpness.ascent_gradients(regression_loss(model)))
     torch.testing.assert_close(eps_w, 0.3 * g_w / norm, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(eps_b, 0.3 * g_b / norm, rtol=1e-6, atol=1e-8)
@@ -97,7 +97,7 @@ def test_adaptive_epsilon_scales_by_quantized_weight_magnitude():
     g_qw, g_b, _, qw = hand_ascent_gradients(model)
     b = model.fc.bias.detach()
     norm = torch.sqrt((qw.abs() * g_qw).pow(2).sum() + (b.abs() * g_b).pow(2).sum())
-    sharpness = SharpnessPerturbation(model, case="saq", rho=0.3, adaptive=True)
+    sharpness = SharpnessPerturbation(model, case="saq", rho=0.3, adaptive=True, radius="absolute")
     eps_w, eps_b = sharpness.compute_epsilon(sharpness.ascent_gradients(regression_loss(model)))
     torch.testing.assert_close(eps_w, 0.3 * qw.pow(2) * g_qw / norm, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(eps_b, 0.3 * b.pow(2) * g_b / norm, rtol=1e-6, atol=1e-8)
@@ -109,14 +109,14 @@ def test_case1_and_case3_directions_differ_only_where_weights_clip():
     assert 0 < inside.sum() < inside.numel()
     eps = {}
     for case in ("saq", "case1"):
-        sharpness = SharpnessPerturbation(clipped, case=case, rho=0.1)
+        sharpness = SharpnessPerturbation(clipped, case=case, rho=0.1, radius="absolute")
         eps[case] = sharpness.compute_epsilon(sharpness.ascent_gradients(regression_loss(clipped)))[0]
     assert (eps["case1"][inside == 0] == 0).all()
     assert (eps["saq"][inside == 0].abs() > 0).all()
 
     unclipped = one_layer(step_size=1.0)
     assert hand_ascent_gradients(unclipped)[2].all()
-    same = [SharpnessPerturbation(unclipped, case=case, rho=0.1) for case in ("saq", "case1")]
+    same = [SharpnessPerturbation(unclipped, case=case, rho=0.1, radius="absolute") for case in ("saq", "case1")]
     eps_saq, eps_case1 = (s.compute_epsilon(s.ascent_gradients(regression_loss(unclipped)))[0] for s in same)
     assert torch.equal(eps_saq, eps_case1)
 
@@ -127,7 +127,7 @@ def test_case2_tiny_rho_is_rounded_away():
     clean = loss().item()
     results = {}
     for case in ("case2", "saq"):
-        sharpness = SharpnessPerturbation(model, case=case, rho=1e-5, perturb="none")
+        sharpness = SharpnessPerturbation(model, case=case, rho=1e-5, perturb="none", radius="absolute")
         sharpness.apply(sharpness.compute_epsilon(sharpness.ascent_gradients(loss)))
         with torch.no_grad():
             results[case] = loss().item()
@@ -139,7 +139,7 @@ def test_case2_tiny_rho_is_rounded_away():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
 def test_zero_or_non_finite_gradient_skips_and_counts(bad):
     model = one_layer()
-    sharpness = SharpnessPerturbation(model, case="saq")
+    sharpness = SharpnessPerturbation(model, case="saq", radius="absolute")
     grads = sharpness.ascent_gradients(regression_loss(model))
     grads = [torch.full_like(g, bad) if bad == 0.0 else g for g in grads]
     if bad != 0.0:
@@ -154,7 +154,7 @@ def test_zero_or_non_finite_gradient_skips_and_counts(bad):
 def test_recorded_descent_gradients_equal_ascent_gradients_at_the_same_point(case):
     model = quantized_vit()
     loss = vit_loss(model)
-    sharpness = SharpnessPerturbation(model, case=case, perturb="bias_norm_step_size")
+    sharpness = SharpnessPerturbation(model, case=case, perturb="bias_norm_step_size", radius="absolute")
     expected = sharpness.ascent_gradients(loss)
     model.zero_grad()
     with sharpness.recording_gradients() as recorded:
@@ -182,7 +182,7 @@ def test_model_without_quantized_layers_is_plain_sam_in_every_case():
     loss = vit_loss(model)
     eps = []
     for case in ("saq", "case1", "case2"):
-        sharpness = SharpnessPerturbation(model, case=case, rho=0.05)
+        sharpness = SharpnessPerturbation(model, case=case, rho=0.05, radius="absolute")
         assert len(sharpness.params) == sum(1 for p in model.parameters() if p.requires_grad)
         eps.append(sharpness.compute_epsilon(sharpness.ascent_gradients(loss)))
     params = list(model.parameters())

@@ -12,8 +12,13 @@ from saq_hf.sharpness import SharpnessPerturbation
 FAST = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
 
 
+# The paper's step exactly (docs/METHOD.md's formulas): absolute radius, step sizes trained at the perturbed point.
+PAPER = dict(rho=0.05, saq_radius="absolute", saq_clean_step_sizes=False)
+
+
 def saq_args(tmp_path, **overrides) -> SAQTrainingArguments:
-    values = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "max_steps": 2, **FAST, **overrides}
+    values = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "max_steps": 2, **FAST, **PAPER,
+              **overrides}
     return SAQTrainingArguments(**values)
 
 
@@ -260,12 +265,13 @@ def poison_ascent_gradients(monkeypatch, poisoned_calls):
     original = SharpnessPerturbation.ascent_gradients
     calls = []
 
-    def ascent_gradients(self, compute_loss):
-        grads = original(self, compute_loss)
+    def ascent_gradients(self, compute_loss, extra=None):
+        result = original(self, compute_loss, extra)
+        grads = result[0] if extra is not None else result
         calls.append(1)
         if len(calls) in poisoned_calls:
             grads[0] = torch.full_like(grads[0], float("nan"))
-        return grads
+        return result
 
     monkeypatch.setattr(SharpnessPerturbation, "ascent_gradients", ascent_gradients)
 

