@@ -726,6 +726,7 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
         partial.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(partial, run_dir / RUN_INFO_NAME)
         write_model_card(run_dir, repo_id=info.get("hub_model_id"))
+    _warn_if_small(split_name, dataset.num_rows)  # once the numbers exist: a failed eval stays one error line
     return results
 
 
