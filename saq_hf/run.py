@@ -677,7 +677,6 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
         raise UserInputError(f"dataset has no split {split!r}; pass --split with one of its splits")
     else:
         split_name, dataset = split, data.test
-    _warn_if_small(split_name, dataset.num_rows)
 
     models = {"quantized": str(run_dir)}  # first: a broken run folder fails before any other work
     fp_model = info.get("fp_model")
