@@ -284,8 +284,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue  # a list or mapping as a key: construct_mapping reports it
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a list or mapping as a key (construct_mapping reports it), or a "<<" merge
             key = self.construct_object(key_node)
             if key in seen:
                 line = key_node.start_mark.line + 1
