@@ -213,6 +213,7 @@ class SharpnessPerturbation:
             # A tensor with a zero gradient (or zero value, e.g. a zero-initialised bias) is not moved.
             norms = torch._foreach_norm(scaled)
             sizes = torch._foreach_norm(points)
+            points = None  # a copy of every Q(w): free it before ε is built (SAQ's peak memory)
             factors = [self.rho * size / norm if norm > 0 else norm for size, norm in zip(sizes, norms)]
             values = torch._foreach_mul(direction, factors)
         eps: list[torch.Tensor | None] = [None] * len(grads)
@@ -224,8 +225,9 @@ class SharpnessPerturbation:
     def apply(self, eps: list[torch.Tensor | None]) -> None:
         """Move to the perturbed point; :meth:`restore` moves back exactly.
 
-        ``eps`` is consumed (its entries set to ``None``): afterwards ε lives only in the layers that add it,
-        and :meth:`release_weight_perturbations` frees it once the descent forward has read it.
+        ε is for one forward pass (the descent pass): each layer drops its ε once its forward has added it,
+        and ``eps`` is consumed (its entries set to ``None``), so an ε is freed as soon as its layer has run
+        and SAQ's peak memory stays close to QAT's (the backward does not read a constant summand).
         """
         n = len(self.layers)
         in_place = [(p, e) for p, e in zip(self.params, eps[n:]) if e is not None]
@@ -233,7 +235,9 @@ class SharpnessPerturbation:
         if self.case == "case2":
             in_place += [(layer.weight, e) for layer, e in weight_eps]
         else:
-            self._restore.enter_context(perturb_quantized_weights(dict(weight_eps)))
+            perturbations = dict(weight_eps)
+            self._restore.enter_context(perturb_quantized_weights(perturbations, release_after_use=True))
+            perturbations.clear()  # the context manager keeps its arguments; the layers hold ε now
         if in_place:
             tensors = [p for p, _ in in_place]
             saved = [p.detach().clone() for p in tensors]
@@ -241,13 +245,6 @@ class SharpnessPerturbation:
             self._restore.callback(torch._foreach_copy_, tensors, saved)
             torch._foreach_add_(tensors, [e for _, e in in_place])
         eps[:] = [None] * len(eps)
-
-    def release_weight_perturbations(self) -> None:
-        """Drop the ε added to each ``Q(w)`` after the forward that used it: the backward does not read a
-        constant summand, so its memory is free for the gradients (SAQ's extra peak memory over QAT is then
-        only what :meth:`restore` keeps). Forward passes after this one see no perturbation."""
-        for layer in self.layers:
-            layer.weight_perturbation = None
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -349,14 +349,6 @@ class SAQTrainer(Trainer):
         with torch.no_grad(), self._same_random_draws(), frozen_running_stats(unwrapped):
             self._ascent_loss(unwrapped, inputs, num_items_in_batch)
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        result = super().compute_loss(model, inputs, *args, **kwargs)
-        # The forward has read ε (a constant added to Q(w)); freeing it before the backward keeps SAQ's peak
-        # memory at QAT's. Gradient checkpointing runs forward again in the backward, so it keeps ε.
-        if self.sharpness is not None and not self.args.gradient_checkpointing:
-            self.sharpness.release_weight_perturbations()
-        return result
-
     def _same_random_draws(self):
         """Fork the RNG for the ascent pass, so the descent pass draws the same dropout masks (and the
         random stream stays the one plain QAT would see)."""

@@ -32,6 +32,7 @@ class QuantLayerMixin:
             LSQQuantizer(a_bits, signed=None, is_activation=True, device=device, dtype=dtype) if a_bits else None
         )
         self.weight_perturbation: torch.Tensor | None = None
+        self._release_perturbation_after_use = False
 
     @property
     def w_bits(self) -> int:
@@ -51,6 +52,9 @@ class QuantLayerMixin:
         weight = self.quantized_weight()
         if self.weight_perturbation is not None:
             weight = weight + self.weight_perturbation
+            # A graph's inputs stay alive while it runs anyway, so compiled code keeps ε to the end of the pass.
+            if self._release_perturbation_after_use and not torch.compiler.is_compiling():
+                self.weight_perturbation = None
         return weight.to(x.dtype), x
 
 
@@ -96,15 +100,24 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 @contextmanager
-def perturb_quantized_weights(perturbations: dict[nn.Module, torch.Tensor]):
-    """Add each constant tensor to its layer's quantized weight for the forward passes inside the block."""
+def perturb_quantized_weights(perturbations: dict[nn.Module, torch.Tensor], release_after_use: bool = False):
+    """Add each constant tensor to its layer's quantized weight for the forward passes inside the block.
+
+    With ``release_after_use`` a layer drops its ε after the first forward that adds it (in eager mode): for
+    a block that runs one forward pass, each ε can then be freed as soon as its layer has run, since the
+    sum's backward does not need it (the caller must not keep other references).
+    """
+    layers = list(perturbations)
     try:
-        for layer, eps in perturbations.items():
-            layer.weight_perturbation = eps.detach()
+        for layer in layers:
+            layer.weight_perturbation = perturbations[layer].detach()
+            layer._release_perturbation_after_use = release_after_use
+        del perturbations
         yield
     finally:
-        for layer in perturbations:
+        for layer in layers:
             layer.weight_perturbation = None
+            layer._release_perturbation_after_use = False
 
 
 @contextmanager
