@@ -195,6 +195,24 @@ def test_case3_a_truncated_optimizer_state_is_refused_naming_the_file(tmp_path, 
     assert not (tmp_path / "fp_cache").exists()
 
 
+def test_case3_an_interrupted_run_is_kept_until_resumed_or_discarded(tmp_path, finished_run, model_dir, capfd):
+    partial = copy_run(finished_run, tmp_path / "run.partial")  # what a kill -9 after step 2 leaves behind
+    (partial / "saq_run.json").unlink()
+    state_path = partial / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "best_metric": 0.125}))  # a mark only a resumed run carries on
+    path = recipe(tmp_path, model_dir, max_steps=3, save_strategy="steps", save_steps=1)
+    capfd.readouterr()
+    assert main(["train", str(path)]) == 2
+    assert "holds an interrupted run: pass --resume_from_checkpoint true" in one_error_line(capfd)
+    assert main(["train", str(path), "--resume_from_checkpoint", "true"]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["best_metric"] == 0.125
+    assert json.loads((run / "saq_run.json").read_text())["training"]["global_steps"] == 3 and not partial.exists()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2",
+                                                                              "checkpoint-3"]
+
+
 # --- 4. load_best_model_at_end gives exactly the best checkpoint's weights ---------------------------------------
 
 def test_case4_load_best_model_at_end_restores_the_best_checkpoint_exactly(tmp_path):
