@@ -49,7 +49,8 @@ from .quant.convert import planned_layers
 from .quantize import quantize_model
 from .trainer import SAQTrainer, SAQTrainingArguments
 
-SAQ_FIELDS = ("saq_mode", "rho", "saq_adaptive", "saq_perturb", "saq_strategy", "saq_interval")
+SAQ_FIELDS = ("saq_mode", "rho", "saq_radius", "saq_clean_step_sizes", "saq_adaptive", "saq_perturb", "saq_strategy",
+              "saq_interval")
 TRAINING_FIELDS = ("optim", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
                    "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
 FP_STAGE_TRAINING_FIELDS = ("optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
@@ -376,7 +377,8 @@ def _check_quantizable(model: torch.nn.Module, quant_args: QuantArguments) -> No
 
 def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: QuantArguments,
             training_args: SAQTrainingArguments) -> RunSetup:
-    """Load and check everything a run needs; raises :class:`UserInputError` and writes nothing."""
+    """Load and check everything a run needs; raises :class:`UserInputError` and writes nothing (but a probe file,
+    removed at once, that shows output_dir and fp_cache_dir can be written)."""
     check_training_args(training_args)
     _check_device_precision(training_args)
     if training_args.should_save:  # the main process: it alone writes output_dir
@@ -614,6 +616,11 @@ def train(setup: RunSetup) -> RunResult:
     # _internal_call: save without Trainer.push_to_hub, which would replace our card with its own.
     trainer.save_model(str(staging), _internal_call=True)
     run_info = _run_info(setup, results, train_runtime, train_output.global_step)
+    if args.saq_mode != "qat":
+        # The radius the run trained with: with rho="auto", the value measured before the first step.
+        run_info["saq"]["rho_used"] = trainer.rho
+        if getattr(trainer, "rho_auto_measurement", None):
+            run_info["saq"]["rho_auto"] = trainer.rho_auto_measurement
     result = RunResult(output_dir=Path(args.output_dir), run_info=run_info)
     if args.should_save:
         (staging / RUN_INFO_NAME).write_text(json.dumps(run_info, indent=2, default=str) + "\n", encoding="utf-8")
