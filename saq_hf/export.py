@@ -91,6 +91,9 @@ def _exportable_layers(model: nn.Module) -> dict[str, nn.Module]:
         if layer.input_quantizer is not None and not bool(layer.input_quantizer.initialized):
             raise ValueError(f"activation step size of '{name}' is not initialised: run saq_hf.calibrate(model, "
                              "batches) or train the model before exporting")
+        layer.weight_quantizer.check_step_size(f"{name}.weight_quantizer.step_size")
+        if layer.input_quantizer is not None:
+            layer.input_quantizer.check_step_size(f"{name}.input_quantizer.step_size")
     return layers
 
 

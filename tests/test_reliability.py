@@ -297,6 +297,11 @@ def test_case5_eval_and_export_of_a_nan_step_size_exit_2_and_load_exported_refus
     assert "invalid value" in one_error_line(capfd) and not (tmp_path / "export" / MANIFEST_FILE).exists()
 
     model = AutoModelForImageClassification.from_pretrained(saved_model)
+    with torch.no_grad():
+        model.classifier.input_quantizer.step_size.fill_(math.inf)
+        with pytest.raises(ValueError, match="step size classifier.input_quantizer.step_size holds 1 invalid value"):
+            export_quantized(model, tmp_path / "inf_export")
+        model.classifier.input_quantizer.step_size.fill_(0.05)
     export_quantized(model, tmp_path / "good_export")
     tensors = load_file(tmp_path / "good_export" / WEIGHTS_FILE)
     key = step_key(tensors)
