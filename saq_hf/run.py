@@ -329,10 +329,12 @@ def _resolve_resume_checkpoint(args: SAQTrainingArguments) -> str | None:
     """``resume_from_checkpoint`` as a complete checkpoint folder: ``true`` means the newest complete checkpoint of
     this output_dir (an interrupted run's first); an incomplete one is an error naming what is missing."""
     value = args.resume_from_checkpoint
-    if value is None or (isinstance(value, str) and value.lower() in ("false", "no", "none", "")):
+    if isinstance(value, bool):  # the Trainer's own API takes True for "the newest checkpoint"
+        value = str(value).lower()
+    if value is None or value.lower() in ("false", "no", "none", ""):
         return None
     need_optimizer = not args.save_only_model
-    if isinstance(value, bool) or value.lower() in ("true", "yes", "latest"):
+    if value.lower() in ("true", "yes", "latest"):
         output_dir = Path(args.output_dir).expanduser().absolute()
         staging = staging_dir(output_dir)
         candidates = _checkpoints(staging) if staging.is_dir() else []
