@@ -304,11 +304,12 @@ def check_training_args(training_args) -> None:
     for name in ("learning_rate", "weight_decay", "num_train_epochs", "max_grad_norm", "warmup_steps",
                  "label_smoothing_factor"):
         value = getattr(training_args, name, 0)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise UserInputError(f"{name} must be a finite number >= 0, got {short_repr(value)} (recipe key: {name})")
-    if training_args.learning_rate <= 0:
-        raise UserInputError(f"learning_rate must be > 0, got {training_args.learning_rate} (recipe key: "
-                             "learning_rate)")
+        positive = name == "learning_rate"
+        number = isinstance(value, (int, float)) and math.isfinite(value)
+        if not number or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise UserInputError(f"{name} must be a finite number {bound}, got {short_repr(value)} (recipe key: "
+                                 f"{name})")
 
 
 def _unknown_key_message(key: str, known, prefix: str) -> str:

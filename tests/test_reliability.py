@@ -457,7 +457,7 @@ def test_case9_train_and_eval_from_a_custom_code_folder_refuse_it(tmp_path, save
 TRAIN_BAD_INPUTS = {
     "batch size 0": (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be an integer >= 1"),
     "accumulation 0": (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be an integer >= 1"),
-    "negative learning rate": (["--learning_rate", "-1"], "learning_rate must be a finite number >= 0, got -1.0"),
+    "negative learning rate": (["--learning_rate", "-1"], "learning_rate must be a finite number > 0, got -1.0"),
     "nothing to quantize": (["--modules_to_not_convert", "*"], "no nn.Linear or nn.Conv2d left to quantize"),
     "finished run as model": ([], "is already quantized"),
 }
