@@ -541,7 +541,7 @@ def test_case10_load_exported_raises_value_error_on_a_deeply_nested_manifest(tmp
         load_exported(folder)
 
 
-@pytest.mark.parametrize("problem", ["zero-byte", "truncated", "not an image", "decompression bomb"])
+@pytest.mark.parametrize("problem", ["zero-byte", "truncated", "truncated jpeg", "not an image", "decompression bomb"])
 def test_case10_a_bad_image_file_is_one_line_naming_it_before_training(tmp_path, model_dir, capfd, monkeypatch,
                                                                        problem):
     path = recipe(tmp_path, model_dir, fp_max_steps=1)
@@ -550,6 +550,11 @@ def test_case10_a_bad_image_file_is_one_line_naming_it_before_training(tmp_path,
         bad.write_bytes(b"")
     elif problem == "truncated":
         bad.write_bytes(bad.read_bytes()[:60])
+    elif problem == "truncated jpeg":  # PIL's verify() passes it: only decoding finds the missing end
+        bad = bad.with_suffix(".jpg")
+        jpeg = io.BytesIO()
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+        bad.write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     elif problem == "not an image":
         bad.write_bytes(b"%PDF-1.4 definitely not a png")
     else:
