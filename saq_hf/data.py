@@ -292,6 +292,12 @@ class ImageTransform:
         self.mean = torch.tensor(image_processor.image_mean if normalize else [0.0] * 3).view(-1, 1, 1)
         self.std = torch.tensor(image_processor.image_std if normalize else [1.0] * 3).view(-1, 1, 1)
         self.resample = PILImage.Resampling(int(getattr(image_processor, "resample", None) or 2))
+        if not (math.isfinite(self.rescale) and self.rescale > 0 and torch.isfinite(self.mean).all()
+                and torch.isfinite(self.std).all() and (self.std != 0).all()):
+            # Every pixel would be inf or NaN, and so would the activation step sizes calibrated from them.
+            raise UserInputError(f"the image processor's normalisation cannot be used (rescale_factor {self.rescale}, "
+                                 f"image_mean {self.mean.flatten().tolist()}, image_std {self.std.flatten().tolist()}):"
+                                 " fix preprocessor_config.json (finite values, image_std non-zero)")
 
     def pixel_values(self, image, source: str | None = None) -> torch.Tensor:
         image = _decode_image(image, self.split_name, source, self.decoder).convert("RGB")

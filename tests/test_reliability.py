@@ -396,15 +396,16 @@ def test_case8_a_nan_pixel_in_calibration_fails_and_leaves_no_nan_step_size():
     assert all(torch.isfinite(step).all() for step in steps)
 
 
-def test_case8_a_zero_image_std_is_refused_at_calibration(tmp_path, model_dir, capfd):
+def test_case8_a_zero_image_std_is_refused_before_any_work(tmp_path, model_dir, capfd):
     import shutil
 
     broken = tmp_path / "model"
     shutil.copytree(model_dir, broken)
     ViTImageProcessorPil(size={"height": 16, "width": 16}, image_std=[0.0, 0.0, 0.0]).save_pretrained(broken)
     capfd.readouterr()
-    assert main(["train", str(recipe(tmp_path, broken))]) == 2
-    assert "calibration batch 0 has NaN or infinite pixel values" in one_error_line(capfd)
+    assert main(["train", str(recipe(tmp_path, broken, fp_max_steps=1))]) == 2
+    assert "image processor's normalisation cannot be used" in one_error_line(capfd)
+    assert not (tmp_path / "fp_cache").exists()
 
 
 # --- 9. no code from a model folder ever runs ----------------------------------------------------------------------
