@@ -128,9 +128,10 @@ def load_image_data(data_args: DataArguments, seed: int = 42, cache_dir: str | N
     if data_args.train_split not in raw:
         raise UserInputError(f"dataset has no split {data_args.train_split!r} (splits: {', '.join(raw)}); "
                              "set train_split")
-    raw = {name: split.add_column(INDEX_COLUMN, [f"{name}[{row}]" for row in range(split.num_rows)])
-           if name in (data_args.train_split, data_args.validation_split, data_args.test_split)
-           and INDEX_COLUMN not in split.column_names else split for name, split in raw.items()}
+    with _quiet_progress_bars():  # add_column flattens a split's indices mapping, with a bar per split
+        raw = {name: split.add_column(INDEX_COLUMN, [f"{name}[{row}]" for row in range(split.num_rows)])
+               if name in (data_args.train_split, data_args.validation_split, data_args.test_split)
+               and INDEX_COLUMN not in split.column_names else split for name, split in raw.items()}
     train = raw[data_args.train_split]
     _check_columns(train, data_args.train_split, data_args)
     label = data_args.label_column_name
@@ -215,7 +216,9 @@ def check_image_files(dataset: Dataset, image_column: str, split_name: str) -> N
     """Read every image file of ``dataset`` before any training, so a corrupt, truncated, empty or oversized file
     fails now, naming the file. A JPEG is decoded at 1/8 scale (``draft``: every byte read, few pixels made),
     since ``verify`` does not see a truncated one; other formats are verified (PNG: every chunk's checksum)."""
-    for value in dataset.cast_column(image_column, Image(decode=False))[image_column]:
+    with _quiet_progress_bars():  # a cast of a split with an indices mapping shows a "Flattening the indices" bar
+        files = dataset.cast_column(image_column, Image(decode=False))[image_column]
+    for value in files:
         try:
             source = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
             with PILImage.open(source) as image:
@@ -334,7 +337,8 @@ def with_transforms(data: ImageClassificationData, image_processor, data_args: D
         if isinstance(decoder, Image):
             if data_args.dataset_name == "imagefolder":
                 check_image_files(split, column, name)
-            split = split.cast_column(column, Image(decode=False))
+            with _quiet_progress_bars():  # no "Flattening the indices" bars for a local cast
+                split = split.cast_column(column, Image(decode=False))
         else:
             decoder = None
         if name == "train":

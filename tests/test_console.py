@@ -35,6 +35,7 @@ def test_train_shows_one_bar_per_stage_and_a_table_but_no_log_dicts_or_nested_ba
     assert "{'loss'" not in console and "{'eval_loss'" not in console
     assert "\x1b[A" not in console  # nested evaluation bars move the cursor up
     assert "Loading weights" not in console and "Writing model shards" not in console
+    assert "Flattening the indices" not in console and "examples/s" not in console  # datasets' own bars
     assert "full precision: 100%" in err and "W4A4 saq: 100%" in err
     table = out[out.index("model "):].splitlines()
     assert [line.split("  ")[0] for line in table[1:4]] == ["full precision", "W4A4 calibrated, no training",
