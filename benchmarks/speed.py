@@ -1,14 +1,23 @@
-"""Step time and peak memory of FP, QAT and the SAQ strategies: one process, the same batch every step.
+"""Step time and peak memory of FP, QAT and the SAQ strategies, eager and compiled, next to peer fake-quant
+implementations: one process, the same batch every step.
 
-    python benchmarks/speed.py            # full run (about 6 minutes on 2 busy CPU cores)
-    python benchmarks/speed.py --quick    # 8 timed steps and half batches: a smoke run
+    python benchmarks/speed.py            # full run (CPU: about 15 minutes on 2 busy cores)
+    python benchmarks/speed.py --quick    # 8 timed steps, half batches, no compiled modes: a smoke run
 
 One step of a mode is the body of the Trainer's loop: ``SAQTrainer.training_step`` (one or two
 forward/backward passes), gradient clipping, the AdamW step, the scheduler step and ``zero_grad``, on the
-same batch every time. The five modes of a config live side by side and are stepped in turn (rotating the
+same batch every time. The modes of a config live side by side and are stepped in turn (rotating the
 order each round), so load from other processes on a shared machine hits them alike; the device is
 synchronised around each step. ``time`` is the median over the timed steps after warm-up; for ``every_k``
 it is the amortised ``(median SAQ step + (k-1) · median plain step) / k``.
+
+Modes: ``fp``, ``qat`` (W4A4 LSQ), ``saq``, ``every_k``, ``reuse_grad``; ``*_compiled``: the same with
+``SAQTrainingArguments(torch_compile=True)`` (Inductor; compiled during warm-up); peers, on the same model,
+batch and training step: ``torchao_qat`` (torchao's ``QATConfig`` prepare, int8 per-token asymmetric
+activations and int4 weights in groups of 32; torchao only fake-quantizes ``nn.Linear``, so ConvNeXt's
+convolutions stay in float there) and ``torch_lsq`` (our quantizers with PyTorch's learnable fake-quant ops,
+``torch._fake_quantize_learnable_per_{tensor,channel}_affine``, in place of our fused op). A peer that
+cannot run (torchao not installed) is skipped with the reason printed.
 
 Peak memory counts tensors only, the same way on both devices: bytes live when a step starts (parameters,
 buffers, gradients, optimizer state of that mode's model) + the highest running total of what the step
@@ -18,16 +27,21 @@ measured step is a perturbed one in every mode.
 
 The device is whatever Accelerate picks (CUDA when present). Sizes per device are in ``CONFIGS``: on CPU
 the ViT-B/16-width model keeps ViT-B's width (hidden 768, 12 heads, MLP 3072) with 2 layers, 64x64 images
-(17 tokens) and batch 16; on CUDA it is the full ViT-B/16 (12 layers, 224x224, 197 tokens) at batch 64.
+(17 tokens) and batch 32; on CUDA it is the full ViT-B/16 (12 layers, 224x224, 197 tokens) at batch 64.
 """
 
 import argparse
+import importlib.util
 import json
+import logging
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +56,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model  # noqa: E402
+from saq_hf.quant import LSQQuantizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_LABELS = 10
@@ -54,7 +69,7 @@ CONFIGS = {
         "vit-tiny": ("vit", VIT_TINY, 32, 16),
         "convnext-tiny": ("convnext", dict(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1]), 32, 32),
         "vit-b16-width": ("vit", dict(patch_size=16, hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
-                                      intermediate_size=3072), 64, 16),
+                                      intermediate_size=3072), 64, 32),
     },
     "cuda": {
         "vit-tiny": ("vit", VIT_TINY, 32, 128),
@@ -64,23 +79,67 @@ CONFIGS = {
     },
 }
 
-# mode -> (quantized?, SAQTrainingArguments fields)
+# mode -> (model: fp / lsq (ours) / torch_lsq / torchao, SAQTrainingArguments fields)
 MODES = {
-    "fp": (False, {"saq_mode": "qat"}),
-    "qat": (True, {"saq_mode": "qat"}),
-    "saq": (True, {"saq_mode": "saq"}),
-    "every_k": (True, {"saq_mode": "saq", "saq_strategy": "every_k"}),
-    "reuse_grad": (True, {"saq_mode": "saq", "saq_strategy": "reuse_grad"}),
+    "fp": ("fp", {"saq_mode": "qat"}),
+    "qat": ("lsq", {"saq_mode": "qat"}),
+    "saq": ("lsq", {"saq_mode": "saq"}),
+    "every_k": ("lsq", {"saq_mode": "saq", "saq_strategy": "every_k"}),
+    "reuse_grad": ("lsq", {"saq_mode": "saq", "saq_strategy": "reuse_grad"}),
+    "fp_compiled": ("fp", {"saq_mode": "qat", "torch_compile": True}),
+    "qat_compiled": ("lsq", {"saq_mode": "qat", "torch_compile": True}),
+    "saq_compiled": ("lsq", {"saq_mode": "saq", "torch_compile": True}),
+    "torchao_qat": ("torchao", {"saq_mode": "qat"}),
+    "torch_lsq": ("torch_lsq", {"saq_mode": "qat"}),
 }
+COMPILED_MODES = [mode for mode, (_, fields) in MODES.items() if fields.get("torch_compile")]
 
 
-def build_model(family: str, kwargs: dict, image_size: int, quantized: bool):
+def peer_unavailable(mode: str) -> str | None:
+    """Why a peer mode cannot run here, or ``None``."""
+    if mode == "torchao_qat" and importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install torchao)"
+    return None
+
+
+def torch_learnable_fake_quantize(quantizer: LSQQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """LSQ with PyTorch's fused learnable fake-quant ops (zero point 0): the forward of a ``torch_lsq`` quantizer."""
+    qn, qp = quantizer._known_range or quantizer._initialize_or_read(x)
+    group_numel = x[0].numel() if quantizer.is_activation and x.dim() > 1 else x.numel() // quantizer.step_size.numel()
+    grad_factor = 1.0 / (max(group_numel, 1) * qp) ** 0.5
+    scale = quantizer.step_size.to(x.dtype).reshape(-1)
+    zero_point = torch.zeros_like(scale)
+    if quantizer.per_channel:
+        return torch._fake_quantize_learnable_per_channel_affine(x, scale, zero_point, 0, qn, qp, grad_factor)
+    return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, qn, qp, grad_factor)
+
+
+def prepare_torchao_qat(model):
+    warnings.filterwarnings("ignore", module="torchao")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    quantize_(model, QATConfig(activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
+                               weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=32), step="prepare"))
+    return model
+
+
+def build_model(family: str, kwargs: dict, image_size: int, kind: str):
     torch.manual_seed(0)
     if family == "vit":
         model = ViTForImageClassification(ViTConfig(image_size=image_size, num_labels=NUM_LABELS, **kwargs))
     else:
         model = ConvNextForImageClassification(ConvNextConfig(image_size=image_size, num_labels=NUM_LABELS, **kwargs))
-    return quantize_model(model, QuantConfig(w_bits=4, a_bits=4)) if quantized else model
+    if kind == "torchao":
+        return prepare_torchao_qat(model)
+    if kind in ("lsq", "torch_lsq"):
+        quantize_model(model, QuantConfig(w_bits=4, a_bits=4))
+    if kind == "torch_lsq":
+        for module in model.modules():
+            if isinstance(module, LSQQuantizer):
+                module.forward = types.MethodType(torch_learnable_fake_quantize, module)
+    return model
 
 
 def live_tensor_bytes(model, optimizer) -> int:
@@ -104,10 +163,10 @@ class ModeRun:
 
     def __init__(self, config: tuple, mode: str, device: torch.device, interval: int, out: str, bf16: bool):
         family, kwargs, image_size, batch_size = config
-        quantized, fields = MODES[mode]
+        kind, fields = MODES[mode]
         self.mode, self.device = mode, device
-        self.model = build_model(family, kwargs, image_size, quantized).to(device)
-        args = SAQTrainingArguments(output_dir=out, per_device_train_batch_size=batch_size, learning_rate=1e-4,
+        self.model = build_model(family, kwargs, image_size, kind).to(device)
+        args = SAQTrainingArguments(output_dir=out, per_device_train_batch_size=batch_size, learning_rate=1e-4, rho=0.05,
                                     saq_interval=interval, report_to=[], use_cpu=device.type == "cpu", seed=0,
                                     bf16=bf16, **fields)
         self.trainer = SAQTrainer(model=self.model, args=args)
@@ -164,9 +223,12 @@ class ModeRun:
         return (saq + (interval - 1) * plain) / interval
 
 
-def run_config(config: tuple, device: torch.device, warmup: int, steps: int, interval: int, bf16: bool) -> dict:
+def run_config(config: tuple, modes: list[str], device: torch.device, warmup: int, steps: int, interval: int,
+               bf16: bool) -> dict:
+    # Each config compiles its own graphs; dynamo's per-function cache would otherwise fill up across configs.
+    torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as out:
-        runs = [ModeRun(config, mode, device, interval, out, bf16) for mode in MODES]
+        runs = [ModeRun(config, mode, device, interval, out, bf16) for mode in modes]
         for round_index in range(warmup + steps):
             shift = round_index % len(runs)
             for run in runs[shift:] + runs[:shift]:
@@ -179,39 +241,73 @@ def run_config(config: tuple, device: torch.device, warmup: int, steps: int, int
         return result
 
 
-def ratios(modes: dict) -> dict:
-    qat = modes["qat"]
-    result = {"qat_over_fp_time": qat["step_ms"] / modes["fp"]["step_ms"]}
-    for mode in ("saq", "every_k", "reuse_grad"):
-        result[f"{mode}_over_qat_time"] = modes[mode]["step_ms"] / qat["step_ms"]
-        result[f"{mode}_over_qat_memory"] = modes[mode]["peak_mib"] / qat["peak_mib"]
-    return result
-
-
-GOALS = {  # ratio -> upper bound (issue 3)
-    "saq_over_qat_time": 2.05,
-    "every_k_over_qat_time": 1.15,
-    "reuse_grad_over_qat_time": 1.15,
-    "qat_over_fp_time": 1.25,
-    "saq_over_qat_memory": 1.10,
+RATIOS = {  # name -> (numerator mode, denominator mode, time or memory)
+    "qat_over_fp_time": ("qat", "fp", "step_ms"),
+    "saq_over_qat_time": ("saq", "qat", "step_ms"),
+    "every_k_over_qat_time": ("every_k", "qat", "step_ms"),
+    "reuse_grad_over_qat_time": ("reuse_grad", "qat", "step_ms"),
+    "saq_over_qat_memory": ("saq", "qat", "peak_mib"),
+    "every_k_over_qat_memory": ("every_k", "qat", "peak_mib"),
+    "reuse_grad_over_qat_memory": ("reuse_grad", "qat", "peak_mib"),
+    "qat_compiled_over_fp_compiled_time": ("qat_compiled", "fp_compiled", "step_ms"),
+    "saq_compiled_over_saq_time": ("saq_compiled", "saq", "step_ms"),
+    "qat_compiled_over_qat_time": ("qat_compiled", "qat", "step_ms"),
+    "saq_compiled_over_qat_compiled_time": ("saq_compiled", "qat_compiled", "step_ms"),
+    "qat_over_torchao_qat_time": ("qat", "torchao_qat", "step_ms"),
+    "qat_compiled_over_torchao_qat_time": ("qat_compiled", "torchao_qat", "step_ms"),
+    "qat_over_torch_lsq_time": ("qat", "torch_lsq", "step_ms"),
 }
 
 
-def print_table(results: dict, interval: int) -> None:
-    header = (f"{'config':<15}{'params':>8}  {'fp ms':>8}{'qat ms':>8}{'saq ms':>8}{'k=' + str(interval) + ' ms':>8}"
-              f"{'reuse ms':>9}  {'qat/fp':>7}{'saq/qat':>8}{'k/qat':>7}{'reuse/qat':>10}"
-              f"  {'mem qat MiB':>12}{'saq/qat':>8}{'k/qat':>7}{'reuse/qat':>10}")
-    print(header)
-    print("-" * len(header))
+def ratios(modes: dict) -> dict:
+    return {name: modes[a][key] / modes[b][key] for name, (a, b, key) in RATIOS.items() if a in modes and b in modes}
+
+
+GOALS = {  # ratio -> (upper bound, configs it applies to: None = all) (issue 11)
+    "qat_over_fp_time": (1.25, None),
+    "qat_compiled_over_fp_compiled_time": (1.10, None),
+    "saq_compiled_over_saq_time": (0.8, None),
+    "saq_over_qat_time": (2.0, None),
+    "saq_over_qat_memory": (1.10, "batch >= 32"),
+    "qat_over_torchao_qat_time": (0.8, None),
+}
+
+
+def goal_report(results: dict) -> dict:
+    report = {}
+    for key, (bound, scope) in GOALS.items():
+        values = {name: entry["ratios"][key] for name, entry in results.items() if key in entry["ratios"]
+                  and (scope is None or entry["batch_size"] >= 32)}
+        if values:
+            worst = max(values.values())
+            report[key] = {"goal": bound, "scope": scope or "all configs", "worst": round(worst, 3),
+                           "per_config": {k: round(v, 3) for k, v in values.items()}, "met": worst <= bound}
+    return report
+
+
+TABLE = [  # (header, mode (its step ms) or ratio, format)
+    ("fp ms", "fp", "{:.1f}"), ("qat ms", "qat", "{:.1f}"), ("saq ms", "saq", "{:.1f}"),
+    ("qat/fp", "qat_over_fp_time", "{:.2f}"), ("saq/qat", "saq_over_qat_time", "{:.2f}"),
+    ("k/qat", "every_k_over_qat_time", "{:.2f}"), ("reuse/qat", "reuse_grad_over_qat_time", "{:.2f}"),
+    ("mem saq/qat", "saq_over_qat_memory", "{:.2f}"), ("mem reuse/qat", "reuse_grad_over_qat_memory", "{:.2f}"),
+    ("c.qat/c.fp", "qat_compiled_over_fp_compiled_time", "{:.2f}"),
+    ("c.saq/saq", "saq_compiled_over_saq_time", "{:.2f}"), ("c.qat/qat", "qat_compiled_over_qat_time", "{:.2f}"),
+    ("qat/torchao", "qat_over_torchao_qat_time", "{:.2f}"),
+    ("c.qat/torchao", "qat_compiled_over_torchao_qat_time", "{:.2f}"),
+    ("qat/torch_lsq", "qat_over_torch_lsq_time", "{:.2f}"),
+]
+
+
+def print_table(results: dict) -> None:
+    columns = [(h, key, fmt) for h, key, fmt in TABLE
+               if any(key in e["modes"] or key in e["ratios"] for e in results.values())]
+    print(f"{'config':<15}{'batch':>6}" + "".join(f"{h:>{max(len(h), 6) + 2}}" for h, _, _ in columns))
     for name, entry in results.items():
-        m, r = entry["modes"], entry["ratios"]
-        print(f"{name:<15}{m['qat']['parameters'] / 1e6:>7.1f}M  "
-              + "".join(f"{m[k]['step_ms']:>8.1f}" for k in ("fp", "qat", "saq", "every_k"))
-              + f"{m['reuse_grad']['step_ms']:>9.1f}  "
-              + f"{r['qat_over_fp_time']:>7.2f}{r['saq_over_qat_time']:>8.2f}{r['every_k_over_qat_time']:>7.2f}"
-              + f"{r['reuse_grad_over_qat_time']:>10.2f}  {m['qat']['peak_mib']:>12.1f}"
-              + f"{r['saq_over_qat_memory']:>8.2f}{r['every_k_over_qat_memory']:>7.2f}"
-              + f"{r['reuse_grad_over_qat_memory']:>10.2f}")
+        cells = []
+        for h, key, fmt in columns:
+            value = entry["modes"][key]["step_ms"] if key in entry["modes"] else entry["ratios"].get(key)
+            cells.append(f"{fmt.format(value) if value is not None else '-':>{max(len(h), 6) + 2}}")
+        print(f"{name:<15}{entry['batch_size']:>6}" + "".join(cells))
 
 
 def plot(results: dict, path: Path, title: str) -> None:
@@ -221,10 +317,13 @@ def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    series = [("qat/fp time", "qat_over_fp_time"), ("saq/qat time", "saq_over_qat_time"),
-              ("every_k/qat time", "every_k_over_qat_time"), ("reuse_grad/qat time", "reuse_grad_over_qat_time"),
-              ("saq/qat memory", "saq_over_qat_memory")]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    series = [(label, key) for label, key in [
+        ("qat/fp time", "qat_over_fp_time"), ("saq/qat time", "saq_over_qat_time"),
+        ("every_k/qat time", "every_k_over_qat_time"), ("reuse_grad/qat time", "reuse_grad_over_qat_time"),
+        ("saq/qat memory", "saq_over_qat_memory"), ("compiled qat/fp time", "qat_compiled_over_fp_compiled_time"),
+        ("compiled saq/eager saq", "saq_compiled_over_saq_time"), ("qat/torchao time", "qat_over_torchao_qat_time")]
+        if all(key in results[n]["ratios"] for n in results)]
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / len(series)
     for i, (label, key) in enumerate(series):
         ax.bar([x + i * width for x in range(len(names))], [results[n]["ratios"][key] for n in names], width,
@@ -233,20 +332,21 @@ def plot(results: dict, path: Path, title: str) -> None:
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
     ax.set_ylabel("ratio")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 warm-up + 8 timed steps, half batches")
+    parser.add_argument("--quick", action="store_true", help="8 timed steps, half batches, eager modes only")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (LSQ init, optimizer state)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (LSQ init, compiles, optimizer state)")
     parser.add_argument("--interval", type=int, default=8, help="k of saq_strategy=every_k (default 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared 2-core box)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the Trainer's bf16=True)")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the config names")
+    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args(argv)
 
@@ -256,34 +356,42 @@ def main(argv=None) -> dict:
     configs = CONFIGS["cuda" if device.type == "cuda" else "cpu"]
     if args.configs:
         configs = {name: configs[name] for name in args.configs.split(",")}
+    modes = args.modes.split(",") if args.modes else [m for m in MODES if not (args.quick and m in COMPILED_MODES)]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    skipped = {m: why for m in modes if (why := peer_unavailable(m))}
+    for mode, why in skipped.items():
+        print(f"{mode}: skipped, {why}", flush=True)
+    modes = [m for m in modes if m not in skipped]
     steps = 8 if args.quick else args.steps
     results = {}
     for name, (family, kwargs, image_size, batch_size) in configs.items():
         if args.quick:
             batch_size = max(2, batch_size // 2)
-        modes = run_config((family, kwargs, image_size, batch_size), device, args.warmup, steps, args.interval,
-                           args.bf16)
+        measured = run_config((family, kwargs, image_size, batch_size), modes, device, args.warmup, steps,
+                              args.interval, args.bf16)
         results[name] = {"family": family, "config": kwargs, "image_size": image_size, "batch_size": batch_size,
-                         "modes": modes, "ratios": ratios(modes)}
+                         "modes": measured, "ratios": ratios(measured)}
         print(f"{name}: done", flush=True)
 
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     command = "python benchmarks/speed.py" + ("" if argv is None else " " + " ".join(argv))
     if argv is None and len(sys.argv) > 1:
         command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
-    print(f"\n{command}  |  {device.type}: {machine}  |  torch {torch.__version__}  |  W4A4, {'bf16 autocast' if args.bf16 else 'fp32'}, AdamW, "
-          f"every_k k={args.interval}, {steps} timed steps (median)\n")
-    print_table(results, args.interval)
-    worst = {key: max(entry["ratios"][key] for entry in results.values()) for key in GOALS}
-    goals = {key: {"goal": bound, "worst": round(worst[key], 3), "met": worst[key] <= bound}
-             for key, bound in GOALS.items()}
+    print(f"\n{command}  |  {device.type}: {machine}  |  torch {torch.__version__}  |  W4A4, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, AdamW, every_k k={args.interval}, {steps} timed steps (median)"
+          + (f"  |  load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}" if load else "") + "\n")
+    print_table(results)
+    goals = goal_report(results)
     print("\ngoals (worst config): " + ", ".join(
         f"{k} {v['worst']:.2f} {'<=' if v['met'] else '>'} {v['goal']}" for k, v in goals.items()))
 
     report = {"command": command, "device": device.type, "machine": machine, "torch": torch.__version__,
-              "quick": args.quick, "bf16": args.bf16, "timed_steps": steps, "warmup_steps": args.warmup,
-              "every_k_interval": args.interval,
+              "load_average_1_5_15_min": load, "quick": args.quick, "bf16": args.bf16, "timed_steps": steps,
+              "warmup_steps": args.warmup, "every_k_interval": args.interval, "modes": modes, "skipped": skipped,
               "memory_method": "tensor bytes live at step start + the step's allocation peak ("
               + ("cuda.max_memory_allocated)" if device.type == "cuda" else "torch.profiler memory events)"),
               "results": results, "goals": goals}

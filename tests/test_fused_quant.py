@@ -1,4 +1,7 @@
-"""The fused LSQ op gives bit for bit the outputs and gradients of the unfused autograd function it replaced."""
+"""The fused LSQ op gives bit for bit the outputs and gradients of the unfused autograd function it replaced.
+
+CPU always; on a machine with CUDA (``benchmarks/gpu_check.sh``) the same checks run on the GPU, with fp16 too.
+"""
 
 import pytest
 import torch
@@ -38,7 +41,12 @@ LAYOUTS = [((6, 17, 48), ()), ((4, 8, 5, 5), ()), ((8, 40), ()), ((24, 40), (24,
            ((16, 8, 3, 3), ())]
 
 
-def inputs(shape, step_shape, dtype, seed):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [(device, dtype) for device in DEVICES for dtype in (torch.float32, torch.bfloat16, torch.float16)
+         if device == "cuda" or dtype != torch.float16]
+
+
+def inputs(shape, step_shape, dtype, seed, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     step = (torch.rand(step_shape, generator=generator) * 0.2 + 0.01).to(dtype)
     x = (torch.randn(shape, generator=generator) * 0.3).to(dtype)
@@ -46,7 +54,7 @@ def inputs(shape, step_shape, dtype, seed):
     ties = (torch.randint(-10, 10, shape, generator=generator) + 0.5).to(dtype) * step
     x = torch.where(torch.rand(shape, generator=generator) < 0.2, ties, x)
     grad = torch.randn(shape, generator=generator).to(dtype)
-    return x, step, grad
+    return x.to(device), step.to(device), grad.to(device)
 
 
 def outputs_and_grads(function, x, step, grad, qn, qp, grad_scale):
@@ -57,10 +65,10 @@ def outputs_and_grads(function, x, step, grad, qn, qp, grad_scale):
 
 
 def same_bits(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.int16 if a.element_size() == 2
-                                                                                    else torch.int32),
-                                                                    b.view(-1).view(torch.int16 if b.element_size() == 2
-                                                                                    else torch.int32))
+    """Equal as bit patterns (so -0.0 differs from 0.0), not only as values."""
+    as_int = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(as_int), b.reshape(-1).view(as_int)))
 
 
 @pytest.fixture
@@ -69,14 +77,14 @@ def always_fused(monkeypatch):
     monkeypatch.setattr(lsq, "_FUSED_MIN_NUMEL", dict.fromkeys(lsq._FUSED_MIN_NUMEL, 0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_op_is_bit_identical_to_the_unfused_reference_at_every_bit_width(dtype, always_fused):
+@pytest.mark.parametrize("device,dtype", CASES, ids=[f"{d}-{str(t)[6:]}" for d, t in CASES])
+def test_fused_op_is_bit_identical_to_the_unfused_reference_at_every_bit_width(device, dtype, always_fused):
     checked = 0
     for bits in range(2, 9):
         for signed in (True, False):
             qn, qp = quant_range(bits, signed)
             for seed, (shape, step_shape) in enumerate(LAYOUTS):
-                x, step, grad = inputs(shape, step_shape, dtype, seed + 100 * bits)
+                x, step, grad = inputs(shape, step_shape, dtype, seed + 100 * bits, device)
                 grad_scale = 1.0 / (x.numel() * qp) ** 0.5
                 expected = outputs_and_grads(UnfusedLSQ.apply, x, step, grad, qn, qp, grad_scale)
                 fused = outputs_and_grads(lsq_fake_quantize, x, step, grad, qn, qp, grad_scale)
@@ -86,7 +94,8 @@ def test_fused_op_is_bit_identical_to_the_unfused_reference_at_every_bit_width(d
     assert checked == 7 * 2 * len(LAYOUTS)
     # The comparison was against the compiled kernels, not the plain-ops fallback.
     assert not lsq._compiler_failed
-    assert {key[0] for key in lsq._compiled_kernels if key[1] == dtype} == {"_fake_quantize", "_fake_quantize_grads"}
+    assert {key[0] for key in lsq._compiled_kernels if key[1:3] == (dtype, device)} == {"_fake_quantize",
+                                                                                       "_fake_quantize_grads"}
 
 
 def test_double_backward_runs_through_plain_ops_and_matches_the_reference(always_fused):
