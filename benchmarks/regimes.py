@@ -57,6 +57,7 @@ from common import (  # noqa: E402
 )
 
 BASELINE = "qat"
+SAQ_DEFAULT_RHO = 0.002  # SAQTrainingArguments' default (relative radius)
 # Label -> SAQTrainingArguments fields. ``rho: None`` means "the validation-chosen radius".
 MODES = {
     "qat": {"saq_mode": "qat"},
@@ -216,7 +217,8 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
             "accuracy": accuracy(model, splits.test_x, splits.test_y),
             "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
             "train_loss": logs[-1]["train_loss"] if logs else None, "train_seconds": seconds,
-            "epochs": sched.epochs, "steps": trainer.state.global_step, "threads": threads, "key": run.key()}
+            "epochs": sched.epochs, "steps": trainer.state.global_step, "threads": threads,
+            "rho_auto": getattr(trainer, "rho_auto_measurement", None), "key": run.key()}
 
 
 def run_all(runs: list[Run], jobs: int, threads: int, journal: Path, scratch: Path) -> list[dict]:
@@ -245,19 +247,19 @@ class Plan:
     regimes: tuple = ("scratch", "long_qat", "transfer")
     archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
     bits: tuple = (2, 3, 4)
-    modes: tuple = ("qat", "saq", "saq_val", "saq_every_k", "saq_paper")
+    modes: tuple = ("qat", "saq", "saq_val", "saq_every_k")
     seeds: tuple = (0, 1, 2, 3, 4)
-    val_grid: tuple = (0.005, 0.02, 0.05)  # relative radii for saq_val
+    val_grid: tuple = (0.001, 0.002, 0.005)  # relative radii for saq_val
     sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
     sweep_bits: tuple = (2,)
-    schedules: tuple = (("scratch", Schedule(15, 1e-3, 32)), ("long_qat", Schedule(20, 5e-4, 64)),
+    schedules: tuple = (("scratch", Schedule(10, 1e-3, 64)), ("long_qat", Schedule(20, 5e-4, 128)),
                         ("transfer", Schedule(40, 5e-4, 20)))
     fp_schedule: Schedule = Schedule(40, 1e-3, 64)
     safety_widths: tuple = (32, 128, 768)
     safety_bits: tuple = (2, 4, 8)
     safety_modes: tuple = ("qat", "saq", "saq_paper")
-    safety_seeds: tuple = (0, 1, 2)
-    safety_schedule: Schedule = Schedule(10, 1e-3, 32)
+    safety_seeds: tuple = (0, 1)
+    safety_schedule: Schedule = Schedule(10, 1e-3, 64)
     limit: int | None = None
 
 
@@ -304,11 +306,20 @@ def sweep(plan: Plan, fp: dict, cache: Path, jobs: int, threads: int, scratch: P
 
 
 def main_runs(plan: Plan, fp: dict, chosen: dict) -> list[Run]:
+    """The map's runs; ``saq_val`` runs only where validation chose a radius other than the default (elsewhere
+    its rows are the ``saq`` rows, relabelled by :func:`with_val_rows`)."""
+    default = SAQ_DEFAULT_RHO
     return [Run(regime, arch, bits, mode, seed, schedule_of(plan, regime),
                 rho=chosen[(regime, arch.name)] if mode == "saq_val" else None,
                 fp_path=fp.get((arch, fp_source(regime))), limit=plan.limit)
             for mode in plan.modes for regime in plan.regimes for arch in plan.archs for bits in plan.bits
-            for seed in plan.seeds]
+            for seed in plan.seeds if not (mode == "saq_val" and chosen[(regime, arch.name)] == default)]
+
+
+def with_val_rows(rows: list[dict], plan: Plan, chosen: dict) -> list[dict]:
+    extra = [{**r, "mode": "saq_val", "key": r["key"] + "-as-val"} for r in rows if r["mode"] == "saq" and
+             chosen[(r["regime"], f"{r['model']}-{r['width']}")] == SAQ_DEFAULT_RHO and "saq_val" in plan.modes]
+    return rows + extra
 
 
 def safety_runs(plan: Plan) -> list[Run]:
@@ -451,7 +462,8 @@ def main(argv=None) -> dict:
         fp = fp_paths(plan, args.cache, args.jobs, args.threads)
         chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch)
         print("\nrelative rho chosen on validation:", {f"{r}/{a}": v for (r, a), v in chosen.items()})
-        rows = run_all(main_runs(plan, fp, chosen), args.jobs, args.threads, journal, scratch)
+        rows = with_val_rows(run_all(main_runs(plan, fp, chosen), args.jobs, args.threads, journal, scratch),
+                             plan, chosen)
         summary = summarize(rows, ("regime", "model", "w_bits"))
         print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
         plot_map(summary, plan, args.results / f"regime_map{suffix}.png")

@@ -154,7 +154,7 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
         install_command=INSTALL_COMMAND,
         quant_settings=[(key, quant[key]) for key in ("w_bits", "a_bits", "per_channel", "modules_to_not_convert",
                                                       "bits_overrides", "calibration_batches") if key in quant],
-        saq_settings=list(saq.items()) + [(key, value) for key, value in run_info["training"].items()],
+        saq_settings=[(key, value) for key, value in saq.items() if key != "rho_auto"] + [(key, value) for key, value in run_info["training"].items()],
         sharpness=run_info.get("sharpness"),
     )
 

@@ -91,7 +91,7 @@ def test_overrides_parse_pairs_equals_bare_flags_and_lists():
         ("max_train_samples: lots\n", [], "max_train_samples must be int or null, got 'lots'"),
         ("w_bits: 9\n", [], "w_bits must be an integer in 2..8, got 9 (recipe key: w_bits)"),
         ("", ["--a_bits", "1"], "a_bits must be an integer in 2..8 or None (weights only), got 1 (option --a_bits)"),
-        ("rho: -0.1\n", [], "rho must be >= 0, got -0.1 (recipe key: rho)"),
+        ("rho: -0.1\n", [], "rho must be 'auto' or a finite number >= 0, got -0.1 (recipe key: rho)"),
         ("saq_mode: sam\n", [], "saq_mode must be one of"),
         ("[1, 2]\n", [], "must be a mapping"),
     ],
