@@ -61,7 +61,7 @@ class Plan:
     ablation_modes: tuple = ("case1", "case2")
     ablation_bits: tuple = (2,)
     # ρ chosen per architecture on the validation split: SAQ at these bit-widths and seeds, best mean.
-    rho_grid: dict = field(default_factory=lambda: {"vit": (0.02, 0.05, 0.1), "convnext": (0.05, 0.1, 0.2)})
+    rho_grid: dict = field(default_factory=lambda: {"vit": (0.001, 0.002, 0.005), "convnext": (0.001, 0.002, 0.005)})  # relative radii
     sweep_bits: tuple = (2, 3)
     sweep_seeds: tuple = (0,)
     size: ModelSize = ModelSize()
@@ -72,7 +72,7 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(
-    bits=(2,), seeds=(0,), cross_modes=("qat", "saq"), rho_grid={"vit": (0.05, 0.1), "convnext": (0.1, 0.2)},
+    bits=(2,), seeds=(0,), cross_modes=("qat", "saq"), rho_grid={"vit": (0.002, 0.005), "convnext": (0.002, 0.005)},
     sweep_bits=(2,),
     size=ModelSize(vit_layers=1, vit_width=16, vit_heads=2, vit_mlp=32, convnext_widths=(8, 16),
                    convnext_depths=(1, 1)),

@@ -1,0 +1,54 @@
+"""benchmarks/regimes.py's protocol: seed-paired differences to QAT with a 95 % t-interval, validation-only ρ."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import regimes  # noqa: E402
+
+
+def row(mode, seed, accuracy, regime="scratch", model="vit", bits=2, seconds=1.0):
+    return {"regime": regime, "model": model, "w_bits": bits, "mode": mode, "seed": seed, "accuracy": accuracy,
+            "val_accuracy": accuracy, "rho": 0.0 if mode == "qat" else 0.002, "train_seconds": seconds}
+
+
+def test_t_interval_matches_the_textbook_value():
+    # mean 2, sample std 1, n = 3: half width t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    mean, low, high = regimes.t_interval([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    assert high - mean == pytest.approx(2.4841, abs=1e-3)
+    assert mean - low == pytest.approx(2.4841, abs=1e-3)
+
+
+def test_differences_to_qat_are_paired_by_seed():
+    # SAQ is exactly 1 pt above QAT on every seed while both vary a lot across seeds: paired, the interval is 0.
+    rows = [row("qat", s, 80.0 + 5 * s) for s in range(3)] + \
+        [row("saq", s, 81.0 + 5 * s, seconds=2.0) for s in range(3)]
+    summary = {s["mode"]: s for s in regimes.summarize(rows, ("regime", "model", "w_bits"))}
+    assert summary["saq"]["delta_vs_qat"] == pytest.approx(1.0)
+    assert summary["saq"]["delta_ci95"] == pytest.approx([1.0, 1.0])
+    assert summary["saq"]["accuracy_std"] == pytest.approx(5.0)
+    assert summary["saq"]["cost_vs_qat"] == pytest.approx(2.0)
+    assert summary["qat"]["delta_vs_qat"] == pytest.approx(0.0)
+
+
+def test_the_validation_sweep_never_uses_a_reported_seed():
+    plan = regimes.FULL
+    assert not set(plan.sweep_seeds) & set(plan.seeds)
+    assert regimes.SAQ_DEFAULT_RHO in plan.val_grid
+
+
+def test_validation_rows_reuse_the_default_runs_only_where_validation_chose_the_default():
+    plan = regimes.FULL
+    arch = regimes.Arch("vit", 64, 2)
+    chosen = {(regime, arch.name): regimes.SAQ_DEFAULT_RHO for regime in plan.regimes}
+    chosen[("transfer", arch.name)] = 0.005
+    runs = regimes.main_runs(plan, {}, {**chosen, **{(r, "convnext-64"): 0.001 for r in plan.regimes}})
+    val_runs = [r for r in runs if r.mode == "saq_val" and r.arch == arch]
+    assert {r.regime for r in val_runs} == {"transfer"} and {r.rho for r in val_runs} == {0.005}
+    saq_rows = [dict(row("saq", 0, 90.0, regime=reg), model="vit", width=64, key=f"k{reg}") for reg in plan.regimes]
+    relabelled = [r for r in regimes.with_val_rows(saq_rows, plan, chosen) if r["mode"] == "saq_val"]
+    assert {r["regime"] for r in relabelled} == {"scratch", "long_qat"}
