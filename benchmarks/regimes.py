@@ -135,13 +135,17 @@ class Schedule:
     weight_decay: float = 0.05
 
 
+def fp_dir(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: int | None) -> Path:
+    return cache / "regimes_fp" / f"{arch.name}_{source}_{settings_key(arch, source, schedule, limit)}"
+
+
 def fp_model(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: int | None, threads: int) -> Path:
     """An FP model trained from scratch on ``source`` (digits or mnist8), cached by its settings."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     quiet()
     torch.set_num_threads(threads)
-    path = cache / "regimes_fp" / f"{arch.name}_{source}_{settings_key(arch, source, schedule, limit)}"
+    path = fp_dir(arch, source, schedule, cache, limit)
     if (path / "model.safetensors").exists():
         return path
     splits = mnist_8x8(limit) if source == "mnist8" else load_splits("digits", limit)
@@ -255,11 +259,11 @@ class Plan:
     schedules: tuple = (("scratch", Schedule(10, 1e-3, 64)), ("long_qat", Schedule(20, 5e-4, 128)),
                         ("transfer", Schedule(40, 5e-4, 20)))
     fp_schedule: Schedule = Schedule(40, 1e-3, 64)
-    safety_widths: tuple = (32, 128, 768)
+    safety_widths: tuple = (32, 192, 768)  # 768: ViT-B's width (one layer, to fit the CPU budget)
     safety_bits: tuple = (2, 4, 8)
     safety_modes: tuple = ("qat", "saq", "saq_paper")
     safety_seeds: tuple = (0, 1)
-    safety_schedule: Schedule = Schedule(10, 1e-3, 64)
+    safety_schedule: Schedule = Schedule(5, 1e-3, 64)
     limit: int | None = None
 
 
@@ -323,7 +327,7 @@ def with_val_rows(rows: list[dict], plan: Plan, chosen: dict) -> list[dict]:
 
 
 def safety_runs(plan: Plan) -> list[Run]:
-    return [Run("scratch", Arch("vit", width, 2, 4), bits, mode, seed, plan.safety_schedule, limit=plan.limit)
+    return [Run("scratch", Arch("vit", width, 1, 2), bits, mode, seed, plan.safety_schedule, limit=plan.limit)
             for mode in plan.safety_modes for width in plan.safety_widths for bits in plan.safety_bits
             for seed in plan.safety_seeds]
 
@@ -449,16 +453,54 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def report(plan: Plan, results: Path, suffix: str) -> None:
-    regimes, safety = results / f"transfer{suffix}.json", results / f"safety{suffix}.json"
-    if regimes.exists():
-        summary = json.loads(regimes.read_text())["summary"]
+def journal_rows(journal: Path) -> dict:
+    rows = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["key"]] = row
+    return rows
+
+
+def report(plan: Plan, cache: Path, results: Path, suffix: str) -> None:
+    """Tables, figures and JSON from the runs already journaled (no new runs); says which are missing."""
+    done = journal_rows(cache / "regimes_journal.jsonl")
+    fp = {(arch, source): str(fp_dir(arch, source, plan.fp_schedule, cache, plan.limit))
+          for arch in plan.archs for source in ("digits", "mnist8")}
+    sweep_runs = [Run(regime, arch, bits, "saq_val", seed, schedule_of(plan, regime), rho=rho,
+                      fp_path=fp.get((arch, fp_source(regime))) or None, limit=plan.limit)
+                  for regime in plan.regimes for arch in plan.archs for bits in plan.sweep_bits
+                  for seed in plan.sweep_seeds for rho in plan.val_grid]
+    sweep_rows = [done[r.key()] for r in sweep_runs if r.key() in done]
+    chosen = {}
+    for regime in plan.regimes:
+        for arch in plan.archs:
+            scores = {r["rho"]: r["val_accuracy"] for r in sweep_rows if r["regime"] == regime and
+                      r["model"] == arch.kind and r["width"] == arch.width}
+            if scores:
+                chosen[(regime, arch.name)] = max(scores, key=lambda rho: (scores[rho], -rho))
+    wanted = main_runs(plan, fp, chosen) if len(chosen) == len(plan.regimes) * len(plan.archs) else []
+    rows = with_val_rows([done[r.key()] for r in wanted if r.key() in done], plan, chosen)
+    print(f"regime map: {len(rows)} rows ({len([r for r in wanted if r.key() not in done])} runs missing)")
+    if rows:
+        summary = summarize(rows, ("regime", "model", "w_bits"))
         print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
         plot_map(summary, plan, results / f"regime_map{suffix}.png")
-    if safety.exists():
-        summary = json.loads(safety.read_text())["safety_summary"]
+        out = {"command": "python benchmarks/regimes.py --report", "machine": machine(),
+               "plan": json.loads(json.dumps(asdict(plan), default=str)), "missing_runs": len(wanted) - len(rows),
+               "val_chosen_rho": {f"{r}/{a}": v for (r, a), v in chosen.items()}, "sweep_rows": sweep_rows,
+               "rows": rows, "summary": summary}
+        (results / f"transfer{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
+    safety = [done[r.key()] for r in safety_runs(plan) if r.key() in done]
+    print(f"safety table: {len(safety)} of {len(safety_runs(plan))} runs")
+    if safety:
+        summary = summarize(safety, ("width", "w_bits"))
         print_table(summary, ("width", "w_bits"), plan.safety_modes, "Safety table: ViT from scratch on digits")
         plot_safety(summary, plan, results / f"safety{suffix}.png")
+        out = {"command": "python benchmarks/regimes.py --report", "machine": machine(),
+               "missing_runs": len(safety_runs(plan)) - len(safety), "safety_rows": safety,
+               "safety_summary": summary}
+        (results / f"safety{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
 
 
 def main(argv=None) -> dict:
@@ -467,7 +509,7 @@ def main(argv=None) -> dict:
     if args.seeds is not None:
         plan = replace(plan, seeds=tuple(range(args.seeds)), safety_seeds=tuple(range(args.seeds)))
     if args.report:
-        report(plan, args.results, "_quick" if args.quick else "")
+        report(plan, args.cache, args.results, "_quick" if args.quick else "")
         return {}
     args.results.mkdir(parents=True, exist_ok=True)
     scratch = args.cache / "regimes_scratch"
