@@ -40,8 +40,7 @@ def _recipe_groups():
     from .args import DataArguments, ModelArguments, QuantArguments
     from .trainer import SAQTrainingArguments
 
-    saq_fields = [f.name for f in dataclasses.fields(SAQTrainingArguments) if f.name.startswith("saq_")
-                  or f.name == "rho"]
+    saq_fields = [f.name for f in dataclasses.fields(SAQTrainingArguments) if f.name.startswith(("saq_", "rho"))]
     return (("model", ModelArguments, None), ("data", DataArguments, None), ("quantization", QuantArguments, None),
             ("SAQ", SAQTrainingArguments, saq_fields), ("training", SAQTrainingArguments, "rest"))
 
