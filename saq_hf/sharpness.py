@@ -214,7 +214,8 @@ class SharpnessPerturbation:
             norms = torch._foreach_norm(scaled)
             sizes = torch._foreach_norm(points)
             points = None  # a copy of every Q(w): free it before ε is built (SAQ's peak memory)
-            factors = [self.rho * size / norm if norm > 0 else norm for size, norm in zip(sizes, norms)]
+            # torch.where, not a Python branch: no host sync per tensor on a GPU.
+            factors = [torch.where(norm > 0, self.rho * size / norm, norm) for size, norm in zip(sizes, norms)]
             values = torch._foreach_mul(direction, factors)
         eps: list[torch.Tensor | None] = [None] * len(grads)
         for i, value in zip(indices, values):
