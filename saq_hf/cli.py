@@ -7,6 +7,7 @@ one line on stderr and exit status 2.
 
 import argparse
 import dataclasses
+import os
 import sys
 import textwrap
 import typing
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"saq-hf: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `saq-hf train RECIPE --help | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
