@@ -46,14 +46,15 @@ def _recipe_groups():
             ("SAQ", SAQTrainingArguments, saq_fields), ("training", SAQTrainingArguments, "rest"))
 
 
-def recipe_help(recipe: str | Path, values: dict) -> str:
+def recipe_help(recipe: str | Path, values: dict, source: str | Path | None = None) -> str:
     """Every recipe field grouped (model, data, quantization, SAQ, training) with type, default, help and the
     value ``values`` (the recipe's YAML) sets; training lists the common fields and those the recipe sets."""
     from .args import _type_name
 
     lines = [f"usage: saq-hf train {recipe} [--field value ...]", "",
-             f"Fields of {recipe}; `recipe:` is the value it sets, a --field flag on the command line overrides it.",
-             "Every transformers TrainingArguments field is accepted; training lists the common ones."]
+             f"Fields of {source or recipe}.",
+             "`recipe:` is the value the recipe sets; a --field flag on the command line overrides it. Every",
+             "transformers TrainingArguments field is accepted; training lists the common ones and the recipe's."]
     saq_names: set[str] = set()
     for title, dtype, names in _recipe_groups():
         hints = typing.get_type_hints(dtype)
@@ -100,7 +101,7 @@ def _train(ns: argparse.Namespace) -> int:
             values = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             values = {}
-        print(recipe_help(recipe, values if isinstance(values, dict) else {}))
+        print(recipe_help(ns.recipe, values if isinstance(values, dict) else {}, source=recipe))
         return 0
     recipe_args = parse_recipe(recipe, ns.overrides,
                                (ModelArguments, DataArguments, QuantArguments, SAQTrainingArguments))
