@@ -290,8 +290,9 @@ def fp_paths(plan: Plan, cache: Path, jobs: int, threads: int) -> dict:
     needed = sorted({(arch, fp_source(r)) for r in plan.regimes for arch in plan.archs if fp_source(r)},
                     key=lambda t: (t[0].name, t[1]))
     calls = [(arch, source, plan.fp_schedule, cache, plan.limit, threads) for arch, source in needed]
-    paths = list(in_parallel(fp_model, calls, jobs, threads))
-    return {(arch, source): str(path) for (arch, source), path in zip(needed, paths)}
+    for _ in in_parallel(fp_model, calls, jobs, threads):  # results arrive in completion order, not call order
+        pass
+    return {(arch, source): str(fp_dir(arch, source, plan.fp_schedule, cache, plan.limit)) for arch, source in needed}
 
 
 def sweep(plan: Plan, fp: dict, cache: Path, jobs: int, threads: int, scratch: Path) -> tuple[dict, list]:
