@@ -13,7 +13,7 @@ seconds. Three regimes, each with a ViT and a ConvNeXt at W2A2, W3A3 and W4A4:
 
 Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes),
 ``saq_val`` (the relative ρ of a grid that is best on the validation split, chosen per regime and model on the
-sweep seeds, never on test) and ``saq_every_k`` (the defaults with ``saq_strategy="every_k"``, k = 5: 1.2
+sweep seeds, never on test), ``saq_auto`` (``rho="auto"``) and ``saq_every_k`` (the defaults with ``saq_strategy="every_k"``, k = 5: 1.2
 passes per step). Differences to QAT are seed-paired, with a 95 % t-interval.
 
 The safety table trains ViTs from scratch at widths 32 to 768 (ViT-B's width) at W2A2…W8A8 with ``qat``,
@@ -64,6 +64,7 @@ EFFICIENT_ONLY_AT = {"saq_every_k": (2,)}
 MODES = {
     "qat": {"saq_mode": "qat"},
     "saq": {"saq_mode": "saq"},
+    "saq_auto": {"saq_mode": "saq", "rho": "auto"},
     "saq_val": {"saq_mode": "saq", "rho": None},
     "saq_every_k": {"saq_mode": "saq", "saq_strategy": "every_k", "saq_interval": 5},  # cost 1.2x QAT
     "saq_paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False},
@@ -200,7 +201,7 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
     torch.manual_seed(run.seed)
     calibrate(model, batches_of(splits.train_x, splits.train_y, run.schedule.batch_size, 4 * run.schedule.batch_size))
     fields = {k: v for k, v in MODES[run.mode].items() if k != "rho"}
-    rho = MODES[run.mode].get("rho", "auto") if run.rho is None else run.rho
+    rho = MODES[run.mode].get("rho", SAQ_DEFAULT_RHO) if run.rho is None else run.rho
     if fields["saq_mode"] == "qat":
         rho = 0.0
     sched = run.schedule
@@ -253,7 +254,7 @@ class Plan:
     regimes: tuple = ("scratch", "long_qat", "transfer")
     archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
     bits: tuple = (2, 3, 4)
-    modes: tuple = ("qat", "saq", "saq_val", "saq_every_k")
+    modes: tuple = ("qat", "saq", "saq_val", "saq_auto", "saq_every_k")
     seeds: tuple = (0, 1, 2, 3, 4)
     val_grid: tuple = (0.001, 0.002, 0.005)  # relative radii for saq_val
     sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
@@ -395,7 +396,7 @@ def plot_map(summary: list[dict], plan: Plan, path: Path) -> None:
     fig, axes = plt.subplots(len(plan.archs), len(plan.regimes), figsize=(4.2 * len(plan.regimes),
                              3.2 * len(plan.archs)), squeeze=False, sharey=True)
     index = {(s["regime"], s["model"], s["w_bits"], s["mode"]): s for s in summary}
-    colours = {"saq": "tab:red", "saq_val": "tab:purple", "saq_every_k": "tab:orange", "saq_paper": "tab:gray"}
+    colours = {"saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_every_k": "tab:orange"}
     for i, arch in enumerate(plan.archs):
         for j, regime in enumerate(plan.regimes):
             ax = axes[i][j]
