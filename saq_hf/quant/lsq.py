@@ -4,8 +4,10 @@ The op is written once, as the elementwise arithmetic of LSQ's forward and backw
 ``_fake_quantize_grads``), and reaches fusion two ways:
 
 - eager: each of the two functions runs as one kernel compiled by Inductor (C++ on CPU, Triton on CUDA),
-  one pass over the tensor instead of four (forward) and nine (backward); the step-size gradient is then
-  summed by ``torch.sum`` as before, so outputs and gradients are bit-identical to the unfused ops;
+  one pass over the tensor instead of four (forward) and nine (backward), for tensors large enough that
+  this beats the call cost (``_FUSED_MIN_NUMEL``; smaller ones run the same code as plain in-place ops);
+  the step-size gradient is then summed by ``torch.sum`` as before, so outputs and gradients are
+  bit-identical to the unfused ops;
 - inside ``torch.compile`` (e.g. ``SAQTrainingArguments(torch_compile=True)``) the plain functions are
   traced into the model's graph, where Inductor fuses them with their neighbours.
 
