@@ -73,8 +73,8 @@ def test_choose_rho_takes_the_largest_radius_within_the_share():
 
 
 def args(tmp_path, **overrides):
-    return SAQTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2,
-                                **{**FAST, **overrides})
+    return SAQTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8,
+                                **{"max_steps": 2, **FAST, **overrides})
 
 
 def test_rho_auto_is_measured_once_logged_and_on_the_grid(tmp_path):
@@ -187,3 +187,19 @@ def test_default_saq_learns_from_scratch_like_plain_qat(tmp_path):
     assert final["defaults"] < 0.93 * math.log(10)
     assert abs(final["defaults"] - final["qat"]) < 0.15
     assert final["paper"] > final["defaults"] + 0.05
+
+
+def test_saq_on_an_untrained_model_says_to_train_it_first(tmp_path):
+    trainer = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "scratch", rho=0.002),
+                         train_dataset=ToyImages())
+    with pytest.warns(UserWarning, match="near chance"):
+        trainer.train()
+
+
+def test_saq_on_a_trained_model_does_not_warn(tmp_path, recwarn):
+    model = quantized(tiny_vit())
+    qat = SAQTrainer(model=model, args=args(tmp_path / "qat", saq_mode="qat", max_steps=60, learning_rate=3e-3),
+                     train_dataset=ToyImages())
+    qat.train()
+    SAQTrainer(model=model, args=args(tmp_path / "saq", rho=0.002), train_dataset=ToyImages()).train()
+    assert not [w for w in recwarn.list if "near chance" in str(w.message)]
