@@ -168,8 +168,19 @@ def _parse_rho(value) -> float | str:
 # The collapse guard: warn when the perturbed loss stays this many times the unperturbed one over this many
 # consecutive SAQ steps (docs/METHOD.md, "When SAQ stops a model from learning").
 GUARD_RATIO, GUARD_STEPS = 1.5, 50
-# The first SAQ step's loss above this share of ln(num_labels) means an untrained model: SAQ there only costs.
+# Mean prediction entropy above this share of ln(num_classes) marks an untrained model (a quantization-damaged
+# one has a high loss too, but confident predictions): SAQ there only costs, and rho="auto" takes its smallest radius.
 UNTRAINED_SHARE = 0.9
+
+
+def _predicts_uniformly(outputs) -> bool:
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[-1] < 2:
+        return False
+    with torch.no_grad():
+        probs = logits.detach().float().softmax(-1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+    return bool(entropy > UNTRAINED_SHARE * math.log(logits.shape[-1]))
 
 
 class SAQTrainer(Trainer):
@@ -203,7 +214,7 @@ class SAQTrainer(Trainer):
         self.rho: float | None = None if self.args.rho == "auto" else self.args.rho
         self._previous_descent_grads: list | None = None
         self._saq_sums = self._empty_sums()
-        self._guard_run, self._guard_warned, self._start_checked = 0, False, False
+        self._guard_run, self._guard_warned, self._start_checked, self._untrained = 0, False, False, False
 
     @staticmethod
     def _empty_sums() -> dict:
@@ -229,22 +240,30 @@ class SAQTrainer(Trainer):
             if "saq_rho" in entry:
                 return float(entry["saq_rho"])
         args = self.args
-        losses, increases = [], []
+        losses, increases, untrained = [], [], []
         # Draws for the measurement (sampler order, dropout) must not shift the training run's random stream.
         with self._same_random_draws():
             for index, batch in enumerate(self.get_train_dataloader()):
                 if index == args.rho_auto_batches:
                     break
                 batch = self._prepare_inputs(batch)
+                with torch.no_grad(), frozen_running_stats(model), self._same_random_draws(), \
+                        self.compute_loss_context_manager():
+                    untrained.append(_predicts_uniformly(self.compute_loss(model, batch, return_outputs=True)[1]))
                 loss, increase = adversarial_loss_increases(
                     sharpness, lambda b=batch: self._plain_loss(model, b), same_draws=self._same_random_draws)
                 losses.append(loss)
                 increases.append(increase)
         loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
         increase = self.accelerator.reduce(torch.stack(increases).mean(0), reduction="mean")
-        rho = choose_rho(float(loss), increase.tolist(), args.rho_auto_share)
+        # An untrained model's landscape is flat at initialisation, so the rule would allow large radii that then
+        # stop it from learning (README Results): it gets the smallest radius instead.
+        is_untrained = bool(self.accelerator.reduce(torch.tensor(float(all(untrained)), device=loss.device),
+                                                    reduction="mean") == 1)
+        rho = min(AUTO_RHO_GRID) if is_untrained else choose_rho(float(loss), increase.tolist(), args.rho_auto_share)
         self.rho_auto_measurement = {"loss": float(loss), "grid": list(AUTO_RHO_GRID),
-                                     "loss_increase": increase.tolist(), "share": args.rho_auto_share, "rho": rho}
+                                     "loss_increase": increase.tolist(), "share": args.rho_auto_share,
+                                     "untrained": is_untrained, "rho": rho}
         self.log({"saq_rho": rho})
         return rho
 
@@ -290,13 +309,10 @@ class SAQTrainer(Trainer):
 
     def _warn_if_untrained(self, model) -> None:
         """SAQ on a model that has not learned anything yet costs accuracy (README Results, "scratch"): say so."""
-        classes = getattr(getattr(self.accelerator.unwrap_model(model), "config", None), "num_labels", None)
-        loss = float(self._raw_ascent_loss)
-        if isinstance(classes, int) and classes > 1 and loss > UNTRAINED_SHARE * math.log(classes):
-            warnings.warn(f"SAQ starts on a model whose loss ({loss:.3g}) is near chance (ln {classes} = "
-                          f"{math.log(classes):.3g}). Trained from scratch, SAQ trailed plain QAT by 1-3 points in "
-                          "our benchmarks at every radius tried: train in floating point or with saq_mode='qat' "
-                          "first, then fine-tune with SAQ.", stacklevel=2)
+        if self._untrained:
+            warnings.warn("SAQ starts on an untrained model (its predictions are near uniform). Trained from scratch, "
+                          "SAQ trailed plain QAT by 1-3 points in our benchmarks at every radius tried: train in "
+                          "floating point or with saq_mode='qat' first, then fine-tune with SAQ.", stacklevel=2)
 
     @contextmanager
     def _gradients_replaced(self, params, clean, num_items_in_batch):
@@ -378,7 +394,10 @@ class SAQTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss, outputs = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch,
+                                              return_outputs=True)
+        if not self._start_checked:
+            self._untrained = _predicts_uniformly(outputs)
         if self.args.n_gpu > 1:
             loss = loss.mean()
         self._raw_ascent_loss = loss.detach()

@@ -77,11 +77,18 @@ def args(tmp_path, **overrides):
                                 **{"max_steps": 2, **FAST, **overrides})
 
 
+def trained_tiny_vit(tmp_path):
+    model = quantized(tiny_vit())
+    SAQTrainer(model=model, args=args(tmp_path / "qat", saq_mode="qat", max_steps=60, learning_rate=3e-3),
+               train_dataset=ToyImages()).train()
+    return model
+
+
 def test_rho_auto_is_measured_once_logged_and_on_the_grid(tmp_path):
-    trainer = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path, rho="auto"), train_dataset=ToyImages())
+    trainer = SAQTrainer(model=trained_tiny_vit(tmp_path), args=args(tmp_path, rho="auto"), train_dataset=ToyImages())
     trainer.train()
     measured = trainer.rho_auto_measurement
-    assert trainer.rho in AUTO_RHO_GRID
+    assert trainer.rho in AUTO_RHO_GRID and not measured["untrained"]
     assert trainer.rho == choose_rho(measured["loss"], measured["loss_increase"], 0.05)
     increases = measured["loss_increase"]
     assert increases[-1] > increases[0]  # a larger radius costs more loss
@@ -192,14 +199,17 @@ def test_default_saq_learns_from_scratch_like_plain_qat(tmp_path):
 def test_saq_on_an_untrained_model_says_to_train_it_first(tmp_path):
     trainer = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "scratch", rho=0.002),
                          train_dataset=ToyImages())
-    with pytest.warns(UserWarning, match="near chance"):
+    with pytest.warns(UserWarning, match="untrained model"):
         trainer.train()
 
 
+def test_rho_auto_gives_an_untrained_model_the_smallest_radius(tmp_path):
+    trainer = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path, rho="auto"), train_dataset=ToyImages())
+    trainer.train()
+    assert trainer.rho_auto_measurement["untrained"] and trainer.rho == min(AUTO_RHO_GRID)
+
+
 def test_saq_on_a_trained_model_does_not_warn(tmp_path, recwarn):
-    model = quantized(tiny_vit())
-    qat = SAQTrainer(model=model, args=args(tmp_path / "qat", saq_mode="qat", max_steps=60, learning_rate=3e-3),
-                     train_dataset=ToyImages())
-    qat.train()
+    model = trained_tiny_vit(tmp_path)
     SAQTrainer(model=model, args=args(tmp_path / "saq", rho=0.002), train_dataset=ToyImages()).train()
-    assert not [w for w in recwarn.list if "near chance" in str(w.message)]
+    assert not [w for w in recwarn.list if "untrained model" in str(w.message)]
