@@ -467,7 +467,7 @@ def journal_rows(journal: Path) -> dict:
     return rows
 
 
-def report(plan: Plan, cache: Path, results: Path, suffix: str) -> None:
+def report(plan: Plan, cache: Path, results: Path, suffix: str, part: str = "all") -> None:
     """Tables, figures and JSON from the runs already journaled (no new runs); says which are missing."""
     done = journal_rows(cache / "regimes_journal.jsonl")
     fp = {(arch, source): str(fp_dir(arch, source, plan.fp_schedule, cache, plan.limit))
@@ -484,9 +484,11 @@ def report(plan: Plan, cache: Path, results: Path, suffix: str) -> None:
                       r["model"] == arch.kind and r["width"] == arch.width}
             if scores:
                 chosen[(regime, arch.name)] = max(scores, key=lambda rho: (scores[rho], -rho))
-    wanted = main_runs(plan, fp, chosen) if len(chosen) == len(plan.regimes) * len(plan.archs) else []
+    complete = len(chosen) == len(plan.regimes) * len(plan.archs)
+    wanted = main_runs(plan, fp, chosen) if complete and part in ("all", "regimes") else []
     rows = with_val_rows([done[r.key()] for r in wanted if r.key() in done], plan, chosen)
-    print(f"regime map: {len(rows)} rows ({len([r for r in wanted if r.key() not in done])} runs missing)")
+    if wanted:
+        print(f"regime map: {len(rows)} rows ({len([r for r in wanted if r.key() not in done])} runs missing)")
     if rows:
         summary = summarize(rows, ("regime", "model", "w_bits"))
         print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
@@ -496,7 +498,7 @@ def report(plan: Plan, cache: Path, results: Path, suffix: str) -> None:
                "val_chosen_rho": {f"{r}/{a}": v for (r, a), v in chosen.items()}, "sweep_rows": sweep_rows,
                "rows": rows, "summary": summary}
         (results / f"transfer{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
-    safety = [done[r.key()] for r in safety_runs(plan) if r.key() in done]
+    safety = [done[r.key()] for r in safety_runs(plan) if r.key() in done] if part in ("all", "safety") else []
     print(f"safety table: {len(safety)} of {len(safety_runs(plan))} runs")
     if safety:
         summary = summarize(safety, ("width", "w_bits"))
@@ -514,7 +516,7 @@ def main(argv=None) -> dict:
     if args.seeds is not None:
         plan = replace(plan, seeds=tuple(range(args.seeds)), safety_seeds=tuple(range(args.seeds)))
     if args.report:
-        report(plan, args.cache, args.results, "_quick" if args.quick else "")
+        report(plan, args.cache, args.results, "_quick" if args.quick else "", args.part)
         return {}
     args.results.mkdir(parents=True, exist_ok=True)
     scratch = args.cache / "regimes_scratch"
