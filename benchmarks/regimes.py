@@ -13,8 +13,9 @@ seconds. Three regimes, each with a ViT and a ConvNeXt at W2A2, W3A3 and W4A4:
 
 Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes),
 ``saq_val`` (the relative ρ of a grid that is best on the validation split, chosen per regime and model on the
-sweep seeds, never on test), ``saq_auto`` (``rho="auto"``) and ``saq_every_k`` (the defaults with ``saq_strategy="every_k"``, k = 5: 1.2
-passes per step). Differences to QAT are seed-paired, with a 95 % t-interval.
+sweep seeds, never on test), ``saq_auto`` (``rho="auto"``) and ``saq_every_k`` (the defaults with
+``saq_strategy="every_k"``, k = 5: 1.2 passes per step, at W2A2 only). Differences to QAT are seed-paired,
+with a 95 % t-interval.
 
 The safety table trains ViTs from scratch at widths 32 to 768 (ViT-B's width) at W2A2…W8A8 with ``qat``,
 ``saq`` and ``saq_paper`` (the paper's absolute ``rho=0.05`` with step sizes trained at the perturbed point:

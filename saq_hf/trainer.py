@@ -65,8 +65,8 @@ class SAQTrainingArguments(TrainingArguments):
     saq_radius: str = field(
         default="relative",
         metadata={
-            "help": "How ρ is measured. 'relative': each perturbed tensor x moves by ρ·||x|| along its own gradient, "
-            "so one ρ means the same on any model size and bit-width; 'absolute': ε = ρ·g/||g|| with one global "
+            "help": "How ρ is measured. 'relative': each perturbed tensor x moves by ρ·||x|| along its own "
+            "gradient, so one ρ means the same on any model size and bit-width; 'absolute': ε = ρ·g/||g|| with one global "
             "norm, exactly the paper's formula (its size per element shrinks as the model grows).",
             "choices": list(RADII),
         },
@@ -130,7 +130,8 @@ class SAQTrainingArguments(TrainingArguments):
             raise ValueError(f"saq_radius must be one of {RADII}, got {self.saq_radius!r} (field: saq_radius)")
         if (isinstance(self.rho_auto_share, bool) or not isinstance(self.rho_auto_share, (int, float))
                 or not math.isfinite(self.rho_auto_share) or self.rho_auto_share <= 0):
-            raise ValueError(f"rho_auto_share must be a number > 0, got {self.rho_auto_share!r} (field: rho_auto_share)")
+            raise ValueError(
+                f"rho_auto_share must be a number > 0, got {self.rho_auto_share!r} (field: rho_auto_share)")
         if isinstance(self.rho_auto_batches, bool) or not isinstance(self.rho_auto_batches, int) \
                 or self.rho_auto_batches < 1:
             raise ValueError(
@@ -447,10 +448,12 @@ class SAQTrainer(Trainer):
 
     def _watch_for_collapse(self, ascent: float, descent: float, steps: int) -> None:
         """Warn once when the perturbed loss has stayed ``GUARD_RATIO`` times the unperturbed one for
-        ``GUARD_STEPS`` SAQ steps, or any LSQ step size has left the positive numbers (every input clipped)."""
+        ``GUARD_STEPS`` SAQ steps, or an activation quantizer's step size has left the positive numbers (every input
+        clipped: nothing below it learns)."""
         self._guard_run = self._guard_run + steps if descent > GUARD_RATIO * ascent else 0
         bad = [name for name, module in self.accelerator.unwrap_model(self.model).named_modules()
-               if isinstance(module, LSQQuantizer) and not bool((module.step_size > 0).all())]
+               if isinstance(module, LSQQuantizer) and module.is_activation
+               and not bool((module.step_size > 0).all())]
         if self._guard_warned or (self._guard_run < GUARD_STEPS and not bad):
             return
         self._guard_warned = True
