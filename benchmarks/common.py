@@ -398,29 +398,43 @@ def save_figure(fig, axes, title: str, path: Path) -> None:
     pyplot().close(fig)
 
 
-def run_all(specs: list[RunSpec], jobs: int, threads: int, journal: Path, scratch: Path,
-            progress=print) -> list[dict]:
-    """Run ``specs`` on ``jobs`` processes in the order given, skipping any whose row is already in
-    ``journal`` (a JSONL file that survives an interrupted run, so a re-run resumes); returns the rows in
-    ``specs`` order."""
+def read_journal(journal: Path) -> dict:
+    """The rows of a JSONL run journal, by their ``key``."""
     done = {}
     if journal.exists():
         for line in journal.read_text().splitlines():
             row = json.loads(line)
             done[row["key"]] = row
-    todo = list({s.key(): s for s in specs
-                 if s.key() not in done or (s.save_to and not Path(s.save_to).exists())}.values())
+    return done
+
+
+def journaled(function, specs: list, jobs: int, threads: int, journal: Path, scratch: Path, describe,
+              redo=lambda spec: False, progress=print) -> list[dict]:
+    """Run ``function(spec, threads, scratch)`` for every spec whose row is not yet in ``journal`` (a JSONL
+    file that survives an interrupted run, so a re-run resumes), or that ``redo`` asks for again; each new row is
+    appended as it arrives and announced with ``describe(row)``. Returns the rows in ``specs`` order."""
+    done = read_journal(journal)
+    todo = list({s.key(): s for s in specs if s.key() not in done or redo(s)}.values())
     journal.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for count, row in enumerate(in_parallel(qat_run, [(s, threads, scratch) for s in todo], jobs, threads), 1):
+    for count, row in enumerate(in_parallel(function, [(s, threads, scratch) for s in todo], jobs, threads), 1):
         done[row["key"]] = row
         with journal.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        progress(f"[{count:>3}/{len(todo)} {time.perf_counter() - start:6.0f}s] {row['model']:8s} "
-                 f"{row['dataset']:6s} W{row['w_bits']}A{row['a_bits']} {row['mode']:14s} rho={row['rho']:<5g} "
-                 f"seed={row['seed']} test={row['accuracy']:6.2f} val={row['val_accuracy']:6.2f} "
-                 f"{row['train_seconds']:5.1f}s")
+        progress(f"[{count:>3}/{len(todo)} {time.perf_counter() - start:6.0f}s] {describe(row)}")
     return [done[s.key()] for s in specs]
+
+
+def run_all(specs: list[RunSpec], jobs: int, threads: int, journal: Path, scratch: Path,
+            progress=print) -> list[dict]:
+    """The accuracy benchmark's stage-2 runs, journaled; a run whose saved model is gone runs again."""
+    def describe(row):
+        return (f"{row['model']:8s} {row['dataset']:6s} W{row['w_bits']}A{row['a_bits']} {row['mode']:14s} "
+                f"rho={row['rho']:<5g} seed={row['seed']} test={row['accuracy']:6.2f} val={row['val_accuracy']:6.2f} "
+                f"{row['train_seconds']:5.1f}s")
+
+    return journaled(qat_run, specs, jobs, threads, journal, scratch, describe,
+                     redo=lambda s: bool(s.save_to) and not Path(s.save_to).exists(), progress=progress)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -49,11 +49,13 @@ from common import (  # noqa: E402
     batches_of,
     collate,
     in_parallel,
+    journaled,
     load_splits,
     machine,
     mean_std,
     pyplot,
     quiet,
+    read_journal,
     settings_key,
 )
 
@@ -229,24 +231,15 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
             "rho_auto": getattr(trainer, "rho_auto_measurement", None), "key": run.key()}
 
 
+def describe(row: dict) -> str:
+    return (f"{row['regime']:8s} {row['model']:8s}w{row['width']:<4d} W{row['w_bits']}A{row['a_bits']} "
+            f"{row['mode']:12s} rho={row['rho']:<7.4g} seed={row['seed']} test={row['accuracy']:6.2f} "
+            f"val={row['val_accuracy']:6.2f} {row['train_seconds']:5.1f}s")
+
+
 def run_all(runs: list[Run], jobs: int, threads: int, journal: Path, scratch: Path) -> list[dict]:
-    done = {}
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
-    todo = list({r.key(): r for r in runs if r.key() not in done}.values())
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    for count, row in enumerate(in_parallel(run_one, [(r, threads, scratch) for r in todo], jobs, threads), 1):
-        done[row["key"]] = row
-        with journal.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"[{count:>3}/{len(todo)} {time.perf_counter() - start:6.0f}s] {row['regime']:8s} {row['model']:8s}"
-              f"w{row['width']:<4d} W{row['w_bits']}A{row['a_bits']} {row['mode']:12s} rho={row['rho']:<7.4g} "
-              f"seed={row['seed']} test={row['accuracy']:6.2f} val={row['val_accuracy']:6.2f} "
-              f"{row['train_seconds']:5.1f}s", flush=True)
-    return [done[r.key()] for r in runs]
+    return journaled(run_one, runs, jobs, threads, journal, scratch, describe,
+                     progress=lambda line: print(line, flush=True))
 
 
 # --------------------------------------------------------------------------------------------------- plan
@@ -459,18 +452,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def journal_rows(journal: Path) -> dict:
-    rows = {}
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            row = json.loads(line)
-            rows[row["key"]] = row
-    return rows
-
-
 def report(plan: Plan, cache: Path, results: Path, suffix: str, part: str = "all") -> None:
     """Tables, figures and JSON from the runs already journaled (no new runs); says which are missing."""
-    done = journal_rows(cache / "regimes_journal.jsonl")
+    done = read_journal(cache / "regimes_journal.jsonl")
     fp = {(arch, source): str(fp_dir(arch, source, plan.fp_schedule, cache, plan.limit))
           for arch in plan.archs for source in ("digits", "mnist8")}
     sweep_runs = [Run(regime, arch, bits, "saq_val", seed, schedule_of(plan, regime), rho=rho,

@@ -212,6 +212,7 @@ class SAQTrainer(Trainer):
                 "build the arguments with saq_hf.SAQTrainingArguments(output_dir=..., saq_mode=..., rho=...)"
             )
         self.sharpness: SharpnessPerturbation | None = None
+        self._lsq_step_sizes: list[torch.nn.Parameter] = []
         self.rho: float | None = None if self.args.rho == "auto" else self.args.rho
         self._previous_descent_grads: list | None = None
         self._saq_sums = self._empty_sums()
@@ -229,6 +230,9 @@ class SAQTrainer(Trainer):
             self.sharpness = SharpnessPerturbation(unwrapped, case=args.saq_mode, rho=self.rho or 0.0,
                                                    adaptive=args.saq_adaptive, perturb=args.saq_perturb,
                                                    radius=args.saq_radius)
+            # Built with the perturbation, not per step: the clean-gradient hooks go on these every SAQ step.
+            self._lsq_step_sizes = [p for m in unwrapped.modules() if isinstance(m, LSQQuantizer)
+                                    for p in m.parameters(recurse=False) if p.requires_grad]
         if self.rho is None:
             self.rho = self._resolve_auto_rho(model, self.sharpness)
         self.sharpness.rho = self.rho
@@ -274,11 +278,6 @@ class SAQTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.mean() if self.args.n_gpu > 1 else loss
 
-    def _step_sizes(self, model) -> list[torch.nn.Parameter]:
-        unwrapped = self.accelerator.unwrap_model(model)
-        return [p for m in unwrapped.modules() if isinstance(m, LSQQuantizer)
-                for p in m.parameters(recurse=False) if p.requires_grad]
-
     def _is_plain_step(self) -> bool:
         args = self.args
         if args.saq_mode == "qat":
@@ -293,7 +292,7 @@ class SAQTrainer(Trainer):
         sharpness = self._sharpness_for(model)
         if self.args.saq_strategy == "reuse_grad":
             return self._reuse_grad_step(sharpness, model, inputs, num_items_in_batch)
-        step_sizes = self._step_sizes(model) if self.args.saq_clean_step_sizes else []
+        step_sizes = self._lsq_step_sizes if self.args.saq_clean_step_sizes else []
         with self.accelerator.no_sync(model), self._same_random_draws():
             grads, clean = sharpness.ascent_gradients(
                 lambda: self._ascent_loss(model, inputs, num_items_in_batch), extra=step_sizes)
