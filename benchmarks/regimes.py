@@ -14,8 +14,9 @@ seconds. Three regimes, each with a ViT and a ConvNeXt at W2A2, W3A3 and W4A4:
 Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes),
 ``saq_val`` (the relative ρ of a grid that is best on the validation split, chosen per regime and model on the
 sweep seeds, never on test), ``saq_auto`` (``rho="auto"``) and ``saq_every_k`` (the defaults with
-``saq_strategy="every_k"``, k = 5: 1.2 passes per step, at W2A2 only). Differences to QAT are seed-paired,
-with a 95 % t-interval.
+``saq_strategy="every_k"``, k = 5: 1.2 passes per step), ``saq_looksam`` (``saq_strategy="looksam"``, k = 5,
+alpha 0.7: 1.2 passes per step) and ``saq_reuse_grad`` (1 pass per step); the last three at W2A2 only.
+Differences to QAT are seed-paired, with a 95 % t-interval.
 
 The safety table trains ViTs from scratch at widths 32 to 768 (ViT-B's width) at W2A2…W8A8 with ``qat``,
 ``saq`` and ``saq_paper`` (the paper's absolute ``rho=0.05`` with step sizes trained at the perturbed point:
@@ -62,7 +63,7 @@ from common import (  # noqa: E402
 BASELINE = "qat"
 SAQ_DEFAULT_RHO = 0.002  # SAQTrainingArguments' default (relative radius)
 # The efficient strategy is measured where SAQ's gain is largest (W2A2): the CPU budget does not cover every cell.
-EFFICIENT_ONLY_AT = {"saq_every_k": (2,)}
+EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_reuse_grad": (2,)}
 # Label -> SAQTrainingArguments fields. ``rho: None`` means "the validation-chosen radius".
 MODES = {
     "qat": {"saq_mode": "qat"},
@@ -70,6 +71,9 @@ MODES = {
     "saq_auto": {"saq_mode": "saq", "rho": "auto"},
     "saq_val": {"saq_mode": "saq", "rho": None},
     "saq_every_k": {"saq_mode": "saq", "saq_strategy": "every_k", "saq_interval": 5},  # cost 1.2x QAT
+    # LookSAM with the paper's k = 5 and alpha = 0.7 (the library default): the same 1.2 passes per step.
+    "saq_looksam": {"saq_mode": "saq", "saq_strategy": "looksam", "saq_interval": 5},
+    "saq_reuse_grad": {"saq_mode": "saq", "saq_strategy": "reuse_grad"},  # 1 pass per step
     "saq_paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False},
 }
 
@@ -248,7 +252,7 @@ class Plan:
     regimes: tuple = ("scratch", "long_qat", "transfer")
     archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
     bits: tuple = (2, 3, 4)
-    modes: tuple = ("qat", "saq", "saq_val", "saq_auto", "saq_every_k")
+    modes: tuple = ("qat", "saq", "saq_val", "saq_auto", "saq_every_k", "saq_looksam", "saq_reuse_grad")
     seeds: tuple = (0, 1, 2, 3, 4)
     val_grid: tuple = (0.001, 0.002, 0.005)  # relative radii for saq_val
     sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
@@ -390,7 +394,8 @@ def plot_map(summary: list[dict], plan: Plan, path: Path) -> None:
     fig, axes = plt.subplots(len(plan.archs), len(plan.regimes), figsize=(4.2 * len(plan.regimes),
                              3.2 * len(plan.archs)), squeeze=False, sharey=True)
     index = {(s["regime"], s["model"], s["w_bits"], s["mode"]): s for s in summary}
-    colours = {"saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_every_k": "tab:orange"}
+    colours = {"saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_every_k": "tab:orange",
+               "saq_looksam": "tab:brown", "saq_reuse_grad": "tab:gray"}
     for i, arch in enumerate(plan.archs):
         for j, regime in enumerate(plan.regimes):
             ax = axes[i][j]

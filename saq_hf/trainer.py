@@ -4,11 +4,15 @@ Cost model of ``saq_strategy`` (one step = one micro-batch's forward + backward)
 
     full        2 forward+backward per step (ascent, then descent at the perturbed point)
     every_k     full SAQ on every k-th optimizer step, plain QAT on the others: (k + 1) / k on average
+    looksam     as every_k, but the other steps add back the sharpness component kept from the last full step
+                (LookSAM, per tensor): (k + 1) / k on average plus one norm and one add per tensor
     reuse_grad  1 forward+backward per step plus one vector operation: ε comes from the gradient of the
                 previous descent pass; the first step (and the first after a resume) is plain QAT
 
 Memory on top of QAT: ε (one copy of the perturbed tensors) while the descent pass runs, and for
-``reuse_grad`` the kept gradient (a second copy). Case 2 and ``θ`` keep a copy of the values they restore.
+``reuse_grad`` the kept gradient (a second copy); ``looksam`` keeps one unit direction per trainable tensor (one copy
+of the trainable parameters) and, during a full step, the clean and perturbed gradients of the micro-batch (two
+more, freed after the step). Case 2 and ``θ`` keep a copy of the values they restore.
 """
 
 import math
@@ -35,7 +39,7 @@ from .sharpness import (
 )
 
 SAQ_MODES = CASES + ("qat",)
-SAQ_STRATEGIES = ("full", "every_k", "reuse_grad")
+SAQ_STRATEGIES = ("full", "every_k", "looksam", "reuse_grad")
 
 
 @dataclass
@@ -107,14 +111,23 @@ class SAQTrainingArguments(TrainingArguments):
         default="full",
         metadata={
             "help": "'full': ascent + descent pass every step (2x cost); 'every_k': full SAQ on every "
-            "saq_interval-th optimizer step, plain QAT otherwise ((k+1)/k cost); 'reuse_grad': one "
+            "saq_interval-th optimizer step, plain QAT otherwise ((k+1)/k cost); 'looksam': as every_k, but "
+            "the steps in between add back, per tensor, the part of the last full step's SAQ gradient that is "
+            "orthogonal to its plain gradient (LookSAM; (k+1)/k cost); 'reuse_grad': one "
             "forward-backward per step, ε built from the previous step's descent gradient (~1x cost).",
             "choices": list(SAQ_STRATEGIES),
         },
     )
     saq_interval: int = field(
         default=2,
-        metadata={"help": "k for saq_strategy='every_k': optimizer steps 0, k, 2k, ... are SAQ steps (>= 1)."},
+        metadata={"help": "k for saq_strategy='every_k' and 'looksam': optimizer steps 0, k, 2k, ... are full SAQ "
+                          "steps (>= 1; the LookSAM paper uses 5)."},
+    )
+    saq_looksam_alpha: float = field(
+        default=0.7,
+        metadata={"help": "saq_strategy='looksam': on the steps between full ones each tensor's gradient g gets "
+                          "alpha·||g||·v added, v the unit direction of the kept sharpness component (>= 0; 0 is "
+                          "every_k; the LookSAM paper's 0.7)."},
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -146,6 +159,10 @@ class SAQTrainingArguments(TrainingArguments):
             )
         if isinstance(self.saq_interval, bool) or not isinstance(self.saq_interval, int) or self.saq_interval < 1:
             raise ValueError(f"saq_interval must be an integer >= 1, got {self.saq_interval!r} (field: saq_interval)")
+        if isinstance(self.saq_looksam_alpha, bool) or not isinstance(self.saq_looksam_alpha, (int, float)) \
+                or not math.isfinite(self.saq_looksam_alpha) or self.saq_looksam_alpha < 0:
+            raise ValueError(f"saq_looksam_alpha must be a finite number >= 0, got {self.saq_looksam_alpha!r} "
+                             "(field: saq_looksam_alpha)")
         super().__post_init__()
         # Pinned memory needs an accelerator: without one, torch 2.13 warns on every DataLoader the Trainer builds.
         accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
@@ -215,6 +232,11 @@ class SAQTrainer(Trainer):
         self._lsq_step_sizes: list[torch.nn.Parameter] = []
         self.rho: float | None = None if self.args.rho == "auto" else self.args.rho
         self._previous_descent_grads: list | None = None
+        # looksam: the tensors it corrects, their kept sharpness directions, and the optimizer step that built them.
+        self._looksam_params: list[torch.nn.Parameter] = []
+        self._looksam_sum: list | None = None
+        self._looksam_dirs: list | None = None
+        self._looksam_built_at: int | None = None
         self._saq_sums = self._empty_sums()
         self._guard_run, self._guard_warned, self._start_checked, self._untrained = 0, False, False, False
 
@@ -233,6 +255,9 @@ class SAQTrainer(Trainer):
             # Built with the perturbation, not per step: the clean-gradient hooks go on these every SAQ step.
             self._lsq_step_sizes = [p for m in unwrapped.modules() if isinstance(m, LSQQuantizer)
                                     for p in m.parameters(recurse=False) if p.requires_grad]
+            # Clean step sizes get the same gradient in both passes: nothing to correct there.
+            skip = {id(p) for p in self._lsq_step_sizes} if args.saq_clean_step_sizes else set()
+            self._looksam_params = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in skip]
         if self.rho is None:
             self.rho = self._resolve_auto_rho(model, self.sharpness)
         self.sharpness.rho = self.rho
@@ -292,15 +317,23 @@ class SAQTrainer(Trainer):
         sharpness = self._sharpness_for(model)
         if self.args.saq_strategy == "reuse_grad":
             return self._reuse_grad_step(sharpness, model, inputs, num_items_in_batch)
+        looksam = self.args.saq_strategy == "looksam"
+        if looksam and not self._is_full_looksam_step():
+            return self._looksam_cheap_step(model, inputs, num_items_in_batch)
         step_sizes = self._lsq_step_sizes if self.args.saq_clean_step_sizes else []
+        kept = self._looksam_params if looksam else []
         with self.accelerator.no_sync(model), self._same_random_draws():
             grads, clean = sharpness.ascent_gradients(
-                lambda: self._ascent_loss(model, inputs, num_items_in_batch), extra=step_sizes)
+                lambda: self._ascent_loss(model, inputs, num_items_in_batch), extra=step_sizes + kept)
+        clean, plain = clean[:len(step_sizes)], clean[len(step_sizes):]
         eps = self._epsilon(sharpness, grads)
         del grads
         with sharpness.perturbed(eps), frozen_running_stats(model), \
-                self._gradients_replaced(step_sizes, clean, num_items_in_batch):
+                self._gradients_replaced(step_sizes, clean, num_items_in_batch), \
+                self._recording(kept) as perturbed:
             loss = super().training_step(model, inputs, num_items_in_batch)
+        if looksam:
+            self._keep_sharpness_direction(plain, perturbed)
         self._record_losses(loss, num_items_in_batch)
         if not self._start_checked:
             self._start_checked = True
@@ -350,6 +383,79 @@ class SAQTrainer(Trainer):
         sums["ascent_loss"] = sums["ascent_loss"] + self._raw_ascent_loss.float()
         sums["descent_loss"] = sums["descent_loss"] + descent
         sums["loss_count"] += 1
+
+    def _is_full_looksam_step(self) -> bool:
+        # Every micro-batch of a full optimizer step is full, also the step that rebuilds the directions on resume.
+        step = self.state.global_step
+        return self._looksam_dirs is None or step % self.args.saq_interval == 0 or self._looksam_built_at == step
+
+    @staticmethod
+    @contextmanager
+    def _recording(params):
+        """The gradient each of ``params`` gets from the backward inside the block (before it is accumulated into
+        ``.grad`` or all-reduced), left unchanged."""
+        found = [None] * len(params)
+
+        def keep(i):
+            def hook(grad):
+                found[i] = grad
+
+            return hook
+
+        handles = [p.register_hook(keep(i)) for i, p in enumerate(params)]
+        try:
+            yield found
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def _keep_sharpness_direction(self, plain, perturbed) -> None:
+        """LookSAM, per tensor: ``g_v = g_s - (<g_s, g> / ||g||²) g``, the part of the SAQ gradient ``g_s`` that is
+        orthogonal to the plain gradient ``g``, summed over the micro-batches of the full step and kept as a unit
+        direction. A micro-batch whose gradients overflowed (fp16) leaves the kept directions as they were."""
+        step = self.state.global_step
+        if self._looksam_built_at != step:
+            self._looksam_sum, self._looksam_built_at = None, step
+        pairs = [(i, g.float(), s.float()) for i, (g, s) in enumerate(zip(plain, perturbed))
+                 if g is not None and s is not None]
+        if not pairs:
+            return
+        index, g, s = zip(*pairs)
+        g_norms = torch._foreach_norm(list(g))
+        dots = [torch.vdot(a.flatten(), b.flatten()) for a, b in zip(s, g)]
+        coefficients = [torch.where(n > 0, d / (n * n), torch.zeros_like(d)) for d, n in zip(dots, g_norms)]
+        orthogonal = torch._foreach_sub(list(s), torch._foreach_mul(list(g), coefficients))
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(orthogonal))).all()):
+            return
+        total = self._looksam_sum or [None] * len(plain)
+        for i, v in zip(index, orthogonal):
+            total[i] = v if total[i] is None else total[i] + v
+        self._looksam_sum = total
+        # A zero component gives a zero direction (torch.where, not a Python branch: no host sync per tensor).
+        self._looksam_dirs = [v / torch.where(n > 0, n, torch.ones_like(n)) if v is not None else None
+                              for v, n in zip(total, (torch.linalg.vector_norm(v) if v is not None else None
+                                                      for v in total))]
+
+    def _looksam_cheap_step(self, model, inputs, num_items_in_batch):
+        """Plain QAT forward-backward; each kept tensor's gradient ``g`` becomes ``g + alpha·||g||·v`` (``v`` its
+        kept direction) before it is accumulated, so accumulation and data-parallel all-reduce are unchanged."""
+        self._looksam_sum = None  # the full step's running sum is not needed once it is over
+        alpha = self.args.saq_looksam_alpha
+
+        def add(direction):
+            def hook(grad):
+                return grad + (alpha * torch.linalg.vector_norm(grad.float())).to(grad.dtype) * direction.to(grad.dtype)
+
+            return hook
+
+        handles = [p.register_hook(add(v)) for p, v in zip(self._looksam_params, self._looksam_dirs)
+                   if v is not None and alpha > 0]
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _reuse_grad_step(self, sharpness, model, inputs, num_items_in_batch):
         previous, self._previous_descent_grads = self._previous_descent_grads, None

@@ -217,6 +217,7 @@ def test_batchnorm_running_stats_are_updated_once_per_step(tmp_path):
 @pytest.mark.parametrize("strategy, expected_forwards, perturbed_steps", [
     ("full", 6, [1, 2, 3]),
     ("every_k", 5, [1, 3]),  # interval 2: optimizer steps 0 and 2 are SAQ steps
+    ("looksam", 5, [1, 3]),  # the same schedule; the steps in between cost one pass too
     ("reuse_grad", 3, [2, 3]),  # no previous gradient before the first step
 ])
 def test_strategy_cost_and_schedule(tmp_path, strategy, expected_forwards, perturbed_steps):
@@ -337,7 +338,8 @@ def test_bf16_autocast_trains_and_restores(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("saq_mode", "case4"), ("rho", -1.0), ("rho", float("nan")), ("saq_perturb", "all"),
-    ("saq_strategy", "sometimes"), ("saq_interval", 0), ("saq_interval", 1.5),
+    ("saq_strategy", "sometimes"), ("saq_interval", 0), ("saq_interval", 1.5), ("saq_looksam_alpha", -0.1),
+    ("saq_looksam_alpha", float("inf")),
 ])
 def test_invalid_arguments_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=rf"\(field: {field}\)") as error:
