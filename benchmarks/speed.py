@@ -9,9 +9,9 @@ forward/backward passes), gradient clipping, the AdamW step, the scheduler step 
 same batch every time. The modes of a config live side by side and are stepped in turn (rotating the
 order each round), so load from other processes on a shared machine hits them alike; the device is
 synchronised around each step. ``time`` is the median over the timed steps after warm-up; for ``every_k``
-it is the amortised ``(median SAQ step + (k-1) · median plain step) / k``.
+and ``looksam`` it is the amortised ``(median full step + (k-1) · median step in between) / k``.
 
-Modes: ``fp``, ``qat`` (W4A4 LSQ), ``saq``, ``every_k``, ``reuse_grad``; ``*_compiled``: the same with
+Modes: ``fp``, ``qat`` (W4A4 LSQ), ``saq``, ``every_k``, ``looksam``, ``reuse_grad``; ``*_compiled``: the same with
 ``SAQTrainingArguments(torch_compile=True)`` (Inductor; compiled during warm-up); peers, on the same model,
 batch and training step: ``torchao_qat`` (torchao's ``QATConfig`` prepare, int8 per-token asymmetric
 activations and int4 weights in groups of 32; torchao only fake-quantizes ``nn.Linear``, so ConvNeXt's
@@ -85,6 +85,7 @@ MODES = {
     "qat": ("lsq", {"saq_mode": "qat"}),
     "saq": ("lsq", {"saq_mode": "saq"}),
     "every_k": ("lsq", {"saq_mode": "saq", "saq_strategy": "every_k"}),
+    "looksam": ("lsq", {"saq_mode": "saq", "saq_strategy": "looksam"}),
     "reuse_grad": ("lsq", {"saq_mode": "saq", "saq_strategy": "reuse_grad"}),
     "fp_compiled": ("fp", {"saq_mode": "qat", "torch_compile": True}),
     "qat_compiled": ("lsq", {"saq_mode": "qat", "torch_compile": True}),
@@ -92,6 +93,7 @@ MODES = {
     "torchao_qat": ("torchao", {"saq_mode": "qat"}),
     "torch_lsq": ("torch_lsq", {"saq_mode": "qat"}),
 }
+AMORTISED = ("every_k", "looksam")  # a full SAQ step every k-th step, a cheaper one in between
 COMPILED_MODES = [mode for mode, (_, fields) in MODES.items() if fields.get("torch_compile")]
 
 
@@ -200,7 +202,7 @@ class ModeRun:
         self.times.append((self.trainer.state.global_step - 1, time.perf_counter() - start))
 
     def peak_memory_bytes(self, interval: int) -> int:
-        while self.mode == "every_k" and self.trainer.state.global_step % interval:
+        while self.mode in AMORTISED and self.trainer.state.global_step % interval:
             self.step()
         live = live_tensor_bytes(self.model, self.trainer.optimizer)
         if self.device.type == "cuda":
@@ -216,7 +218,7 @@ class ModeRun:
 
     def seconds(self, warmup: int, interval: int) -> float:
         timed = [(step, s) for step, s in self.times if step >= warmup]
-        if self.mode != "every_k":
+        if self.mode not in AMORTISED:
             return statistics.median(s for _, s in timed)
         saq = statistics.median(s for step, s in timed if step % interval == 0)
         plain = statistics.median(s for step, s in timed if step % interval != 0)
@@ -245,9 +247,11 @@ RATIOS = {  # name -> (numerator mode, denominator mode, time or memory)
     "qat_over_fp_time": ("qat", "fp", "step_ms"),
     "saq_over_qat_time": ("saq", "qat", "step_ms"),
     "every_k_over_qat_time": ("every_k", "qat", "step_ms"),
+    "looksam_over_qat_time": ("looksam", "qat", "step_ms"),
     "reuse_grad_over_qat_time": ("reuse_grad", "qat", "step_ms"),
     "saq_over_qat_memory": ("saq", "qat", "peak_mib"),
     "every_k_over_qat_memory": ("every_k", "qat", "peak_mib"),
+    "looksam_over_qat_memory": ("looksam", "qat", "peak_mib"),
     "reuse_grad_over_qat_memory": ("reuse_grad", "qat", "peak_mib"),
     "qat_compiled_over_fp_compiled_time": ("qat_compiled", "fp_compiled", "step_ms"),
     "saq_compiled_over_saq_time": ("saq_compiled", "saq", "step_ms"),
@@ -269,6 +273,7 @@ GOALS = {  # ratio -> (upper bound, configs it applies to: None = all) (issue 11
     "saq_compiled_over_saq_time": (0.8, None),
     "saq_over_qat_time": (2.0, None),
     "saq_over_qat_memory": (1.10, "batch >= 32"),
+    "looksam_over_qat_time": (1.2, None),  # issue 9: the efficient mode at <= 1.2x the QAT step
     "qat_over_torchao_qat_time": (0.8, None),
 }
 
@@ -288,8 +293,10 @@ def goal_report(results: dict) -> dict:
 TABLE = [  # (header, mode (its step ms) or ratio, format)
     ("fp ms", "fp", "{:.1f}"), ("qat ms", "qat", "{:.1f}"), ("saq ms", "saq", "{:.1f}"),
     ("qat/fp", "qat_over_fp_time", "{:.2f}"), ("saq/qat", "saq_over_qat_time", "{:.2f}"),
-    ("k/qat", "every_k_over_qat_time", "{:.2f}"), ("reuse/qat", "reuse_grad_over_qat_time", "{:.2f}"),
-    ("mem saq/qat", "saq_over_qat_memory", "{:.2f}"), ("mem reuse/qat", "reuse_grad_over_qat_memory", "{:.2f}"),
+    ("k/qat", "every_k_over_qat_time", "{:.2f}"), ("look/qat", "looksam_over_qat_time", "{:.2f}"),
+    ("reuse/qat", "reuse_grad_over_qat_time", "{:.2f}"),
+    ("mem saq/qat", "saq_over_qat_memory", "{:.2f}"), ("mem look/qat", "looksam_over_qat_memory", "{:.2f}"),
+    ("mem reuse/qat", "reuse_grad_over_qat_memory", "{:.2f}"),
     ("c.qat/c.fp", "qat_compiled_over_fp_compiled_time", "{:.2f}"),
     ("c.saq/saq", "saq_compiled_over_saq_time", "{:.2f}"), ("c.qat/qat", "qat_compiled_over_qat_time", "{:.2f}"),
     ("qat/torchao", "qat_over_torchao_qat_time", "{:.2f}"),
@@ -319,7 +326,8 @@ def plot(results: dict, path: Path, title: str) -> None:
     names = list(results)
     series = [(label, key) for label, key in [
         ("qat/fp time", "qat_over_fp_time"), ("saq/qat time", "saq_over_qat_time"),
-        ("every_k/qat time", "every_k_over_qat_time"), ("reuse_grad/qat time", "reuse_grad_over_qat_time"),
+        ("every_k/qat time", "every_k_over_qat_time"), ("looksam/qat time", "looksam_over_qat_time"),
+        ("reuse_grad/qat time", "reuse_grad_over_qat_time"),
         ("saq/qat memory", "saq_over_qat_memory"), ("compiled qat/fp time", "qat_compiled_over_fp_compiled_time"),
         ("compiled saq/eager saq", "saq_compiled_over_saq_time"), ("qat/torchao time", "qat_over_torchao_qat_time")]
         if all(key in results[n]["ratios"] for n in results)]
@@ -342,7 +350,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="8 timed steps, half batches, eager modes only")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (LSQ init, compiles, optimizer state)")
-    parser.add_argument("--interval", type=int, default=8, help="k of saq_strategy=every_k (default 8)")
+    parser.add_argument("--interval", type=int, default=5,
+                        help="k of saq_strategy=every_k and looksam (default 5, as in regimes.py)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared 2-core box)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the Trainer's bf16=True)")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the config names")
@@ -382,7 +391,7 @@ def main(argv=None) -> dict:
     if argv is None and len(sys.argv) > 1:
         command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     print(f"\n{command}  |  {device.type}: {machine}  |  torch {torch.__version__}  |  W4A4, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, AdamW, every_k k={args.interval}, {steps} timed steps (median)"
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, AdamW, every_k/looksam k={args.interval}, {steps} timed steps (median)"
           + (f"  |  load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}" if load else "") + "\n")
     print_table(results)
     goals = goal_report(results)

@@ -619,6 +619,8 @@ def train(setup: RunSetup) -> RunResult:
         run_info["saq"]["rho_used"] = trainer.rho
         if getattr(trainer, "rho_auto_measurement", None):
             run_info["saq"]["rho_auto"] = trainer.rho_auto_measurement
+        # The first SAQ optimizer step (saq_start_ratio): the steps before it were plain QAT.
+        run_info["saq"]["start_step"] = trainer.saq_start_step
     result = RunResult(output_dir=Path(args.output_dir), run_info=run_info)
     if args.should_save:
         (staging / RUN_INFO_NAME).write_text(json.dumps(run_info, indent=2, default=str) + "\n", encoding="utf-8")

@@ -5,14 +5,14 @@ Cost model of ``saq_strategy`` (one step = one micro-batch's forward + backward)
     full        2 forward+backward per step (ascent, then descent at the perturbed point)
     every_k     full SAQ on every k-th optimizer step, plain QAT on the others: (k + 1) / k on average
     looksam     as every_k, but the other steps add back the sharpness component kept from the last full step
-                (LookSAM, per tensor): (k + 1) / k on average plus one norm and one add per tensor
+                (LookSAM, per tensor): (k + 1) / k on average plus one norm and one multiply-add per tensor
     reuse_grad  1 forward+backward per step plus one vector operation: ε comes from the gradient of the
                 previous descent pass; the first step (and the first after a resume) is plain QAT
 
 Memory on top of QAT: ε (one copy of the perturbed tensors) while the descent pass runs, and for
-``reuse_grad`` the kept gradient (a second copy); ``looksam`` keeps one unit direction per trainable tensor (one copy
-of the trainable parameters) and, during a full step, the clean and perturbed gradients of the micro-batch (two
-more, freed after the step). Case 2 and ``θ`` keep a copy of the values they restore.
+``reuse_grad`` the kept gradient (a second copy); ``looksam`` keeps one sharpness component per trainable tensor (one
+copy of the trainable parameters) and, during a full step, the clean and perturbed gradients of the micro-batch and
+their sums over the step's micro-batches (freed after the step). Case 2 and ``θ`` keep a copy of the values they restore.
 """
 
 import math
@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.utils import CONFIG_NAME
+from transformers.utils import CONFIG_NAME, logging
 
-from .quant import LSQQuantizer
+logger = logging.get_logger(__name__)
+
 from .quant import LSQQuantizer
 from .sharpness import (
     AUTO_RHO_GRID,
@@ -55,7 +56,9 @@ class SAQTrainingArguments(TrainingArguments):
             "choices": list(SAQ_MODES),
         },
     )
-    rho: float | str = field(
+    # ``| None``: HfArgumentParser keeps only ``float`` of ``float | str`` (so ``--rho auto`` would fail) but parses
+    # ``float | str | None`` as a string; __post_init__ turns it into a float or "auto" and rejects None.
+    rho: float | str | None = field(
         default=0.002,
         metadata={
             "help": "Perturbation radius ρ, or 'auto'. With saq_radius='relative' (default) ρ is a fraction of "
@@ -81,6 +84,14 @@ class SAQTrainingArguments(TrainingArguments):
     )
     rho_auto_batches: int = field(
         default=4, metadata={"help": "rho='auto': training batches the radius is measured on (>= 1)."}
+    )
+    saq_start_ratio: float | str | None = field(  # ``| None``: see rho
+        default="auto",
+        metadata={
+            "help": "Share of the optimizer steps trained with plain QAT before SAQ starts (0 <= ratio <= 1), or "
+            "'auto': 0 for a model that starts trained, UNTRAINED_START (0.5) for one whose first batch gets "
+            "near-uniform predictions (trained from scratch, SAQ cost accuracy in every benchmark; README Results)."
+        },
     )
     saq_clean_step_sizes: bool = field(
         default=True,
@@ -124,10 +135,11 @@ class SAQTrainingArguments(TrainingArguments):
                           "steps (>= 1; the LookSAM paper uses 5)."},
     )
     saq_looksam_alpha: float = field(
-        default=0.7,
+        default=0.5,
         metadata={"help": "saq_strategy='looksam': on the steps between full ones each tensor's gradient g gets "
-                          "alpha·||g||·v added, v the unit direction of the kept sharpness component (>= 0; 0 is "
-                          "every_k; the LookSAM paper's 0.7)."},
+                          "alpha·||g||·v added, v = g_v/||g_full|| the sharpness component kept from the last full "
+                          "step relative to that step's gradient (>= 0; 1 re-adds it at the size it had; 0 is "
+                          "every_k; 0.5 was best on validation in benchmarks/regimes.py --part looksam_sweep)."},
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -149,6 +161,7 @@ class SAQTrainingArguments(TrainingArguments):
                 or self.rho_auto_batches < 1:
             raise ValueError(
                 f"rho_auto_batches must be an integer >= 1, got {self.rho_auto_batches!r} (field: rho_auto_batches)")
+        self.saq_start_ratio = _parse_start_ratio(self.saq_start_ratio)
         if self.saq_perturb not in PERTURB_CHOICES:
             raise ValueError(
                 f"saq_perturb must be one of {PERTURB_CHOICES}, got {self.saq_perturb!r} (field: saq_perturb)"
@@ -183,6 +196,21 @@ def _parse_rho(value) -> float | str:
     return float(value)
 
 
+def _parse_start_ratio(value) -> float | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= 1:
+        raise ValueError(f"saq_start_ratio must be 'auto' or a number from 0 to 1, got {value!r} "
+                         "(field: saq_start_ratio)")
+    return float(number)
+
+
+# saq_start_ratio="auto" on a model that starts untrained: the share of the steps trained with plain QAT first.
+UNTRAINED_START = 0.5
 # The collapse guard: warn when the perturbed loss stays this many times the unperturbed one over this many
 # consecutive SAQ steps (docs/METHOD.md, "When SAQ stops a model from learning").
 GUARD_RATIO, GUARD_STEPS = 1.5, 50
@@ -239,6 +267,7 @@ class SAQTrainer(Trainer):
         self._looksam_built_at: int | None = None
         self._saq_sums = self._empty_sums()
         self._guard_run, self._guard_warned, self._start_checked, self._untrained = 0, False, False, False
+        self.saq_start_step: int | None = None  # the first SAQ step (saq_start_ratio), set by the first training step
 
     @staticmethod
     def _empty_sums() -> dict:
@@ -305,13 +334,40 @@ class SAQTrainer(Trainer):
 
     def _is_plain_step(self) -> bool:
         args = self.args
-        if args.saq_mode == "qat":
+        if args.saq_mode == "qat" or self.state.global_step < self.saq_start_step:
             return True
         return args.saq_strategy == "every_k" and self.state.global_step % args.saq_interval != 0
+
+    def _resolve_start_step(self, model, inputs) -> int:
+        """The first SAQ step: ``saq_start_ratio`` of ``max_steps``, the ratio "auto" deciding on the first batch
+        whether the model starts untrained; a resumed run takes the step its log recorded."""
+        if self.args.saq_mode == "qat":
+            return 0
+        for entry in self.state.log_history:
+            if "saq_start_step" in entry:
+                return int(entry["saq_start_step"])
+        ratio = self.args.saq_start_ratio
+        if ratio == "auto":
+            with torch.no_grad(), frozen_running_stats(model), self._same_random_draws(), \
+                    self.compute_loss_context_manager():
+                outputs = self.compute_loss(model, self._prepare_inputs(inputs), return_outputs=True)[1]
+            # Every data-parallel worker must take the same decision: untrained only if all workers see it.
+            untrained = self.accelerator.reduce(torch.tensor(float(_predicts_uniformly(outputs)),
+                                                             device=self.args.device), reduction="mean")
+            ratio = UNTRAINED_START if bool(untrained == 1) else 0.0
+        step = int(round(ratio * self.state.max_steps))
+        if step > 0:
+            logger.warning(f"SAQ starts at optimizer step {step} of {self.state.max_steps}: the steps before it "
+                           f"are plain QAT (saq_start_ratio={self.args.saq_start_ratio!r}"
+                           + (", the model starts untrained)" if self.args.saq_start_ratio == "auto" else ")"))
+            self.log({"saq_start_step": step})
+        return step
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.args.torch_compile:
             self._initialize_quantizers_eagerly(model, inputs, num_items_in_batch)
+        if self.saq_start_step is None:
+            self.saq_start_step = self._resolve_start_step(model, inputs)
         if self._is_plain_step():
             return super().training_step(model, inputs, num_items_in_batch)
         sharpness = self._sharpness_for(model)
@@ -412,8 +468,9 @@ class SAQTrainer(Trainer):
     @torch.no_grad()
     def _keep_sharpness_direction(self, plain, perturbed) -> None:
         """LookSAM, per tensor: ``g_v = g_s - (<g_s, g> / ||g||²) g``, the part of the SAQ gradient ``g_s`` that is
-        orthogonal to the plain gradient ``g``, summed over the micro-batches of the full step and kept as a unit
-        direction. A micro-batch whose gradients overflowed (fp16) leaves the kept directions as they were."""
+        orthogonal to the plain gradient ``g``, kept as ``g_v / ||g||`` (both summed over the micro-batches of the
+        full step), so the steps in between re-add it in proportion to their own gradient. A micro-batch whose
+        gradients overflowed (fp16) leaves what is kept as it was."""
         step = self.state.global_step
         if self._looksam_built_at != step:
             self._looksam_sum, self._looksam_built_at = None, step
@@ -424,22 +481,22 @@ class SAQTrainer(Trainer):
         index, g, s = zip(*pairs)
         g_norms = torch._foreach_norm(list(g))
         dots = [torch.vdot(a.flatten(), b.flatten()) for a, b in zip(s, g)]
+        # torch.where, not a Python branch: no host sync per tensor. A zero gradient keeps nothing.
         coefficients = [torch.where(n > 0, d / (n * n), torch.zeros_like(d)) for d, n in zip(dots, g_norms)]
         orthogonal = torch._foreach_sub(list(s), torch._foreach_mul(list(g), coefficients))
-        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(orthogonal))).all()):
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(list(orthogonal) + list(g)))).all()):
             return
-        total = self._looksam_sum or [None] * len(plain)
-        for i, v in zip(index, orthogonal):
-            total[i] = v if total[i] is None else total[i] + v
-        self._looksam_sum = total
-        # A zero component gives a zero direction (torch.where, not a Python branch: no host sync per tensor).
-        self._looksam_dirs = [v / torch.where(n > 0, n, torch.ones_like(n)) if v is not None else None
-                              for v, n in zip(total, (torch.linalg.vector_norm(v) if v is not None else None
-                                                      for v in total))]
+        sums = self._looksam_sum or [None] * len(plain)
+        for i, plain_i, v in zip(index, g, orthogonal):
+            sums[i] = (plain_i, v) if sums[i] is None else (sums[i][0] + plain_i, sums[i][1] + v)
+        self._looksam_sum = sums
+        self._looksam_dirs = [None if pair is None else pair[1] / torch.where(n > 0, n, torch.ones_like(n))
+                              for pair, n in zip(sums, (None if pair is None else torch.linalg.vector_norm(pair[0])
+                                                        for pair in sums))]
 
     def _looksam_cheap_step(self, model, inputs, num_items_in_batch):
         """Plain QAT forward-backward; each kept tensor's gradient ``g`` becomes ``g + alpha·||g||·v`` (``v`` its
-        kept direction) before it is accumulated, so accumulation and data-parallel all-reduce are unchanged."""
+        kept ``g_v / ||g||``) before it is accumulated, so accumulation and data-parallel all-reduce are unchanged."""
         self._looksam_sum = None  # the full step's running sum is not needed once it is over
         alpha = self.args.saq_looksam_alpha
 

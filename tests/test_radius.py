@@ -183,7 +183,7 @@ def test_default_saq_learns_from_scratch_like_plain_qat(tmp_path):
     # (loss ln 10). With the defaults the loss falls like QAT's.
     final = {}
     settings = {"qat": dict(saq_mode="qat"), "defaults": {},
-                "paper": dict(rho=0.05, saq_radius="absolute", saq_clean_step_sizes=False)}
+                "paper": dict(rho=0.05, saq_radius="absolute", saq_clean_step_sizes=False, saq_start_ratio=0.0)}
     for name, overrides in settings.items():
         trainer = SAQTrainer(model=from_scratch_vit(), train_dataset=Digits(), args=SAQTrainingArguments(
             output_dir=str(tmp_path / name), per_device_train_batch_size=16, num_train_epochs=4, learning_rate=3e-3,
@@ -213,3 +213,55 @@ def test_saq_on_a_trained_model_does_not_warn(tmp_path, recwarn):
     model = trained_tiny_vit(tmp_path)
     SAQTrainer(model=model, args=args(tmp_path / "saq", rho=0.002), train_dataset=ToyImages()).train()
     assert not [w for w in recwarn.list if "untrained model" in str(w.message)]
+
+
+# --- saq_start_ratio: plain QAT first on a model that starts untrained ------------------------------------------
+
+def counting_forwards(model):
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    return forwards
+
+
+def test_an_untrained_model_gets_plain_qat_for_the_first_half(tmp_path):
+    model = quantized(tiny_vit())
+    forwards = counting_forwards(model)
+    trainer = SAQTrainer(model=model, args=args(tmp_path, max_steps=4), train_dataset=ToyImages())
+    trainer.train()
+    assert trainer.saq_start_step == 2
+    assert [h["saq_start_step"] for h in trainer.state.log_history if "saq_start_step" in h] == [2]
+    assert [h["step"] for h in trainer.state.log_history if "saq_eps_norm" in h] == [3, 4]  # steps 2 and 3 (1-based log)
+    assert len(forwards) == 1 + 2 * 1 + 2 * 2  # the check, two plain steps, two SAQ steps
+
+
+def test_a_trained_model_starts_saq_at_once_and_the_check_changes_nothing(tmp_path):
+    runs = {}
+    for ratio in ("auto", 0.0):
+        model = trained_tiny_vit(tmp_path / str(ratio))
+        trainer = SAQTrainer(model=model, args=args(tmp_path / f"saq{ratio}", saq_start_ratio=ratio, max_steps=3),
+                             train_dataset=ToyImages())
+        trainer.train()
+        assert trainer.saq_start_step == 0
+        assert not [h for h in trainer.state.log_history if "saq_start_step" in h]
+        runs[ratio] = model
+    for (name, a), b in zip(runs["auto"].named_parameters(), runs[0.0].parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_numeric_start_ratio_needs_no_check_and_a_resume_keeps_the_logged_step(tmp_path):
+    model = quantized(tiny_vit())
+    forwards = counting_forwards(model)
+    trainer = SAQTrainer(model=model, args=args(tmp_path, saq_start_ratio=0.25, max_steps=4), train_dataset=ToyImages())
+    trainer.train()
+    assert trainer.saq_start_step == 1 and len(forwards) == 1 + 3 * 2
+    resumed = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "r", saq_start_ratio=0.75),
+                         train_dataset=ToyImages())
+    resumed.state.log_history = [{"saq_start_step": 1, "step": 0}]
+    assert resumed._resolve_start_step(resumed.model, batch()) == 1
+
+
+def test_qat_mode_runs_no_check(tmp_path):
+    model = quantized(tiny_vit())
+    forwards = counting_forwards(model)
+    SAQTrainer(model=model, args=args(tmp_path, saq_mode="qat", max_steps=3), train_dataset=ToyImages()).train()
+    assert len(forwards) == 3

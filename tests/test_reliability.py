@@ -112,7 +112,8 @@ def test_case1_a_finished_run_is_not_replaced_without_overwrite_output_dir(tmp_p
     assert "already holds a finished saq-hf run" in line and "--overwrite_output_dir" in line
     assert folder_bytes(tmp_path / "run") == before
     assert main(["train", str(path), "--rho", "0.1", "--overwrite_output_dir", "true"]) == 0
-    assert json.loads((tmp_path / "run" / "saq_run.json").read_text())["saq"]["rho"] == 0.1
+    saq = json.loads((tmp_path / "run" / "saq_run.json").read_text())["saq"]
+    assert saq["rho"] == 0.1 and saq["rho_used"] == 0.1 and isinstance(saq["start_step"], int)
     assert not (tmp_path / "run.partial").exists()
 
 

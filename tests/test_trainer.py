@@ -12,8 +12,9 @@ from saq_hf.sharpness import SharpnessPerturbation
 FAST = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
 
 
-# The paper's step exactly (docs/METHOD.md's formulas): absolute radius, step sizes trained at the perturbed point.
-PAPER = dict(rho=0.05, saq_radius="absolute", saq_clean_step_sizes=False)
+# The paper's step exactly (docs/METHOD.md's formulas): absolute radius, step sizes trained at the perturbed point,
+# SAQ from the first step (these tiny random models start untrained, which would otherwise defer SAQ).
+PAPER = dict(rho=0.05, saq_radius="absolute", saq_clean_step_sizes=False, saq_start_ratio=0.0)
 
 
 def saq_args(tmp_path, **overrides) -> SAQTrainingArguments:
@@ -339,7 +340,8 @@ def test_bf16_autocast_trains_and_restores(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("saq_mode", "case4"), ("rho", -1.0), ("rho", float("nan")), ("saq_perturb", "all"),
     ("saq_strategy", "sometimes"), ("saq_interval", 0), ("saq_interval", 1.5), ("saq_looksam_alpha", -0.1),
-    ("saq_looksam_alpha", float("inf")),
+    ("saq_looksam_alpha", float("inf")), ("saq_start_ratio", 1.5), ("saq_start_ratio", "later"),
+    ("saq_start_ratio", None), ("rho", None),
 ])
 def test_invalid_arguments_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=rf"\(field: {field}\)") as error:
@@ -354,6 +356,11 @@ def test_arguments_parse_from_command_line_and_recipe_dict(tmp_path):
         "--saq_perturb", "bias_norm_step_size", "--saq_strategy", "every_k", "--saq_interval", "3"])
     assert (args.saq_mode, args.rho, args.saq_adaptive, args.saq_perturb, args.saq_strategy, args.saq_interval) \
         == ("case1", 0.1, True, "bias_norm_step_size", "every_k", 3)
+    (auto,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--rho", "auto",
+                                                  "--saq_start_ratio", "0.25"])
+    assert (auto.rho, auto.saq_start_ratio) == ("auto", 0.25)
+    (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
+    assert (default.rho, default.saq_start_ratio) == (0.002, "auto")
     (recipe,) = parser.parse_dict({"output_dir": str(tmp_path), "saq_mode": "case2", "rho": 0.02})
     assert (recipe.saq_mode, recipe.rho, recipe.saq_strategy) == ("case2", 0.02, "full")
     with pytest.raises(SystemExit):
