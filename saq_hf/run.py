@@ -49,8 +49,8 @@ from .quant.convert import planned_layers
 from .quantize import quantize_model
 from .trainer import SAQTrainer, SAQTrainingArguments
 
-SAQ_FIELDS = ("saq_mode", "rho", "saq_radius", "saq_clean_step_sizes", "saq_adaptive", "saq_perturb", "saq_strategy",
-              "saq_interval")
+SAQ_FIELDS = ("saq_mode", "rho", "saq_radius", "saq_start_ratio", "saq_clean_step_sizes", "saq_adaptive", "saq_perturb",
+              "saq_strategy", "saq_interval", "saq_looksam_alpha")
 TRAINING_FIELDS = ("optim", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
                    "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
 FP_STAGE_TRAINING_FIELDS = ("optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",

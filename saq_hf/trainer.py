@@ -130,7 +130,7 @@ class SAQTrainingArguments(TrainingArguments):
         },
     )
     saq_interval: int = field(
-        default=2,
+        default=5,
         metadata={"help": "k for saq_strategy='every_k' and 'looksam': optimizer steps 0, k, 2k, ... are full SAQ "
                           "steps (>= 1; the LookSAM paper uses 5)."},
     )
