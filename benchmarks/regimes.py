@@ -13,7 +13,7 @@ seconds. Three regimes, each with a ViT and a ConvNeXt at W2A2, W3A3 and W4A4:
 - ``transfer``: an FP model pretrained on MNIST, quantized and fine-tuned on 10 digits images per class.
 
 Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes, and on a model
-that starts untrained the first half of the steps as plain QAT), ``saq_at_once`` (the defaults with SAQ from the
+that starts untrained plain QAT until its training loss falls below a quarter of ln 10), ``saq_at_once`` (the defaults with SAQ from the
 first step, ``saq_start_ratio=0``: the previous default; from scratch only, elsewhere it is ``saq``), ``saq_val``
 (the relative ρ of a grid that is best on the validation split, chosen per regime and model on the sweep seeds,
 never on test), ``saq_auto`` (``rho="auto"``), ``saq_every_k`` (``saq_strategy="every_k"``, k = 5: 1.2 passes per
@@ -204,7 +204,10 @@ class Run:
         answers for a run the current code would train differently by default."""
         fields = asdict(self)
         fields["fp_path"] = Path(self.fp_path).name if self.fp_path else None
-        return settings_key(fields, effective_settings(self.mode))
+        settings = effective_settings(self.mode)
+        if self.regime == "scratch" and settings["saq_start_ratio"] == "auto":
+            settings.update(start_rule())  # it decides when SAQ starts on a model that starts untrained
+        return settings_key(fields, settings)
 
 
 def library_defaults() -> dict:
@@ -214,6 +217,14 @@ def library_defaults() -> dict:
     from saq_hf import SAQTrainingArguments
 
     return {f.name: f.default for f in fields(SAQTrainingArguments) if f.name.startswith(("saq_", "rho"))}
+
+
+def start_rule() -> dict:
+    """The trainer's constants behind ``saq_start_ratio="auto"`` on a model that starts untrained."""
+    from saq_hf import trainer
+
+    return {"UNTRAINED_SHARE": trainer.UNTRAINED_SHARE, "FIT_SHARE": trainer.FIT_SHARE,
+            "FIT_WINDOW": trainer.FIT_WINDOW}
 
 
 def effective_settings(mode: str) -> dict:

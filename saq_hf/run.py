@@ -47,7 +47,7 @@ from .landscape import sharpness_report
 from .quant import calibrate, is_quantized, quantized_layers
 from .quant.convert import planned_layers
 from .quantize import quantize_model
-from .trainer import SAQTrainer, SAQTrainingArguments
+from .trainer import WAITING, SAQTrainer, SAQTrainingArguments
 
 SAQ_FIELDS = ("saq_mode", "rho", "saq_radius", "saq_start_ratio", "saq_clean_step_sizes", "saq_adaptive", "saq_perturb",
               "saq_strategy", "saq_interval", "saq_looksam_alpha")
@@ -619,8 +619,9 @@ def train(setup: RunSetup) -> RunResult:
         run_info["saq"]["rho_used"] = trainer.rho
         if getattr(trainer, "rho_auto_measurement", None):
             run_info["saq"]["rho_auto"] = trainer.rho_auto_measurement
-        # The first SAQ optimizer step (saq_start_ratio): the steps before it were plain QAT.
-        run_info["saq"]["start_step"] = trainer.saq_start_step
+        # The first SAQ optimizer step (saq_start_ratio): the steps before it were plain QAT; None: SAQ never started
+        # (a model that started untrained and never fitted).
+        run_info["saq"]["start_step"] = None if trainer.saq_start_step == WAITING else trainer.saq_start_step
     result = RunResult(output_dir=Path(args.output_dir), run_info=run_info)
     if args.should_save:
         (staging / RUN_INFO_NAME).write_text(json.dumps(run_info, indent=2, default=str) + "\n", encoding="utf-8")

@@ -89,8 +89,10 @@ class SAQTrainingArguments(TrainingArguments):
         default="auto",
         metadata={
             "help": "Share of the optimizer steps trained with plain QAT before SAQ starts (0 <= ratio <= 1), or "
-            "'auto': 0 for a model that starts trained, UNTRAINED_START (0.5) for one whose first batch gets "
-            "near-uniform predictions (trained from scratch, SAQ cost accuracy in every benchmark; README Results)."
+            "'auto': SAQ from the first step on a model that starts trained; on one whose first batch gets "
+            "near-uniform predictions, plain QAT until its mean training loss over FIT_WINDOW (10) steps falls "
+            "below FIT_SHARE (0.25) x ln(num_classes) (from scratch, SAQ cost accuracy while the model was still "
+            "fitting: README Results)."
         },
     )
     saq_clean_step_sizes: bool = field(
@@ -209,8 +211,10 @@ def _parse_start_ratio(value) -> float | str:
     return float(number)
 
 
-# saq_start_ratio="auto" on a model that starts untrained: the share of the steps trained with plain QAT first.
-UNTRAINED_START = 0.5
+# saq_start_ratio="auto" on a model that starts untrained: plain QAT until the mean training loss over FIT_WINDOW
+# optimizer steps falls below FIT_SHARE * ln(num_classes), i.e. until the model fits its training data.
+FIT_SHARE, FIT_WINDOW = 0.25, 10
+WAITING = -1  # logged as saq_start_step while SAQ waits for the fit
 # The collapse guard: warn when the perturbed loss stays this many times the unperturbed one over this many
 # consecutive SAQ steps (docs/METHOD.md, "When SAQ stops a model from learning").
 GUARD_RATIO, GUARD_STEPS = 1.5, 50
@@ -267,7 +271,12 @@ class SAQTrainer(Trainer):
         self._looksam_built_at: int | None = None
         self._saq_sums = self._empty_sums()
         self._guard_run, self._guard_warned, self._start_checked, self._untrained = 0, False, False, False
-        self.saq_start_step: int | None = None  # the first SAQ step (saq_start_ratio), set by the first training step
+        # The first SAQ step (saq_start_ratio): None until the first training step decides, WAITING while an
+        # untrained model is fitting.
+        self.saq_start_step: int | None = None
+        self._fit_threshold: float | None = None
+        self._fit_losses: list[torch.Tensor] = []
+        self._fit_checked_at: int | None = None
 
     @staticmethod
     def _empty_sums() -> dict:
@@ -334,34 +343,74 @@ class SAQTrainer(Trainer):
 
     def _is_plain_step(self) -> bool:
         args = self.args
-        if args.saq_mode == "qat" or self.state.global_step < self.saq_start_step:
+        if args.saq_mode == "qat" or self.saq_start_step == WAITING or self.state.global_step < self.saq_start_step:
             return True
         return args.saq_strategy == "every_k" and self.state.global_step % args.saq_interval != 0
 
     def _resolve_start_step(self, model, inputs) -> int:
-        """The first SAQ step: ``saq_start_ratio`` of ``max_steps``, the ratio "auto" deciding on the first batch
-        whether the model starts untrained; a resumed run takes the step its log recorded."""
+        """The first SAQ step, or ``WAITING``: ``saq_start_ratio`` of ``max_steps``; with "auto", 0 unless the first
+        batch shows an untrained model, which waits for its fit. A resumed run takes what its log recorded last
+        (still waiting, it goes on waiting)."""
         if self.args.saq_mode == "qat":
             return 0
-        for entry in self.state.log_history:
-            if "saq_start_step" in entry:
-                return int(entry["saq_start_step"])
+        logged = [entry["saq_start_step"] for entry in self.state.log_history if "saq_start_step" in entry]
         ratio = self.args.saq_start_ratio
-        if ratio == "auto":
+        untrained = False
+        if ratio == "auto" and not logged or logged and logged[-1] == WAITING:
             with torch.no_grad(), frozen_running_stats(model), self._same_random_draws(), \
                     self.compute_loss_context_manager():
                 outputs = self.compute_loss(model, self._prepare_inputs(inputs), return_outputs=True)[1]
+            logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+            if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[-1] >= 2:
+                self._fit_threshold = FIT_SHARE * math.log(logits.shape[-1])
             # Every data-parallel worker must take the same decision: untrained only if all workers see it.
-            untrained = self.accelerator.reduce(torch.tensor(float(_predicts_uniformly(outputs)),
-                                                             device=self.args.device), reduction="mean")
-            ratio = UNTRAINED_START if bool(untrained == 1) else 0.0
+            untrained = bool(self.accelerator.reduce(torch.tensor(float(_predicts_uniformly(outputs)),
+                                                                  device=self.args.device), reduction="mean") == 1)
+        if logged:
+            return int(logged[-1]) if logged[-1] != WAITING or self._fit_threshold is not None else 0
+        if ratio == "auto":
+            if not untrained:
+                return 0
+            logger.warning(f"The model starts untrained (near-uniform predictions): plain QAT until its mean "
+                           f"training loss over {FIT_WINDOW} steps falls below {self._fit_threshold:.3g} "
+                           f"({FIT_SHARE:g} x ln(num_classes)), then SAQ (saq_start_ratio='auto'; a number sets the "
+                           "share of plain steps instead).")
+            self.log({"saq_start_step": WAITING})
+            return WAITING
         step = int(round(ratio * self.state.max_steps))
         if step > 0:
             logger.warning(f"SAQ starts at optimizer step {step} of {self.state.max_steps}: the steps before it "
-                           f"are plain QAT (saq_start_ratio={self.args.saq_start_ratio!r}"
-                           + (", the model starts untrained)" if self.args.saq_start_ratio == "auto" else ")"))
+                           f"are plain QAT (saq_start_ratio={ratio!r}).")
             self.log({"saq_start_step": step})
         return step
+
+    def _watch_for_fit(self, loss: torch.Tensor, num_items_in_batch) -> None:
+        """While SAQ waits: keep this micro-batch's training loss; once per ``FIT_WINDOW`` optimizer steps compare
+        their mean (over data-parallel workers) with the threshold, and start SAQ at the next step when below."""
+        loss = loss.detach().float()
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            loss = loss * self.current_gradient_accumulation_steps
+        self._fit_losses.append(loss)
+        step = self.state.global_step + 1  # the step this micro-batch belongs to, once the optimizer has stepped
+        if step % FIT_WINDOW or self._fit_checked_at == step:
+            return
+        self._fit_checked_at = step
+        mean = self.accelerator.reduce(torch.stack(self._fit_losses).mean(), reduction="mean")
+        self._fit_losses = []
+        if float(mean) < self._fit_threshold:
+            self.saq_start_step = step
+            logger.warning(f"SAQ starts at optimizer step {step}: the mean training loss of the last {FIT_WINDOW} "
+                           f"steps, {float(mean):.3g}, is below {self._fit_threshold:.3g}.")
+            self.log({"saq_start_step": step})
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.saq_start_step == WAITING:
+            warnings.warn(f"SAQ never started: the training loss never fell below {self._fit_threshold:.3g} "
+                          f"({FIT_SHARE:g} x ln(num_classes)), so this run trained with plain QAT. A model that starts "
+                          "untrained gets SAQ once it fits (from scratch, SAQ cost accuracy before that in our "
+                          "benchmarks); set saq_start_ratio to a number to start it anyway.", stacklevel=2)
+        return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.args.torch_compile:
@@ -369,7 +418,10 @@ class SAQTrainer(Trainer):
         if self.saq_start_step is None:
             self.saq_start_step = self._resolve_start_step(model, inputs)
         if self._is_plain_step():
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.saq_start_step == WAITING:
+                self._watch_for_fit(loss, num_items_in_batch)
+            return loss
         sharpness = self._sharpness_for(model)
         if self.args.saq_strategy == "reuse_grad":
             return self._reuse_grad_step(sharpness, model, inputs, num_items_in_batch)

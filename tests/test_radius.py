@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import ToyImages, tiny_vit
+from conftest import NUM_LABELS, ToyImages, tiny_vit
 from sklearn.datasets import load_digits
 from transformers import ViTConfig, ViTForImageClassification
 
+import saq_hf.trainer as trainer_module
 from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model
+from saq_hf.trainer import FIT_SHARE, FIT_WINDOW, WAITING
 from saq_hf.quant import LSQQuantizer
 from saq_hf.sharpness import AUTO_RHO_GRID, SharpnessPerturbation, choose_rho
 
@@ -73,8 +75,9 @@ def test_choose_rho_takes_the_largest_radius_within_the_share():
 
 
 def args(tmp_path, **overrides):
+    # SAQ from the first step, also on the untrained tiny models here; the saq_start_ratio tests below say "auto".
     return SAQTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8,
-                                **{"max_steps": 2, **FAST, **overrides})
+                                **{"max_steps": 2, "saq_start_ratio": 0.0, **FAST, **overrides})
 
 
 def trained_tiny_vit(tmp_path):
@@ -223,15 +226,46 @@ def counting_forwards(model):
     return forwards
 
 
-def test_an_untrained_model_gets_plain_qat_for_the_first_half(tmp_path):
+def test_an_untrained_model_trains_plain_qat_until_it_fits_and_says_so(tmp_path):
+    runs = {}
+    for mode in ("qat", "saq"):
+        model = quantized(tiny_vit())
+        forwards = counting_forwards(model)
+        trainer = SAQTrainer(model=model, args=args(tmp_path / mode, saq_mode=mode, max_steps=4, saq_start_ratio="auto"),
+                             train_dataset=ToyImages())
+        if mode == "saq":
+            with pytest.warns(UserWarning, match="SAQ never started"):
+                trainer.train()
+        else:
+            trainer.train()
+        runs[mode] = (trainer, len(forwards))
+    trainer, forwards = runs["saq"]
+    assert trainer.saq_start_step == WAITING and trainer._fit_threshold == pytest.approx(FIT_SHARE * math.log(NUM_LABELS))
+    assert [h["saq_start_step"] for h in trainer.state.log_history if "saq_start_step" in h] == [WAITING]
+    assert forwards == 1 + 4  # the look at the first batch, then four plain QAT steps
+    for (name, a), b in zip(trainer.model.named_parameters(), runs["qat"][0].model.parameters()):
+        assert torch.equal(a, b), name  # bit for bit plain QAT: the look changes nothing
+
+
+def test_saq_starts_at_the_first_window_whose_loss_is_below_the_threshold(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "FIT_SHARE", 100.0)  # any loss counts as fitted
     model = quantized(tiny_vit())
     forwards = counting_forwards(model)
-    trainer = SAQTrainer(model=model, args=args(tmp_path, max_steps=4), train_dataset=ToyImages())
+    trainer = SAQTrainer(model=model, args=args(tmp_path, max_steps=FIT_WINDOW + 2, saq_start_ratio="auto"),
+                         train_dataset=ToyImages())
     trainer.train()
-    assert trainer.saq_start_step == 2
-    assert [h["saq_start_step"] for h in trainer.state.log_history if "saq_start_step" in h] == [2]
-    assert [h["step"] for h in trainer.state.log_history if "saq_eps_norm" in h] == [3, 4]  # steps 2 and 3 (1-based log)
-    assert len(forwards) == 1 + 2 * 1 + 2 * 2  # the check, two plain steps, two SAQ steps
+    assert trainer.saq_start_step == FIT_WINDOW
+    assert [h["saq_start_step"] for h in trainer.state.log_history if "saq_start_step" in h] == [WAITING, FIT_WINDOW]
+    assert len(forwards) == 1 + FIT_WINDOW + 2 * 2
+    assert [h["step"] for h in trainer.state.log_history if "saq_eps_norm" in h] == [FIT_WINDOW + 1, FIT_WINDOW + 2]
+
+
+def test_a_resumed_run_goes_on_waiting_or_keeps_its_start(tmp_path):
+    for history, expected in (([WAITING], WAITING), ([WAITING, 30], 30), ([7], 7)):
+        resumed = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path, saq_start_ratio="auto"),
+                             train_dataset=ToyImages())
+        resumed.state.log_history = [{"saq_start_step": value, "step": 0} for value in history]
+        assert resumed._resolve_start_step(resumed.model, batch()) == expected
 
 
 def test_a_trained_model_starts_saq_at_once_and_the_check_changes_nothing(tmp_path):
@@ -248,16 +282,12 @@ def test_a_trained_model_starts_saq_at_once_and_the_check_changes_nothing(tmp_pa
         assert torch.equal(a, b), name
 
 
-def test_a_numeric_start_ratio_needs_no_check_and_a_resume_keeps_the_logged_step(tmp_path):
+def test_a_numeric_start_ratio_needs_no_look_at_the_model(tmp_path):
     model = quantized(tiny_vit())
     forwards = counting_forwards(model)
     trainer = SAQTrainer(model=model, args=args(tmp_path, saq_start_ratio=0.25, max_steps=4), train_dataset=ToyImages())
     trainer.train()
     assert trainer.saq_start_step == 1 and len(forwards) == 1 + 3 * 2
-    resumed = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "r", saq_start_ratio=0.75),
-                         train_dataset=ToyImages())
-    resumed.state.log_history = [{"saq_start_step": 1, "step": 0}]
-    assert resumed._resolve_start_step(resumed.model, batch()) == 1
 
 
 def test_qat_mode_runs_no_check(tmp_path):
