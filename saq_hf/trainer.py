@@ -452,8 +452,9 @@ class SAQTrainer(Trainer):
         """SAQ on a model that has not learned anything yet costs accuracy (README Results, "scratch"): say so."""
         if self._untrained:
             warnings.warn("SAQ starts on an untrained model (its predictions are near uniform). Trained from scratch, "
-                          "SAQ trailed plain QAT by 1-3 points in our benchmarks at every radius tried: train in "
-                          "floating point or with saq_mode='qat' first, then fine-tune with SAQ.", stacklevel=2)
+                          "SAQ from the first step trailed plain QAT by 1-3 points in our benchmarks at every radius "
+                          "tried: keep saq_start_ratio='auto' (plain QAT until the model fits), or train in floating "
+                          "point or with saq_mode='qat' first, then fine-tune with SAQ.", stacklevel=2)
 
     @contextmanager
     def _gradients_replaced(self, params, clean, num_items_in_batch):
