@@ -37,7 +37,8 @@ class CountAllReduces(TrainerCallback):
 
 
 model = quantize_model(tiny_vit())
-args = SAQTrainingArguments(output_dir=out, saq_mode="saq", rho=0.05, max_steps=3, per_device_train_batch_size=4,
+args = SAQTrainingArguments(output_dir=out, saq_mode="saq", rho=0.05, saq_start_ratio=0.0, max_steps=3,
+                            per_device_train_batch_size=4,
                             use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no", disable_tqdm=True,
                             logging_steps=1, seed=0)
 trainer = SAQTrainer(model=model, args=args, train_dataset=ToyImages(), callbacks=[CountAllReduces()])

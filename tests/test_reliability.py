@@ -113,7 +113,8 @@ def test_case1_a_finished_run_is_not_replaced_without_overwrite_output_dir(tmp_p
     assert folder_bytes(tmp_path / "run") == before
     assert main(["train", str(path), "--rho", "0.1", "--overwrite_output_dir", "true"]) == 0
     saq = json.loads((tmp_path / "run" / "saq_run.json").read_text())["saq"]
-    assert saq["rho"] == 0.1 and saq["rho_used"] == 0.1 and isinstance(saq["start_step"], int)
+    # The tiny random model starts untrained and never fits in these few steps: SAQ never started.
+    assert saq["rho"] == 0.1 and saq["rho_used"] == 0.1 and saq["start_step"] is None
     assert not (tmp_path / "run.partial").exists()
 
 
