@@ -277,7 +277,10 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
             "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
             "train_loss": logs[-1]["train_loss"] if logs else None, "train_seconds": seconds,
             "epochs": sched.epochs, "steps": trainer.state.global_step, "threads": threads,
-            "rho_auto": getattr(trainer, "rho_auto_measurement", None), "key": run.key()}
+            "rho_auto": getattr(trainer, "rho_auto_measurement", None),
+            # The first SAQ step (saq_start_ratio): None for plain QAT and for a run where SAQ never started.
+            "saq_start_step": None if fields["saq_mode"] == "qat" or trainer.saq_start_step == -1
+            else trainer.saq_start_step, "key": run.key()}
 
 
 def describe(row: dict) -> str:
