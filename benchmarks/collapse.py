@@ -5,7 +5,7 @@
 A 2-layer, 64-wide W4A4 ViT trained from scratch on scikit-learn's digits (upscaled to 32x32, patch 8; 1,437
 training images, batch 16, AdamW 1e-3, cosine, 5 epochs) with ``SAQTrainer`` in three settings:
 ``qat``; ``paper`` (absolute ``rho=0.05``, step sizes trained at the perturbed point: the library's default
-before the radius change); ``defaults`` (relative ``rho=0.002``, clean step sizes). For each it records,
+before the radius change); ``defaults`` (relative ``rho=0.002``, clean step sizes; both SAQ settings from the first step, ``saq_start_ratio=0``). For each it records,
 every 25 steps, where ε's squared norm goes (share per tensor), the largest ``‖ε_t‖ / ‖x_t‖`` over tensors,
 the classifier's input step size; at the end the share of inputs each activation quantizer clips and the
 accuracy on the 360 test images.
@@ -27,8 +27,11 @@ from common import DEFAULT_RESULTS, ImageTensors, _common_args, accuracy, collat
 
 SETTINGS = {
     "qat": {"saq_mode": "qat", "rho": 0.0},
-    "paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False},
-    "defaults": {"saq_mode": "saq"},
+    "paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False,
+              "saq_start_ratio": 0.0},
+    # The radius and step-size defaults with SAQ from the first step: saq_start_ratio="auto" would keep this
+    # untrained model on plain QAT until it fits, which is not what this study is about.
+    "defaults": {"saq_mode": "saq", "saq_start_ratio": 0.0},
 }
 
 

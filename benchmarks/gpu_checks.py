@@ -54,7 +54,7 @@ def train(arch: str, precision: str, mode: str, strategy: str, compiled: bool = 
     model = quantize_model(MODELS[arch](), QuantConfig(w_bits=4, a_bits=4))
     with tempfile.TemporaryDirectory() as out:
         args = SAQTrainingArguments(output_dir=out, saq_mode=mode, saq_strategy=strategy, saq_interval=2, rho=0.05,
-                                    saq_radius="absolute", max_steps=STEPS, learning_rate=1e-3,
+                                    saq_radius="absolute", saq_start_ratio=0.0, max_steps=STEPS, learning_rate=1e-3,
                                     per_device_train_batch_size=16, logging_steps=1, report_to=[], seed=0,
                                     save_strategy="no", disable_tqdm=True, bf16=precision == "bf16",
                                     fp16=precision == "fp16", torch_compile=compiled)

@@ -168,8 +168,9 @@ class ModeRun:
         kind, fields = MODES[mode]
         self.mode, self.device = mode, device
         self.model = build_model(family, kwargs, image_size, kind).to(device)
+        # saq_start_ratio=0: the random-init models here would otherwise train plain QAT until they fit.
         args = SAQTrainingArguments(output_dir=out, per_device_train_batch_size=batch_size, learning_rate=1e-4, rho=0.05,
-                                    saq_interval=interval, report_to=[], use_cpu=device.type == "cpu", seed=0,
+                                    saq_start_ratio=0.0, saq_interval=interval, report_to=[], use_cpu=device.type == "cpu", seed=0,
                                     bf16=bf16, **fields)
         self.trainer = SAQTrainer(model=self.model, args=args)
         # What Trainer.train() does to the model on one device: placement and, with bf16, autocast in forward.

@@ -54,7 +54,8 @@ def train(tmp_path, arch, compiled, backend="inductor", **fields):
     args = SAQTrainingArguments(output_dir=str(tmp_path / f"{arch}-{compiled}"), max_steps=STEPS, learning_rate=1e-3,
                                 per_device_train_batch_size=8, logging_steps=1, report_to=[], use_cpu=True, seed=0,
                                 save_strategy="no", disable_tqdm=True, torch_compile=compiled,
-                                torch_compile_backend=backend if compiled else None, **fields)
+                                torch_compile_backend=backend if compiled else None,
+                                **{"saq_start_ratio": 0.0, **fields})  # SAQ from step 0 on these untrained models
     callback = CompileCounters()
     trainer = SAQTrainer(model=model, args=args, train_dataset=ToyImages(8 * STEPS), callbacks=[callback])
     torch._dynamo.reset()  # a model of the same structure would reuse an earlier test's graphs

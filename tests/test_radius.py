@@ -183,9 +183,10 @@ def from_scratch_vit():
 def test_default_saq_learns_from_scratch_like_plain_qat(tmp_path):
     # The from-scratch collapse (docs/METHOD.md): with the paper's absolute rho=0.05 and step sizes trained at the
     # perturbed point a small W4A4 ViT learns far slower than plain QAT, and with more steps stops at chance
-    # (loss ln 10). With the defaults the loss falls like QAT's.
+    # (loss ln 10). With the defaults the loss falls like QAT's, also with SAQ from the first step (the radius and the
+    # step sizes are what this test guards; saq_start_ratio="auto" would keep this untrained model on plain QAT).
     final = {}
-    settings = {"qat": dict(saq_mode="qat"), "defaults": {},
+    settings = {"qat": dict(saq_mode="qat"), "defaults": dict(saq_start_ratio=0.0),
                 "paper": dict(rho=0.05, saq_radius="absolute", saq_clean_step_sizes=False, saq_start_ratio=0.0)}
     for name, overrides in settings.items():
         trainer = SAQTrainer(model=from_scratch_vit(), train_dataset=Digits(), args=SAQTrainingArguments(
