@@ -25,8 +25,6 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import CONFIG_NAME, logging
 
-logger = logging.get_logger(__name__)
-
 from .quant import LSQQuantizer
 from .sharpness import (
     AUTO_RHO_GRID,
@@ -38,6 +36,8 @@ from .sharpness import (
     choose_rho,
     frozen_running_stats,
 )
+
+logger = logging.get_logger(__name__)
 
 SAQ_MODES = CASES + ("qat",)
 SAQ_STRATEGIES = ("full", "every_k", "looksam", "reuse_grad")
