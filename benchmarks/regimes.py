@@ -10,7 +10,9 @@ seconds. Three regimes, each with a ViT and a ConvNeXt at W2A2, W3A3 and W4A4:
 
 - ``scratch``: quantized training from a random initialisation on the 1,257 digits training images;
 - ``long_qat``: an FP model trained to a plateau on digits, then a long quantized schedule (20 epochs);
-- ``transfer``: an FP model pretrained on MNIST, quantized and fine-tuned on 10 digits images per class.
+- ``transfer``: an FP model pretrained on MNIST, quantized and fine-tuned on 10 digits images per class;
+- ``scratch_long`` (W2A2, ``qat``, ``saq`` and ``saq_at_once`` only): from scratch for 40 epochs, long enough for
+  the training loss to fall below ``saq_start_ratio="auto"``'s threshold.
 
 Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes, and on a model
 that starts untrained plain QAT until its training loss falls below a quarter of ln 10), ``saq_at_once`` (the defaults with SAQ from the
@@ -205,7 +207,7 @@ class Run:
         fields = asdict(self)
         fields["fp_path"] = Path(self.fp_path).name if self.fp_path else None
         settings = effective_settings(self.mode)
-        if self.regime == "scratch" and settings["saq_start_ratio"] == "auto":
+        if fp_source(self.regime) is None and settings["saq_start_ratio"] == "auto":
             settings.update(start_rule())  # it decides when SAQ starts on a model that starts untrained
         return settings_key(fields, settings)
 
@@ -309,6 +311,10 @@ class Plan:
     schedules: tuple = (("scratch", Schedule(10, 1e-3, 64)), ("long_qat", Schedule(20, 5e-4, 128)),
                         ("transfer", Schedule(40, 5e-4, 20)))
     fp_schedule: Schedule = Schedule(40, 1e-3, 64)
+    # From scratch for long enough to fit the training set: does SAQ pay once saq_start_ratio="auto" lets it start?
+    long_scratch: Schedule = Schedule(40, 1e-3, 64)
+    long_scratch_modes: tuple = ("qat", "saq", "saq_at_once")
+    long_scratch_bits: tuple = (2,)
     safety_widths: tuple = (32, 192, 768)  # 768: ViT-B's width (one layer, to fit the CPU budget)
     safety_bits: tuple = (2, 4, 8)
     safety_modes: tuple = ("qat", "saq", "saq_at_once", "saq_paper")
@@ -322,12 +328,12 @@ QUICK = Plan(regimes=("scratch", "transfer"), archs=(Arch("vit", 16, 1), Arch("c
              modes=("qat", "saq", "saq_val"), seeds=(0,), val_grid=(0.005, 0.05), looksam_sweep_seeds=(100,),
              schedules=(("scratch", Schedule(1, 1e-3, 64)), ("long_qat", Schedule(1, 5e-4, 64)),
                         ("transfer", Schedule(2, 5e-4, 20))),
-             fp_schedule=Schedule(1, 1e-3, 64), safety_widths=(16,), safety_bits=(2,), safety_seeds=(0,),
+             fp_schedule=Schedule(1, 1e-3, 64), long_scratch_modes=(), safety_widths=(16,), safety_bits=(2,), safety_seeds=(0,),
              safety_schedule=Schedule(1, 1e-3, 64), limit=256)
 
 
 def fp_source(regime: str) -> str | None:
-    return {"scratch": None, "long_qat": "digits", "transfer": "mnist8"}[regime]
+    return {"scratch": None, "scratch_long": None, "long_qat": "digits", "transfer": "mnist8"}[regime]
 
 
 def schedule_of(plan: Plan, regime: str) -> Schedule:
@@ -371,6 +377,12 @@ def main_runs(plan: Plan, fp: dict, chosen: dict) -> list[Run]:
             for seed in plan.seeds if not (mode == "saq_val" and chosen[(regime, arch.name)] == default)
             and not (mode in EFFICIENT_ONLY_AT and bits not in EFFICIENT_ONLY_AT[mode])
             and regime in ONLY_IN_REGIMES.get(mode, (regime,))]
+
+
+def long_scratch_runs(plan: Plan) -> list[Run]:
+    return [Run("scratch_long", arch, bits, mode, seed, plan.long_scratch, limit=plan.limit)
+            for mode in plan.long_scratch_modes for arch in plan.archs for bits in plan.long_scratch_bits
+            for seed in plan.seeds]
 
 
 def with_val_rows(rows: list[dict], plan: Plan, chosen: dict) -> list[dict]:
@@ -462,13 +474,14 @@ def print_table(summary: list[dict], group_keys: tuple, modes: tuple, title: str
 def plot_map(summary: list[dict], plan: Plan, path: Path) -> None:
     plt = pyplot()
     modes = [m for m in plan.modes if m != BASELINE]
-    fig, axes = plt.subplots(len(plan.archs), len(plan.regimes), figsize=(4.2 * len(plan.regimes),
+    regimes = plan.regimes + tuple(sorted({s["regime"] for s in summary} - set(plan.regimes)))
+    fig, axes = plt.subplots(len(plan.archs), len(regimes), figsize=(4.2 * len(regimes),
                              3.2 * len(plan.archs)), squeeze=False, sharey=True)
     index = {(s["regime"], s["model"], s["w_bits"], s["mode"]): s for s in summary}
     colours = {"saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_every_k": "tab:orange",
                "saq_looksam": "tab:brown", "saq_reuse_grad": "tab:gray", "saq_at_once": "tab:olive"}
     for i, arch in enumerate(plan.archs):
-        for j, regime in enumerate(plan.regimes):
+        for j, regime in enumerate(regimes):
             ax = axes[i][j]
             for k, mode in enumerate(modes):
                 xs, ys, lo, hi = [], [], [], []
@@ -547,6 +560,8 @@ def report(plan: Plan, cache: Path, results: Path, suffix: str, part: str = "all
                 chosen[(regime, arch.name)] = max(scores, key=lambda rho: (scores[rho], -rho))
     complete = len(chosen) == len(plan.regimes) * len(plan.archs)
     wanted = main_runs(plan, fp, chosen) if complete and part in ("all", "regimes") else []
+    if wanted:
+        wanted += long_scratch_runs(plan)
     rows = with_val_rows([done[r.key()] for r in wanted if r.key() in done], plan, chosen)
     if wanted:
         print(f"regime map: {len(rows)} rows ({len([r for r in wanted if r.key() not in done])} runs missing)")
@@ -593,8 +608,8 @@ def main(argv=None) -> dict:
         fp = fp_paths(plan, args.cache, args.jobs, args.threads)
         chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch)
         print("\nrelative rho chosen on validation:", {f"{r}/{a}": v for (r, a), v in chosen.items()})
-        rows = with_val_rows(run_all(main_runs(plan, fp, chosen), args.jobs, args.threads, journal, scratch),
-                             plan, chosen)
+        rows = with_val_rows(run_all(main_runs(plan, fp, chosen) + long_scratch_runs(plan), args.jobs, args.threads,
+                                     journal, scratch), plan, chosen)
         summary = summarize(rows, ("regime", "model", "w_bits"))
         print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
         plot_map(summary, plan, args.results / f"regime_map{suffix}.png")
