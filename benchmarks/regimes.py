@@ -387,7 +387,7 @@ def long_scratch_runs(plan: Plan) -> list[Run]:
 
 def with_val_rows(rows: list[dict], plan: Plan, chosen: dict) -> list[dict]:
     extra = [{**r, "mode": "saq_val", "key": r["key"] + "-as-val"} for r in rows if r["mode"] == "saq" and
-             chosen[(r["regime"], f"{r['model']}-{r['width']}")] == SAQ_DEFAULT_RHO and "saq_val" in plan.modes]
+             chosen.get((r["regime"], f"{r['model']}-{r['width']}")) == SAQ_DEFAULT_RHO and "saq_val" in plan.modes]
     return rows + extra
 
 
