@@ -223,9 +223,17 @@ GUARD_RATIO, GUARD_STEPS = 1.5, 50
 UNTRAINED_SHARE = 0.9
 
 
-def _predicts_uniformly(outputs) -> bool:
+def _class_logits(outputs) -> torch.Tensor | None:
+    """A classifier's ``(batch, classes)`` logits from a model output, or ``None``."""
     logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[-1] < 2:
+        return None
+    return logits
+
+
+def _predicts_uniformly(outputs) -> bool:
+    logits = _class_logits(outputs)
+    if logits is None:
         return False
     with torch.no_grad():
         probs = logits.detach().float().softmax(-1)
@@ -315,9 +323,7 @@ class SAQTrainer(Trainer):
                 if index == args.rho_auto_batches:
                     break
                 batch = self._prepare_inputs(batch)
-                with torch.no_grad(), frozen_running_stats(model), self._same_random_draws(), \
-                        self.compute_loss_context_manager():
-                    untrained.append(_predicts_uniformly(self.compute_loss(model, batch, return_outputs=True)[1]))
+                untrained.append(_predicts_uniformly(self._look(model, batch)))
                 loss, increase = adversarial_loss_increases(
                     sharpness, lambda b=batch: self._plain_loss(model, b), same_draws=self._same_random_draws)
                 losses.append(loss)
@@ -334,6 +340,13 @@ class SAQTrainer(Trainer):
                                      "untrained": is_untrained, "rho": rho}
         self.log({"saq_rho": rho})
         return rho
+
+    def _look(self, model, inputs):
+        """The model's outputs on prepared ``inputs`` with nothing changed: no gradients, batch-norm statistics
+        restored, random draws forked (the training run's stream is untouched)."""
+        with torch.no_grad(), frozen_running_stats(model), self._same_random_draws(), \
+                self.compute_loss_context_manager():
+            return self.compute_loss(model, inputs, return_outputs=True)[1]
 
     def _plain_loss(self, model, inputs):
         model.train()
@@ -357,11 +370,9 @@ class SAQTrainer(Trainer):
         ratio = self.args.saq_start_ratio
         untrained = False
         if ratio == "auto" and not logged or logged and logged[-1] == WAITING:
-            with torch.no_grad(), frozen_running_stats(model), self._same_random_draws(), \
-                    self.compute_loss_context_manager():
-                outputs = self.compute_loss(model, self._prepare_inputs(inputs), return_outputs=True)[1]
-            logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
-            if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[-1] >= 2:
+            outputs = self._look(model, self._prepare_inputs(inputs))
+            logits = _class_logits(outputs)
+            if logits is not None:
                 self._fit_threshold = FIT_SHARE * math.log(logits.shape[-1])
             # Every data-parallel worker must take the same decision: untrained only if all workers see it.
             untrained = bool(self.accelerator.reduce(torch.tensor(float(_predicts_uniformly(outputs)),
