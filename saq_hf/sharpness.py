@@ -68,8 +68,11 @@ def other_perturbed_parameters(model: nn.Module, perturb: str = "bias_norm") -> 
     return selected
 
 
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
+def _global_norm(tensors: list[torch.Tensor], norms: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``||concat(tensors)||₂`` from the per-tensor norms (``norms``, when already computed)."""
+    norms = torch._foreach_norm(tensors) if norms is None else norms
+    return torch.linalg.vector_norm(torch.stack(norms).float() if len({n.dtype for n in norms}) == 1
+                                    else torch.stack([n.float() for n in norms]))
 
 
 class SharpnessPerturbation:
@@ -161,6 +164,18 @@ class SharpnessPerturbation:
                         grads[i] = captured[layer].grad
 
     @torch.no_grad()
+    def _sizes_now(self, indices: list[int]) -> list[torch.Tensor]:
+        """``||x||₂`` of each perturbed tensor now (``Q(w)``'s as the ascent forward recorded it, where still valid)."""
+        n = len(self.layers)
+        if self.case != "saq":
+            return torch._foreach_norm(self._points_now(indices))
+        sizes = [None if i < n else self.params[i - n].detach() for i in indices]
+        params = [j for j, size in enumerate(sizes) if size is not None]
+        for j, norm in zip(params, torch._foreach_norm([sizes[j] for j in params]) if params else []):
+            sizes[j] = norm
+        return [self.layers[i].quantized_weight_norm() if i < n else size for i, size in zip(indices, sizes)]
+
+    @torch.no_grad()
     def _points_now(self, indices: list[int]) -> list[torch.Tensor]:
         """The current value of each perturbed tensor: ``Q(w)`` (case 3), ``w`` (cases 1, 2) or ``θ``."""
         n = len(self.layers)
@@ -192,11 +207,12 @@ class SharpnessPerturbation:
             self.last_grad_norm = None
             self.skipped += 1
             return None
-        self.last_grad_norm = _global_norm(present)
+        grad_norms = torch._foreach_norm(present)
+        self.last_grad_norm = _global_norm(present, grad_norms)
         if not torch.isfinite(self.last_grad_norm) or self.last_grad_norm == 0:
             self.skipped += 1
             return None
-        points = self._points_now(indices) if self.adaptive or self.radius == "relative" else None
+        points = self._points_now(indices) if self.adaptive else None
         if self.adaptive:
             magnitudes = [p.abs() for p in points]
             scaled = torch._foreach_mul(present, magnitudes)
@@ -211,11 +227,16 @@ class SharpnessPerturbation:
             values = torch._foreach_mul(direction, self.rho / norm)
         else:
             # A tensor with a zero gradient (or zero value, e.g. a zero-initialised bias) is not moved.
-            norms = torch._foreach_norm(scaled)
-            sizes = torch._foreach_norm(points)
+            norms = torch._foreach_norm(scaled) if self.adaptive else grad_norms
+            sizes = torch._foreach_norm(points) if self.adaptive else self._sizes_now(indices)
             points = None  # a copy of every Q(w): free it before ε is built (SAQ's peak memory)
-            # torch.where, not a Python branch: no host sync per tensor on a GPU.
-            factors = [torch.where(norm > 0, self.rho * size / norm, norm) for size, norm in zip(sizes, norms)]
+            # torch.where, not a Python branch: no host sync per tensor on a GPU. One op over all the norms
+            # where they share a dtype (the same values as per tensor, a few ops instead of four per tensor).
+            if len({t.dtype for t in [*norms, *sizes]}) == 1:
+                norm, size = torch.stack(norms), torch.stack(sizes)
+                factors = torch.where(norm > 0, self.rho * size / norm, norm).unbind()
+            else:
+                factors = [torch.where(n > 0, self.rho * s / n, n) for s, n in zip(sizes, norms)]
             values = torch._foreach_mul(direction, factors)
         eps: list[torch.Tensor | None] = [None] * len(grads)
         for i, value in zip(indices, values):

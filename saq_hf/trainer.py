@@ -270,6 +270,7 @@ class SAQTrainer(Trainer):
             )
         self.sharpness: SharpnessPerturbation | None = None
         self._lsq_step_sizes: list[torch.nn.Parameter] = []
+        self._lsq_quantizers: list[LSQQuantizer] = []
         self.rho: float | None = None if self.args.rho == "auto" else self.args.rho
         self._previous_descent_grads: list | None = None
         # looksam: the tensors it corrects, their kept sharpness directions, and the optimizer step that built them.
@@ -299,8 +300,9 @@ class SAQTrainer(Trainer):
                                                    adaptive=args.saq_adaptive, perturb=args.saq_perturb,
                                                    radius=args.saq_radius)
             # Built with the perturbation, not per step: the clean-gradient hooks go on these every SAQ step.
-            self._lsq_step_sizes = [p for m in unwrapped.modules() if isinstance(m, LSQQuantizer)
-                                    for p in m.parameters(recurse=False) if p.requires_grad]
+            self._lsq_quantizers = [m for m in unwrapped.modules()
+                                    if isinstance(m, LSQQuantizer) and m.step_size.requires_grad]
+            self._lsq_step_sizes = [m.step_size for m in self._lsq_quantizers]
             # Clean step sizes get the same gradient in both passes: nothing to correct there.
             skip = {id(p) for p in self._lsq_step_sizes} if args.saq_clean_step_sizes else set()
             self._looksam_params = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in skip]
@@ -480,11 +482,18 @@ class SAQTrainer(Trainer):
             clean = [g / self.current_gradient_accumulation_steps if g is not None else None for g in clean]
         handles = [p.register_hook(lambda g, c=c: c.to(g.dtype) if c is not None else torch.zeros_like(g))
                    for p, c in zip(params, clean)]
+        # The perturbed-point gradient of a replaced step size is thrown away: the quantizers skip computing it
+        # (a zero still reaches the hook, so DDP reduces the clean one as usual).
+        skipping = self._lsq_quantizers if params is self._lsq_step_sizes else []
+        for quantizer in skipping:
+            quantizer.step_size_grad = False
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for quantizer in skipping:
+                quantizer.step_size_grad = True
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         # The same rule as Trainer.training_step uses to decide whether to divide the loss by the accumulation steps.

@@ -108,3 +108,30 @@ def test_double_backward_runs_through_plain_ops_and_matches_the_reference(always
         (gg,) = torch.autograd.grad(g.sum(), xs)
         results.append((g.detach(), gg))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("device,dtype", CASES, ids=[f"{d}-{str(t)[6:]}" for d, t in CASES])
+@pytest.mark.parametrize("path", ["fused", "plain"])
+def test_without_the_step_size_gradient_x_gets_the_same_bits_and_the_step_size_zero(device, dtype, path, monkeypatch):
+    # step_grad=False (SAQ's descent pass, whose step-size gradient is replaced anyway) skips the step size's
+    # per-element terms; the output and x's gradient are those of the full op, bit for bit.
+    monkeypatch.setattr(lsq, "_FUSED_MIN_NUMEL", dict.fromkeys(lsq._FUSED_MIN_NUMEL, 0 if path == "fused" else 2**62))
+    calls = []
+    run = lsq._run
+    monkeypatch.setattr(lsq, "_run", lambda fn, *args: calls.append(fn.__name__) or run(fn, *args))
+    for bits in (2, 4, 8):
+        for signed in (True, False):
+            qn, qp = quant_range(bits, signed)
+            for seed, (shape, step_shape) in enumerate(LAYOUTS):
+                x, step, grad = inputs(shape, step_shape, dtype, seed + 100 * bits, device)
+                full = outputs_and_grads(lsq_fake_quantize, x, step, grad, qn, qp, 0.1)
+                calls.clear()
+                skipped = outputs_and_grads(lambda *a: lsq_fake_quantize(*a, step_grad=False), x, step, grad, qn,
+                                            qp, 0.1)
+                assert calls == ["_fake_quantize", "_fake_quantize_grad_x"]
+                assert same_bits(skipped[0], full[0]) and same_bits(skipped[1], full[1]), (bits, signed, shape)
+                assert skipped[2].shape == step.shape and skipped[2].dtype == step.dtype
+                assert not skipped[2].any() and full[2].any()
+    if path == "fused":
+        assert not lsq._compiler_failed
+        assert ("_fake_quantize_grad_x", dtype, device) in {key[:3] for key in lsq._compiled_kernels}

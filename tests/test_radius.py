@@ -296,3 +296,47 @@ def test_qat_mode_runs_no_check(tmp_path):
     forwards = counting_forwards(model)
     SAQTrainer(model=model, args=args(tmp_path, saq_mode="qat", max_steps=3), train_dataset=ToyImages()).train()
     assert len(forwards) == 3
+
+
+def test_descent_pass_skips_only_the_step_size_gradients_it_replaces(tmp_path, monkeypatch):
+    # Ascent: every quantizer computes its step size's gradient (the clean one). Descent: that gradient is
+    # replaced, so the quantizers compute x's gradient alone, and are reset after; without clean step sizes
+    # both passes compute it.
+    from saq_hf.quant import lsq
+    calls = []
+    run = lsq._run
+    monkeypatch.setattr(lsq, "_run", lambda fn, *a: calls.append(fn.__name__) or run(fn, *a))
+    for clean in (True, False):
+        model = quantized(tiny_vit())
+        model(**batch())
+        quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
+        trainer = SAQTrainer(model=model, args=args(tmp_path / str(clean), saq_mode="saq", rho=0.05,
+                                                    saq_clean_step_sizes=clean), train_dataset=ToyImages())
+        trainer.current_gradient_accumulation_steps = 1
+        calls.clear()
+        trainer.training_step(model, batch())
+        backward = [name for name in calls if name != "_fake_quantize"]
+        if clean:  # the pixel input's quantizer has no x gradient to compute in the descent pass
+            assert backward.count("_fake_quantize_grads") == len(quantizers)
+            assert backward.count("_fake_quantize_grad_x") == len(quantizers) - 1
+        else:
+            assert "_fake_quantize_grad_x" not in backward and len(backward) > len(quantizers)
+        assert all(q.step_size_grad for q in quantizers)
+
+
+def test_recorded_weight_norm_is_used_only_while_the_weight_and_step_size_are_unchanged():
+    from saq_hf.quant import QuantLinear, capture_quantized_weights
+    layer = QuantLinear(16, 8, w_bits=4, a_bits=4)
+    x = torch.randn(4, 16)
+    with capture_quantized_weights([layer]):
+        layer(x)
+    record = layer._weight_norm_record[0]
+    fresh = torch.linalg.vector_norm(layer.quantized_weight().detach())
+    assert layer.quantized_weight_norm() is record and torch.equal(record, fresh)
+    for tensor in (layer.weight, layer.weight_quantizer.step_size):
+        with torch.no_grad():
+            tensor.mul_(1.5)  # an optimizer step: in place
+        now = layer.quantized_weight_norm()
+        assert now is not record and torch.equal(now, torch.linalg.vector_norm(layer.quantized_weight().detach()))
+    layer(x)  # a forward outside a capture records nothing
+    assert layer._weight_norm_record[0] is record

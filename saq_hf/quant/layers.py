@@ -33,6 +33,9 @@ class QuantLayerMixin:
         )
         self.weight_perturbation: torch.Tensor | None = None
         self._release_perturbation_after_use = False
+        # ||Q(w)|| as the last captured forward computed it, with the versions of w and its step size then.
+        self._record_weight_norm = False
+        self._weight_norm_record: tuple[torch.Tensor, int, int] | None = None
 
     @property
     def w_bits(self) -> int:
@@ -46,10 +49,23 @@ class QuantLayerMixin:
         """The differentiable fake-quantized weight ``Q(w)``, exactly as forward uses it (before any ε)."""
         return self.weight_quantizer(self.weight)
 
+    @torch.no_grad()
+    def quantized_weight_norm(self) -> torch.Tensor:
+        """``||Q(w)||₂`` now: the value the last captured forward recorded while ``w`` and its step size are unchanged
+        since (their in-place version counters), else computed."""
+        record = self._weight_norm_record
+        if record is not None and record[1:] == (self.weight._version, self.weight_quantizer.step_size._version):
+            return record[0]
+        return torch.linalg.vector_norm(self.quantized_weight())
+
     def _forward_weight_and_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         weight = self.quantized_weight()
+        if self._record_weight_norm and not torch.compiler.is_compiling():
+            # One reduction here saves recomputing Q(w) for the relative radius (eager only: no side outputs in a graph).
+            self._weight_norm_record = (torch.linalg.vector_norm(weight.detach()), self.weight._version,
+                                        self.weight_quantizer.step_size._version)
         if self.weight_perturbation is not None:
             weight = weight + self.weight_perturbation
             # A graph's inputs stay alive while it runs anyway, so compiled code keeps ε to the end of the pass.
@@ -129,12 +145,14 @@ def capture_quantized_weights(layers):
     the forward value is unchanged. Unlike recording the ``Q(w)`` tensor forward built, this also works
     when forward runs in a compiled graph: the probe is an input of that graph, not an intermediate.
     Probes are leaves when they carry an ε, and keep their gradient in ``.grad`` after ``backward()``.
+    In eager mode each layer also records ``||Q(w)||`` (:meth:`QuantLayerMixin.quantized_weight_norm`).
     """
     layers = list(layers)
     previous = {layer: layer.weight_perturbation for layer in layers}
     captured: dict[nn.Module, torch.Tensor] = {}
     try:
         for layer in layers:
+            layer._record_weight_norm = True
             current = previous[layer]
             if current is None:
                 zero = torch.zeros((), dtype=layer.weight.dtype, device=layer.weight.device, requires_grad=True)
@@ -147,3 +165,4 @@ def capture_quantized_weights(layers):
     finally:
         for layer, value in previous.items():
             layer.weight_perturbation = value
+            layer._record_weight_norm = False

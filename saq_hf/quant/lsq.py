@@ -53,10 +53,17 @@ def _fake_quantize_grads(grad_output: torch.Tensor, x: torch.Tensor, step_size: 
     return grad_output * inside, clipped.round_().sub_(scaled.mul_(inside)).mul_(grad_output)
 
 
+def _fake_quantize_grad_x(grad_output: torch.Tensor, x: torch.Tensor, step_size: torch.Tensor, qn: int,
+                          qp: int) -> torch.Tensor:
+    """LSQ's gradient w.r.t. ``x`` alone (the first output of ``_fake_quantize_grads``, bit for bit)."""
+    scaled = x / step_size
+    return grad_output * (torch.clamp(scaled, qn, qp) == scaled).to(x.dtype)
+
+
 # Below these sizes the fixed cost of calling a compiled kernel (~30 µs: dynamo's guards, the wrapper)
 # exceeds what fusion saves. Measured on CPU with torch 2.13: the in-place forward is four cheap passes
-# (fused wins from ~2^20 elements), the backward's nine are not (from ~2^15).
-_FUSED_MIN_NUMEL = {"_fake_quantize": 2**20, "_fake_quantize_grads": 2**15}
+# (fused wins from ~2^20 elements), the backward's nine (five for x's gradient alone) are not (from ~2^14).
+_FUSED_MIN_NUMEL = {"_fake_quantize": 2**20, "_fake_quantize_grads": 2**14, "_fake_quantize_grad_x": 2**14}
 _compiled_kernels: dict[tuple, object] = {}
 _compiler_failed: list[str] = []
 
@@ -106,30 +113,40 @@ class _LSQFakeQuantize(torch.autograd.Function):
     """``round(clamp(x / s, qn, qp)) * s`` with the LSQ gradients, as one fused op.
 
     It saves only ``x`` and ``s`` for backward, which keeps the activation memory of a fake-quantized model
-    close to the FP model's.
+    close to the FP model's. With ``step_grad=False`` the step size gets a zero gradient without computing its
+    per-element terms (for a pass whose step-size gradient is replaced anyway: SAQ's descent pass).
     """
 
     @staticmethod
-    def forward(ctx, x, step_size, qn, qp, grad_scale):
+    def forward(ctx, x, step_size, qn, qp, grad_scale, step_grad=True):
         ctx.save_for_backward(x, step_size)
-        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+        ctx.qn, ctx.qp, ctx.grad_scale, ctx.step_grad = qn, qp, grad_scale, step_grad
         return _run(_fake_quantize, step_size, qn, qp, x)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, step_size = ctx.saved_tensors
+        if not (ctx.step_grad and ctx.needs_input_grad[1]):
+            grad_x = _run(_fake_quantize_grad_x, step_size, ctx.qn, ctx.qp, grad_output, x) \
+                if ctx.needs_input_grad[0] else None
+            grad_s = torch.zeros_like(step_size) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_s, None, None, None, None
         grad_x, grad_s = _run(_fake_quantize_grads, step_size, ctx.qn, ctx.qp, grad_output, x)
         if step_size.dim() == 0:
             grad_s = grad_s.sum()
         else:
             dims = [d for d in range(grad_s.dim()) if step_size.shape[d] == 1]
             grad_s = grad_s.sum(dim=dims, keepdim=True)
-        return grad_x, (grad_s * ctx.grad_scale).to(step_size.dtype), None, None, None
+        return grad_x, (grad_s * ctx.grad_scale).to(step_size.dtype), None, None, None, None
 
 
-def lsq_fake_quantize(x: torch.Tensor, step_size: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
-    """LSQ fake quantization of ``x`` with step size(s) ``step_size`` (broadcastable), range ``[qn, qp]``."""
-    return _LSQFakeQuantize.apply(x, step_size, qn, qp, grad_scale)
+def lsq_fake_quantize(x: torch.Tensor, step_size: torch.Tensor, qn: int, qp: int, grad_scale: float,
+                      step_grad: bool = True) -> torch.Tensor:
+    """LSQ fake quantization of ``x`` with step size(s) ``step_size`` (broadcastable), range ``[qn, qp]``.
+
+    ``step_grad=False``: the step size's gradient is zero (not computed), ``x``'s is unchanged.
+    """
+    return _LSQFakeQuantize.apply(x, step_size, qn, qp, grad_scale, step_grad)
 
 
 class LSQQuantizer(nn.Module):
@@ -162,6 +179,9 @@ class LSQQuantizer(nn.Module):
         # (on GPU) and a graph break under torch.compile. Cleared whenever the buffers may change:
         # initialisation, calibration and state-dict loading.
         self._known_range: tuple[int, int] | None = None
+        # False while a pass's step-size gradient is replaced anyway (SAQTrainer's descent pass with
+        # saq_clean_step_sizes): its per-element terms are then not computed.
+        self.step_size_grad = True
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._known_range = None
@@ -270,7 +290,7 @@ class LSQQuantizer(nn.Module):
         # LSQ's gradient scale counts the elements sharing one step size: per sample for activations.
         group_numel = x[0].numel() if self.is_activation and x.dim() > 1 else x.numel() // self.step_size.numel()
         grad_scale = 1.0 / math.sqrt(max(group_numel, 1) * qp)
-        return lsq_fake_quantize(x, self.step_size.to(x.dtype), qn, qp, grad_scale)
+        return lsq_fake_quantize(x, self.step_size.to(x.dtype), qn, qp, grad_scale, self.step_size_grad)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
