@@ -3,7 +3,7 @@
     python benchmarks/gpu_checks.py --out benchmarks/results/gpu/gpu_checks.json
 
 For each precision (bf16 autocast, fp16 autocast with the Trainer's grad scaler), model (2-layer ViT,
-2-stage ConvNeXt) and mode (qat, saq, case1, case2; saq also every_k and reuse_grad): 4 SAQTrainer steps
+2-stage ConvNeXt) and mode (qat, saq, case1, case2; saq also every_k, looksam and reuse_grad): 4 SAQTrainer steps
 must give finite losses and, for the sharpness-aware modes, no skipped perturbation and ε at the radius.
 Then ``torch_compile=True`` against eager (qat and saq, bf16 and fp32, the ViT): the first step's loss
 must agree to 1e-3 relative (bf16: 1e-2), the others to 5e-2 (a quantization rounding can flip).
@@ -33,7 +33,7 @@ MODELS = {
                                                                       num_labels=NUM_LABELS, image_size=32)),
 }
 MODES = [("qat", "full"), ("saq", "full"), ("case1", "full"), ("case2", "full"), ("saq", "every_k"),
-         ("saq", "reuse_grad")]
+         ("saq", "looksam"), ("saq", "reuse_grad")]
 
 
 class Images(torch.utils.data.Dataset):

@@ -42,6 +42,7 @@ import tempfile
 import time
 import types
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -99,9 +100,30 @@ COMPILED_MODES = [mode for mode, (_, fields) in MODES.items() if fields.get("tor
 
 def peer_unavailable(mode: str) -> str | None:
     """Why a peer mode cannot run here, or ``None``."""
-    if mode == "torchao_qat" and importlib.util.find_spec("torchao") is None:
-        return "torchao is not installed (pip install torchao)"
+    if mode == "torchao_qat":
+        if importlib.util.find_spec("torchao") is None:
+            return "torchao is not installed (pip install torchao)"
+        try:  # an installed torchao built for another torch can fail at import
+            importlib.import_module("torchao.quantization.qat")
+        except Exception as error:  # noqa: BLE001 - whatever the import raises, the column is skipped with it
+            return f"torchao is installed but does not import: {type(error).__name__}: {str(error)[:200]}"
     return None
+
+
+PEERS = ("torchao_qat", "torch_lsq")
+
+
+@contextmanager
+def peer_failures(mode: str, failed: dict):
+    """A peer that fails (e.g. a torchao build for another torch) is dropped from the run with its error kept and
+    printed; a failure of one of our own modes is raised."""
+    try:
+        yield
+    except Exception as error:
+        if mode not in PEERS:
+            raise
+        failed[mode] = f"{type(error).__name__}: {str(error)[:300]}"
+        print(f"{mode}: dropped, {failed[mode]}", flush=True)
 
 
 def torch_learnable_fake_quantize(quantizer: LSQQuantizer, x: torch.Tensor) -> torch.Tensor:
@@ -231,12 +253,17 @@ def run_config(config: tuple, modes: list[str], device: torch.device, warmup: in
     # Each config compiles its own graphs; dynamo's per-function cache would otherwise fill up across configs.
     torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as out:
-        runs = [ModeRun(config, mode, device, interval, out, bf16) for mode in modes]
+        runs, failed = [], {}
+        for mode in modes:
+            with peer_failures(mode, failed):
+                runs.append(ModeRun(config, mode, device, interval, out, bf16))
         for round_index in range(warmup + steps):
             shift = round_index % len(runs)
             for run in runs[shift:] + runs[:shift]:
-                run.timed_step()
-        result = {}
+                with peer_failures(run.mode, failed):
+                    run.timed_step()
+            runs = [run for run in runs if run.mode not in failed]
+        result = {mode: {"failed": why} for mode, why in failed.items()}
         for run in runs:
             result[run.mode] = {"step_ms": 1000 * run.seconds(warmup, interval),
                                 "peak_mib": run.peak_memory_bytes(interval) / 2**20,
@@ -265,7 +292,8 @@ RATIOS = {  # name -> (numerator mode, denominator mode, time or memory)
 
 
 def ratios(modes: dict) -> dict:
-    return {name: modes[a][key] / modes[b][key] for name, (a, b, key) in RATIOS.items() if a in modes and b in modes}
+    return {name: modes[a][key] / modes[b][key] for name, (a, b, key) in RATIOS.items()
+            if key in modes.get(a, {}) and key in modes.get(b, {})}
 
 
 GOALS = {  # ratio -> (upper bound, configs it applies to: None = all) (issue 11)
@@ -313,7 +341,7 @@ def print_table(results: dict) -> None:
     for name, entry in results.items():
         cells = []
         for h, key, fmt in columns:
-            value = entry["modes"][key]["step_ms"] if key in entry["modes"] else entry["ratios"].get(key)
+            value = entry["modes"][key].get("step_ms") if key in entry["modes"] else entry["ratios"].get(key)
             cells.append(f"{fmt.format(value) if value is not None else '-':>{max(len(h), 6) + 2}}")
         print(f"{name:<15}{entry['batch_size']:>6}" + "".join(cells))
 
