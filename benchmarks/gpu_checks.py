@@ -4,7 +4,8 @@
 
 For each precision (bf16 autocast, fp16 autocast with the Trainer's grad scaler), model (2-layer ViT,
 2-stage ConvNeXt) and mode (qat, saq, case1, case2; saq also every_k, looksam and reuse_grad): 4 SAQTrainer steps
-must give finite losses and, for the sharpness-aware modes, no skipped perturbation and ε at the radius.
+must give finite losses and, for the sharpness-aware modes, ε at the radius and no skipped perturbation beyond the
+steps where fp16's grad scaler overflowed (a step whose ascent gradients overflow is skipped by design).
 Then ``torch_compile=True`` against eager (qat and saq, bf16 and fp32, the ViT): the first step's loss
 must agree to 1e-3 relative (bf16: 1e-2), the others to 5e-2 (a quantization rounding can flip).
 Writes every number to the JSON and exits 1 if a check fails. The fused LSQ op's bit-identity on the GPU
@@ -61,8 +62,13 @@ def train(arch: str, precision: str, mode: str, strategy: str, compiled: bool = 
         trainer = SAQTrainer(model=model, args=args, train_dataset=Images())
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    # fp16: each overflow the grad scaler met halved its scale (no growth within 4 steps); a step whose ascent
+    # gradients overflowed skips its perturbation by design, as the scaler skips that optimizer step.
+    overflows = round(math.log2(scaler._init_scale / scaler.get_scale())) if scaler is not None else 0
     return {"losses": [entry["loss"] for entry in logs], "eps_norm": [entry.get("saq_eps_norm") for entry in logs],
-            "skipped": trainer.sharpness.skipped if trainer.sharpness is not None else 0}
+            "skipped": trainer.sharpness.skipped if trainer.sharpness is not None else 0,
+            "scaler_overflows": overflows}
 
 
 def main(argv=None) -> int:
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
                 run = train(arch, precision, mode, strategy)
                 ok = all(math.isfinite(loss) for loss in run["losses"]) and len(run["losses"]) == STEPS
                 if mode != "qat":
-                    ok = ok and run["skipped"] == 0 and all(
+                    ok = ok and run["skipped"] <= run["scaler_overflows"] and all(
                         e is None or abs(e - 0.05) < 1e-3 for e in run["eps_norm"])
                 check(f"{precision}/{arch}/{mode}/{strategy}", ok, run)
     for precision in ("fp32", "bf16"):

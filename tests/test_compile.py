@@ -91,3 +91,26 @@ def test_compiled_qat_step_matches_eager_with_inductor(tmp_path):
 ], ids=["vit-saq", "convnext-qat", "convnext-saq", "vit-case1", "vit-case2", "vit-every_k", "vit-reuse_grad"])
 def test_every_mode_and_strategy_compiles_without_graph_breaks_or_recompiles(tmp_path, arch, fields):
     assert_compiled_run_matches_eager(tmp_path, arch, "aot_eager", **fields)
+
+
+@pytest.mark.parametrize("step_grad", [True, False])
+def test_compiled_lsq_op_gives_the_eager_gradients(step_grad):
+    # The op's backward must not read what dynamo traces wrongly in some torch releases (torch 2.11 traced
+    # ctx.needs_input_grad as all-False: every gradient through the op came out zero in compiled models).
+    from saq_hf.quant.lsq import lsq_fake_quantize
+
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    x0, grad = torch.randn(8, 24, generator=generator), torch.randn(8, 24, generator=generator)
+
+    def op(x, s):
+        return lsq_fake_quantize(x, s, -8, 7, 0.1, step_grad)
+
+    results = []
+    for function in (op, torch.compile(op, backend="aot_eager", fullgraph=True)):
+        x, s = x0.clone().requires_grad_(), torch.full((8, 1), 0.2, requires_grad=True)
+        function(x, s).backward(grad)
+        results.append((x.grad, s.grad))
+    (x_eager, s_eager), (x_compiled, s_compiled) = results
+    assert x_eager.abs().sum() > 0 and torch.equal(x_compiled, x_eager)
+    assert torch.equal(s_compiled, s_eager) and bool(s_eager.any()) == step_grad

@@ -94,8 +94,8 @@ def test_fused_op_is_bit_identical_to_the_unfused_reference_at_every_bit_width(d
     assert checked == 7 * 2 * len(LAYOUTS)
     # The comparison was against the compiled kernels, not the plain-ops fallback.
     assert not lsq._compiler_failed
-    assert {key[0] for key in lsq._compiled_kernels if key[1:3] == (dtype, device)} == {"_fake_quantize",
-                                                                                       "_fake_quantize_grads"}
+    assert {"_fake_quantize", "_fake_quantize_grads"} <= {key[0] for key in lsq._compiled_kernels
+                                                          if key[1:3] == (dtype, device)}
 
 
 def test_double_backward_runs_through_plain_ops_and_matches_the_reference(always_fused):
@@ -114,7 +114,8 @@ def test_double_backward_runs_through_plain_ops_and_matches_the_reference(always
 @pytest.mark.parametrize("path", ["fused", "plain"])
 def test_without_the_step_size_gradient_x_gets_the_same_bits_and_the_step_size_zero(device, dtype, path, monkeypatch):
     # step_grad=False (SAQ's descent pass, whose step-size gradient is replaced anyway) skips the step size's
-    # per-element terms; the output and x's gradient are those of the full op, bit for bit.
+    # per-element terms; the output and x's gradient are those of the full op, bit for bit. (Compiled, the same:
+    # tests/test_compile.py.)
     monkeypatch.setattr(lsq, "_FUSED_MIN_NUMEL", dict.fromkeys(lsq._FUSED_MIN_NUMEL, 0 if path == "fused" else 2**62))
     calls = []
     run = lsq._run

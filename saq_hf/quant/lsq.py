@@ -65,6 +65,22 @@ def _fake_quantize_grad_x(grad_output: torch.Tensor, x: torch.Tensor, step_size:
 # (fused wins from ~2^20 elements), the backward's nine (five for x's gradient alone) are not (from ~2^14).
 _FUSED_MIN_NUMEL = {"_fake_quantize": 2**20, "_fake_quantize_grads": 2**14, "_fake_quantize_grad_x": 2**14}
 _compiled_kernels: dict[tuple, object] = {}
+
+
+def _eager_numerics_options() -> dict:
+    """Inductor options under which the kernels compute what the eager ops do, bit for bit: every intermediate
+    rounded to the input dtype (bf16/fp16), and fp32 division correctly rounded (Triton's ``/`` is approximate)."""
+    from torch._inductor import config
+
+    options = {"emulate_precision_casts": True}
+    if hasattr(config, "eager_numerics"):  # torch >= 2.12
+        options["eager_numerics.division_rounding"] = True
+    elif hasattr(config, "emulate_divison_rounding"):  # torch 2.4-2.11 spelling
+        options["emulate_divison_rounding"] = True
+    return options
+
+
+_EAGER_NUMERICS = _eager_numerics_options()
 _compiler_failed: list[str] = []
 
 
@@ -77,9 +93,7 @@ def _compiled(fn, x: torch.Tensor, per_channel: bool, qn: int):
         # every (dtype, layout) within that cap whatever mix of models a process runs.
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{'_'.join(map(str, key[1:]))}")
         copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        # emulate_precision_casts: round every intermediate to the input dtype as eager does, so bf16/fp16
-        # results match the unfused ops bit for bit.
-        kernel = torch.compile(copy, dynamic=True, options={"emulate_precision_casts": True})
+        kernel = torch.compile(copy, dynamic=True, options=_EAGER_NUMERICS)
         _compiled_kernels[key] = kernel
     return kernel
 
@@ -126,11 +140,11 @@ class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, step_size = ctx.saved_tensors
-        if not (ctx.step_grad and ctx.needs_input_grad[1]):
-            grad_x = _run(_fake_quantize_grad_x, step_size, ctx.qn, ctx.qp, grad_output, x) \
-                if ctx.needs_input_grad[0] else None
-            grad_s = torch.zeros_like(step_size) if ctx.needs_input_grad[1] else None
-            return grad_x, grad_s, None, None, None, None
+        # Only ctx attributes set in forward decide here: torch 2.11's dynamo traced ctx.needs_input_grad as
+        # all-False, which zeroed every gradient through the op in compiled models.
+        if not ctx.step_grad:
+            grad_x = _run(_fake_quantize_grad_x, step_size, ctx.qn, ctx.qp, grad_output, x)
+            return grad_x, torch.zeros_like(step_size), None, None, None, None
         grad_x, grad_s = _run(_fake_quantize_grads, step_size, ctx.qn, ctx.qp, grad_output, x)
         if step_size.dim() == 0:
             grad_s = grad_s.sum()
