@@ -6,7 +6,8 @@ For each precision (bf16 autocast, fp16 autocast with the Trainer's grad scaler)
 2-stage ConvNeXt) and mode (qat, saq, case1, case2; saq also every_k, looksam and reuse_grad): 4 SAQTrainer steps
 must give finite losses and, for the sharpness-aware modes, ε at the radius and no skipped perturbation beyond the
 steps where fp16's grad scaler overflowed (a step whose ascent gradients overflow is skipped by design).
-Then ``torch_compile=True`` against eager (qat and saq, bf16 and fp32, the ViT): the first step's loss
+Compiled against eager: the LSQ op alone (its gradients, with and without the step size's, to 1e-4), and
+``torch_compile=True`` (qat and saq, bf16 and fp32, the ViT): the first step's loss
 must agree to 1e-3 relative (bf16: 1e-2), the others to 5e-2 (a quantization rounding can flip).
 Writes every number to the JSON and exits 1 if a check fails. The fused LSQ op's bit-identity on the GPU
 is checked by ``pytest tests/test_fused_quant.py`` (``gpu_check.sh`` runs both).
@@ -24,6 +25,7 @@ from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model  # noqa: E402
+from saq_hf.quant.lsq import lsq_fake_quantize  # noqa: E402
 
 NUM_LABELS, STEPS = 5, 4
 MODELS = {
@@ -71,6 +73,21 @@ def train(arch: str, precision: str, mode: str, strategy: str, compiled: bool = 
             "scaler_overflows": overflows}
 
 
+def op_gradients(compiled: bool, step_grad: bool, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """x's and the step size's gradient through the LSQ op (W4, per channel) on the GPU, eager or compiled."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    x0, grad = (torch.randn(64, 256, generator=generator).to(device) for _ in range(2))
+
+    def op(x, s):
+        return lsq_fake_quantize(x, s, -8, 7, 0.1, step_grad)
+
+    function = torch.compile(op, fullgraph=True) if compiled else op
+    x, s = x0.clone().requires_grad_(), torch.full((64, 1), 0.2, device=device, requires_grad=True)
+    function(x, s).backward(grad)
+    return x.grad, s.grad
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu_checks.json")
@@ -86,6 +103,14 @@ def main(argv=None) -> int:
         if not ok:
             checks["failures"].append(name)
 
+    # The op alone, compiled against eager: a compiled model trains only if these agree (torch 2.11's dynamo
+    # once zeroed them, through a backward that read ctx.needs_input_grad).
+    for step_grad in (True, False):
+        (x_eager, s_eager), (x_compiled, s_compiled) = op_gradients(False, step_grad), op_gradients(True, step_grad)
+        x_error = float((x_eager - x_compiled).norm() / x_eager.norm())
+        s_error = float((s_eager - s_compiled).norm() / s_eager.norm()) if step_grad else float(s_compiled.abs().max())
+        check(f"compiled_vs_eager/op/step_grad={step_grad}", x_error < 1e-4 and s_error < 1e-4,
+              {"x_grad_rel_error": x_error, "step_grad_rel_error" if step_grad else "step_grad_max": s_error})
     for precision in ("bf16", "fp16"):
         for arch in MODELS:
             for mode, strategy in MODES:

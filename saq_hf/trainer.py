@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import CONFIG_NAME, logging
 
-from .quant import LSQQuantizer
+from .quant import LSQQuantizer, quantized_layers
 from .sharpness import (
     AUTO_RHO_GRID,
     CASES,
@@ -280,6 +280,7 @@ class SAQTrainer(Trainer):
         self._looksam_built_at: int | None = None
         self._saq_sums = self._empty_sums()
         self._guard_run, self._guard_warned, self._start_checked, self._untrained = 0, False, False, False
+        self._compiled_gradients_checked = False
         # The first SAQ step (saq_start_ratio): None until the first training step decides, WAITING while an
         # untrained model is fitting.
         self.saq_start_step: int | None = None
@@ -426,8 +427,27 @@ class SAQTrainer(Trainer):
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.args.torch_compile:
-            self._initialize_quantizers_eagerly(model, inputs, num_items_in_batch)
+        if not self.args.torch_compile:
+            return self._training_step(model, inputs, num_items_in_batch)
+        self._initialize_quantizers_eagerly(model, inputs, num_items_in_batch)
+        loss = self._training_step(model, inputs, num_items_in_batch)
+        if not self._compiled_gradients_checked:
+            self._compiled_gradients_checked = True
+            self._check_compiled_gradients(model)
+        return loss
+
+    def _check_compiled_gradients(self, model) -> None:
+        """Fail loudly if the compiled model's first backward left every quantized weight without a gradient: a
+        compiler that mistraces the LSQ op's backward (torch 2.11 did, before saq-hf stopped reading
+        ``ctx.needs_input_grad``) would otherwise train nothing but biases, silently."""
+        weights = [layer.weight for _, layer in quantized_layers(self.accelerator.unwrap_model(model))
+                   if layer.weight.requires_grad]
+        if weights and not any(w.grad is not None and bool(w.grad.any()) for w in weights):
+            raise RuntimeError(f"torch.compile gave every quantized weight a zero gradient on the first step (torch "
+                               f"{torch.__version__}): the compiled backward is wrong; train with torch_compile=False "
+                               "or another torch release")
+
+    def _training_step(self, model, inputs, num_items_in_batch=None):
         if self.saq_start_step is None:
             self.saq_start_step = self._resolve_start_step(model, inputs)
         if self._is_plain_step():

@@ -114,3 +114,19 @@ def test_compiled_lsq_op_gives_the_eager_gradients(step_grad):
     (x_eager, s_eager), (x_compiled, s_compiled) = results
     assert x_eager.abs().sum() > 0 and torch.equal(x_compiled, x_eager)
     assert torch.equal(s_compiled, s_eager) and bool(s_eager.any()) == step_grad
+
+
+def test_a_compiled_backward_that_drops_the_weight_gradients_fails_the_first_step(tmp_path, monkeypatch):
+    # What torch 2.11 did to the op (zero gradients through it, found on an H200): the trainer must stop at the
+    # first step instead of training biases alone.
+    from saq_hf.quant import lsq
+
+    backward = lsq._LSQFakeQuantize.backward
+
+    def dropped(ctx, grad_output):
+        grads = backward(ctx, grad_output)
+        return (torch.zeros_like(grads[0]), torch.zeros_like(grads[1])) + tuple(grads[2:])
+
+    monkeypatch.setattr(lsq._LSQFakeQuantize, "backward", staticmethod(dropped))
+    with pytest.raises(RuntimeError, match="zero gradient.*torch_compile=False"):
+        train(tmp_path, "vit", True, backend="aot_eager", saq_mode="qat")
