@@ -340,3 +340,23 @@ def test_recorded_weight_norm_is_used_only_while_the_weight_and_step_size_are_un
         assert now is not record and torch.equal(now, torch.linalg.vector_norm(layer.quantized_weight().detach()))
     layer(x)  # a forward outside a capture records nothing
     assert layer._weight_norm_record[0] is record
+
+
+def test_eager_capture_takes_the_gradient_at_qw_itself_also_for_a_layer_used_twice():
+    import torch.nn.functional as F
+    from saq_hf.quant import QuantLinear, capture_quantized_weights
+    torch.manual_seed(0)
+    layer = QuantLinear(8, 8, w_bits=4, a_bits=None)
+    x = torch.randn(4, 8)
+    layer(x)  # initialises the step sizes
+    with capture_quantized_weights([layer]) as captured:
+        loss = layer(torch.tanh(layer(x))).pow(2).sum()
+    point = captured[layer]
+    assert not point.is_leaf and torch.equal(point, layer.quantized_weight())  # Q(w) itself, no probe added
+    (grad,) = torch.autograd.grad(loss, point)
+    # The same loss as a function of a free tensor W = Q(w): both uses of the layer count.
+    free = layer.quantized_weight().detach().requires_grad_()
+    (expected,) = torch.autograd.grad(F.linear(torch.tanh(F.linear(x, free, layer.bias)), free, layer.bias)
+                                      .pow(2).sum(), free)
+    torch.testing.assert_close(grad, expected)
+    assert layer._capture is None and layer.weight_perturbation is None
