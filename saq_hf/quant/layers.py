@@ -33,9 +33,8 @@ class QuantLayerMixin:
         )
         self.weight_perturbation: torch.Tensor | None = None
         self._release_perturbation_after_use = False
-        # Set by capture_quantized_weights: where an eager forward puts the tensor whose gradient is wanted.
-        self._capture: dict | None = None
         # ||Q(w)|| as the last captured forward computed it, with the versions of w and its step size then.
+        self._record_weight_norm = False
         self._weight_norm_record: tuple[torch.Tensor, int, int] | None = None
 
     @property
@@ -59,30 +58,15 @@ class QuantLayerMixin:
             return record[0]
         return torch.linalg.vector_norm(self.quantized_weight())
 
-    def _captured_eagerly(self, weight: torch.Tensor) -> torch.Tensor:
-        """A captured eager forward: records ``||Q(w)||`` (it saves quantizing the weights again for the relative
-        radius) and, where the probe is the zero one, makes ``Q(w)`` itself the captured tensor instead of adding
-        the probe (no add, and no reduction of its gradient into the zero). A layer run twice in one forward
-        reuses its first ``Q(w)``, so both uses reach the captured tensor."""
-        probe = self._capture[self]
-        if probe is not self.weight_perturbation:  # already replaced by Q(w) earlier in this forward
-            return probe
-        self._weight_norm_record = (torch.linalg.vector_norm(weight.detach()), self.weight._version,
-                                    self.weight_quantizer.step_size._version)
-        if probe.is_leaf:  # a probe carrying ε (a leaf): the gradient is taken at Q(w) + ε
-            return weight + probe
-        weight.retain_grad()
-        self._capture[self] = weight
-        return weight
-
     def _forward_weight_and_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         weight = self.quantized_weight()
-        # (is_compiling() first: a compiled graph never reads, so never guards on, the capture dict)
-        if not torch.compiler.is_compiling() and self._capture is not None:
-            weight = self._captured_eagerly(weight)
-        elif self.weight_perturbation is not None:
+        if self._record_weight_norm and not torch.compiler.is_compiling():
+            # One reduction here saves recomputing Q(w) for the relative radius (eager only: no side outputs in a graph).
+            self._weight_norm_record = (torch.linalg.vector_norm(weight.detach()), self.weight._version,
+                                        self.weight_quantizer.step_size._version)
+        if self.weight_perturbation is not None:
             weight = weight + self.weight_perturbation
             # A graph's inputs stay alive while it runs anyway, so compiled code keeps ε to the end of the pass.
             if self._release_perturbation_after_use and not torch.compiler.is_compiling():
@@ -161,16 +145,14 @@ def capture_quantized_weights(layers):
     the forward value is unchanged. Unlike recording the ``Q(w)`` tensor forward built, this also works
     when forward runs in a compiled graph: the probe is an input of that graph, not an intermediate.
     Probes are leaves when they carry an ε, and keep their gradient in ``.grad`` after ``backward()``.
-    In eager mode a layer without a perturbation puts its ``Q(w)`` tensor itself in the dict when its forward runs
-    (the probe's add and its gradient's reduction are then saved), and every layer records ``||Q(w)||``
-    (:meth:`QuantLayerMixin.quantized_weight_norm`).
+    In eager mode each layer also records ``||Q(w)||`` (:meth:`QuantLayerMixin.quantized_weight_norm`).
     """
     layers = list(layers)
     previous = {layer: layer.weight_perturbation for layer in layers}
     captured: dict[nn.Module, torch.Tensor] = {}
     try:
         for layer in layers:
-            layer._capture = captured
+            layer._record_weight_norm = True
             current = previous[layer]
             if current is None:
                 zero = torch.zeros((), dtype=layer.weight.dtype, device=layer.weight.device, requires_grad=True)
@@ -183,4 +165,4 @@ def capture_quantized_weights(layers):
     finally:
         for layer, value in previous.items():
             layer.weight_perturbation = value
-            layer._capture = None
+            layer._record_weight_norm = False
