@@ -71,8 +71,7 @@ def other_perturbed_parameters(model: nn.Module, perturb: str = "bias_norm") -> 
 def _global_norm(tensors: list[torch.Tensor], norms: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``||concat(tensors)||₂`` from the per-tensor norms (``norms``, when already computed)."""
     norms = torch._foreach_norm(tensors) if norms is None else norms
-    return torch.linalg.vector_norm(torch.stack(norms).float() if len({n.dtype for n in norms}) == 1
-                                    else torch.stack([n.float() for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 class SharpnessPerturbation:
@@ -169,11 +168,9 @@ class SharpnessPerturbation:
         n = len(self.layers)
         if self.case != "saq":
             return torch._foreach_norm(self._points_now(indices))
-        sizes = [None if i < n else self.params[i - n].detach() for i in indices]
-        params = [j for j, size in enumerate(sizes) if size is not None]
-        for j, norm in zip(params, torch._foreach_norm([sizes[j] for j in params]) if params else []):
-            sizes[j] = norm
-        return [self.layers[i].quantized_weight_norm() if i < n else size for i, size in zip(indices, sizes)]
+        params = [self.params[i - n].detach() for i in indices if i >= n]
+        param_norms = iter(torch._foreach_norm(params) if params else [])
+        return [self.layers[i].quantized_weight_norm() if i < n else next(param_norms) for i in indices]
 
     @torch.no_grad()
     def _points_now(self, indices: list[int]) -> list[torch.Tensor]:
