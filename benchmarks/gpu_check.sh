@@ -72,6 +72,8 @@ speed() {  # speed NAME MIN_SECONDS SPEED_ARGS...
 speed speed_cuda_bf16_vit-b16 60 --bf16 --configs vit-b16 --modes "$EAGER"
 step fused_op_bit_identity 30 "$PYTHON" -m pytest -q -p no:cacheprovider --noconftest -k cuda tests/test_fused_quant.py
 step gpu_checks 60 "$PYTHON" benchmarks/gpu_checks.py --out "$RESULTS/gpu_checks.json"
+step compile_check 60 "$PYTHON" benchmarks/compile_check.py
+step profile_step 40 "$PYTHON" benchmarks/profile_step.py --bf16 --out "$RESULTS/profile_vit-b16_bf16.txt"
 speed speed_cuda_bf16_vit-b16_compiled 150 --bf16 --configs vit-b16 --modes fp,qat,saq,fp_compiled,qat_compiled,saq_compiled
 speed speed_cuda_fp32_eager 60 --configs vit-b16,convnext-tiny --modes "$EAGER"
 speed speed_cuda_bf16_convnext-tiny 60 --bf16 --configs convnext-tiny --modes "$EAGER"
