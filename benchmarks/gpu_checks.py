@@ -25,7 +25,7 @@ from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model  # noqa: E402
-from saq_hf.quant.lsq import lsq_fake_quantize  # noqa: E402
+from compile_check import check_op  # noqa: E402  (benchmarks/, on sys.path as this script's folder)
 
 NUM_LABELS, STEPS = 5, 4
 MODELS = {
@@ -73,21 +73,6 @@ def train(arch: str, precision: str, mode: str, strategy: str, compiled: bool = 
             "scaler_overflows": overflows}
 
 
-def op_gradients(compiled: bool, step_grad: bool, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
-    """x's and the step size's gradient through the LSQ op (W4, per channel) on the GPU, eager or compiled."""
-    torch._dynamo.reset()
-    generator = torch.Generator().manual_seed(0)
-    x0, grad = (torch.randn(64, 256, generator=generator).to(device) for _ in range(2))
-
-    def op(x, s):
-        return lsq_fake_quantize(x, s, -8, 7, 0.1, step_grad)
-
-    function = torch.compile(op, fullgraph=True) if compiled else op
-    x, s = x0.clone().requires_grad_(), torch.full((64, 1), 0.2, device=device, requires_grad=True)
-    function(x, s).backward(grad)
-    return x.grad, s.grad
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu_checks.json")
@@ -106,11 +91,8 @@ def main(argv=None) -> int:
     # The op alone, compiled against eager: a compiled model trains only if these agree (torch 2.11's dynamo
     # once zeroed them, through a backward that read ctx.needs_input_grad).
     for step_grad in (True, False):
-        (x_eager, s_eager), (x_compiled, s_compiled) = op_gradients(False, step_grad), op_gradients(True, step_grad)
-        x_error = float((x_eager - x_compiled).norm() / x_eager.norm())
-        s_error = float((s_eager - s_compiled).norm() / s_eager.norm()) if step_grad else float(s_compiled.abs().max())
-        check(f"compiled_vs_eager/op/step_grad={step_grad}", x_error < 1e-4 and s_error < 1e-4,
-              {"x_grad_rel_error": x_error, "step_grad_rel_error" if step_grad else "step_grad_max": s_error})
+        ok, errors = check_op("cuda", "inductor", step_grad)
+        check(f"compiled_vs_eager/op/step_grad={step_grad}", ok, {"errors": errors})
     for precision in ("bf16", "fp16"):
         for arch in MODELS:
             for mode, strategy in MODES:
