@@ -75,7 +75,7 @@ def _eager_numerics_options() -> dict:
     options = {"emulate_precision_casts": True}
     if hasattr(config, "eager_numerics"):  # torch >= 2.12
         options["eager_numerics.division_rounding"] = True
-    elif hasattr(config, "emulate_divison_rounding"):  # torch 2.4-2.11 spelling
+    elif hasattr(config, "emulate_divison_rounding"):  # the older spelling (torch 2.10, 2.11)
         options["emulate_divison_rounding"] = True
     return options
 
