@@ -470,7 +470,7 @@ class SAQTrainer(Trainer):
         eps = self._epsilon(sharpness, grads)
         del grads
         with sharpness.perturbed(eps), frozen_running_stats(model), \
-                self._gradients_replaced(step_sizes, clean, num_items_in_batch), \
+                self._step_size_gradients_replaced(clean, num_items_in_batch), \
                 self._recording(kept) as perturbed:
             loss = super().training_step(model, inputs, num_items_in_batch)
         if looksam:
@@ -490,29 +490,27 @@ class SAQTrainer(Trainer):
                           "point or with saq_mode='qat' first, then fine-tune with SAQ.", stacklevel=2)
 
     @contextmanager
-    def _gradients_replaced(self, params, clean, num_items_in_batch):
-        """The descent pass adds ``clean`` (the ascent pass's gradients, scaled as the descent loss is) to
-        ``params`` instead of their gradient at the perturbed point. Hooks zero the perturbed-point gradient
-        before it is accumulated, so data-parallel all-reduce and gradient accumulation treat the clean
-        gradient exactly like any other."""
-        if not params:
+    def _step_size_gradients_replaced(self, clean, num_items_in_batch):
+        """With ``saq_clean_step_sizes``, the descent pass adds ``clean`` (the ascent pass's step-size gradients,
+        scaled as the descent loss is) to the LSQ step sizes instead of their gradient at the perturbed point.
+        Hooks replace the perturbed-point gradient before it is accumulated, so data-parallel all-reduce and
+        gradient accumulation treat the clean gradient exactly like any other. The quantizers meanwhile skip
+        computing the gradient that is replaced (a zero still reaches the hook)."""
+        if not self.args.saq_clean_step_sizes or not self._lsq_step_sizes:
             yield
             return
         if not self._loss_is_scaled_for_ga(num_items_in_batch):
             clean = [g / self.current_gradient_accumulation_steps if g is not None else None for g in clean]
         handles = [p.register_hook(lambda g, c=c: c.to(g.dtype) if c is not None else torch.zeros_like(g))
-                   for p, c in zip(params, clean)]
-        # The perturbed-point gradient of a replaced step size is thrown away: the quantizers skip computing it
-        # (a zero still reaches the hook, so DDP reduces the clean one as usual).
-        skipping = self._lsq_quantizers if params is self._lsq_step_sizes else []
-        for quantizer in skipping:
+                   for p, c in zip(self._lsq_step_sizes, clean)]
+        for quantizer in self._lsq_quantizers:
             quantizer.step_size_grad = False
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            for quantizer in skipping:
+            for quantizer in self._lsq_quantizers:
                 quantizer.step_size_grad = True
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
