@@ -89,10 +89,17 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", default="inductor,aot_eager")
     args = parser.parse_args(argv)
+    devices, backends = args.devices.split(","), args.backends.split(",")
+    if [d for d in devices if d not in ("cpu", "cuda")] or ("cuda" in devices and not torch.cuda.is_available()):
+        parser.error(f"--devices {args.devices!r}: use cpu" + (", cuda" if torch.cuda.is_available() else
+                                                               " (no CUDA device here)"))
+    unknown = [b for b in backends if b not in torch._dynamo.list_backends(exclude_tags=())]
+    if unknown:
+        parser.error(f"unknown backend(s) {unknown}: use inductor, aot_eager or eager")
     failed = 0
     print(f"torch {torch.__version__}", flush=True)
-    for device in args.devices.split(","):
-        for backend in args.backends.split(","):
+    for device in devices:
+        for backend in backends:
             checks = [(f"op step_grad={g}", lambda g=g: check_op(device, backend, g)) for g in (True, False)]
             checks += [("QuantLinear", lambda: check_layer(device, backend)),
                        ("tiny ViT, 3 steps", lambda: check_training(device, backend))]

@@ -64,6 +64,8 @@ def main(argv=None) -> str:
     parser.add_argument("--rows", type=int, default=18, help="ops listed per mode (default 18)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.rows < 1:
+        parser.error("--steps and --rows must be at least 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configs = speed.CONFIGS[device.type]
     name = args.config or ("vit-b16" if device.type == "cuda" else "vit-tiny")

@@ -64,3 +64,12 @@ def test_compile_check_passes_here_and_fails_when_the_compiled_backward_drops_gr
     assert compile_check.main(["--devices", "cpu", "--backends", "aot_eager"]) == 1
     printed = capsys.readouterr().out
     assert "FAIL [cpu aot_eager] op step_grad=True" in printed and "FAIL [cpu aot_eager] tiny ViT" in printed
+
+
+def test_compile_check_refuses_an_unknown_device_or_backend_in_one_line():
+    for flag, value, message in (("--devices", "tpu", "--devices 'tpu': use cpu"),
+                                 ("--backends", "nope", "unknown backend(s) ['nope']")):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), flag, value],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr[-500:]
+        assert "torch " not in done.stdout  # refused before any check ran
