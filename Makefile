@@ -23,8 +23,9 @@ install: $(INSTALLED)
 test: install
 	$(BIN)/python -m pytest tests
 
+# Rerunnable: the flag replaces the previous demo run (no recipe sets it, so a recipe never replaces a run).
 demo: install
-	$(BIN)/saq-hf train recipes/demo_mnist_vit_w4a4.yaml
+	$(BIN)/saq-hf train recipes/demo_mnist_vit_w4a4.yaml --overwrite_output_dir true
 
 # Build sdist + wheel, install the wheel alone into a fresh venv, train 3 steps of the demo and reload it.
 check-wheel: install

@@ -8,6 +8,7 @@ one line on stderr and exit status 2.
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 import textwrap
 import typing
@@ -108,7 +109,11 @@ def _train(ns: argparse.Namespace) -> int:
     model_args, data_args, _, training_args = recipe_args
     if _uses_hub(model_args.model_name_or_path, data_args.dataset_name) or training_args.push_to_hub:
         work_offline_if_hub_unreachable()
-    result = run.train(run.prepare(*recipe_args))
+    try:
+        result = run.train(run.prepare(*recipe_args))
+    except KeyboardInterrupt:
+        print(f"saq-hf: {run.interrupted(training_args, _train_command(ns))}", file=sys.stderr)
+        return INTERRUPTED
     info = result.run_info
     results, training = info["results"], info["training"]
     print(f"\nsaq-hf run {result.output_dir}: {info['quantization']['tag']}, saq_mode={info['saq']['saq_mode']}, "
@@ -121,6 +126,19 @@ def _train(ns: argparse.Namespace) -> int:
         print(f"saq-hf: {result.push_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _train_command(ns: argparse.Namespace):
+    """``saq-hf train`` as it was called, less any resume_from_checkpoint, as a function of the flags to add."""
+    kept, skip = [], False
+    for arg in ns.overrides:
+        if skip:
+            skip = False
+        elif arg == "--resume_from_checkpoint":
+            skip = True
+        elif not arg.startswith("--resume_from_checkpoint="):
+            kept.append(arg)
+    return lambda *flags: shlex.join(["saq-hf", "train", ns.recipe, *kept, *flags])
 
 
 def _add_train(commands) -> None:
@@ -165,7 +183,7 @@ def _eval(ns: argparse.Namespace) -> int:
     print(f"{ns.run_dir}: {results['dataset']}, split {results['split']} ({results['num_examples']} images)")
     print(run.format_results(results, results["tag"]))
     if "sharpness" in results:
-        print(run.format_sharpness(results["sharpness"]))
+        print(run.format_sharpness(results["sharpness"], info.get("saq") if isinstance(info.get("saq"), dict) else None))
     return 0
 
 
@@ -180,7 +198,9 @@ def _add_eval(commands) -> None:
     parser.add_argument("--sharpness", action="store_true",
                         help="also measure the quantized model's sharpness (top Hessian eigenvalue w.r.t. Q(w), "
                              "loss increase under random/adversarial perturbations) and add it to the model card")
-    parser.add_argument("--sharpness_rho", type=float, default=0.05, help="perturbation radius (default 0.05)")
+    parser.add_argument("--sharpness_rho", type=float, default=0.05,
+                        help="measuring radius: the L2 norm of one perturbation ε over all quantized weights Q(w), the "
+                             "same for every run so that runs compare; not the training rho (default 0.05)")
     parser.add_argument("--sharpness_batches", type=int, default=4, help="batches used for sharpness (default 4)")
     parser.set_defaults(handler=_eval)
 
@@ -214,8 +234,12 @@ def _export(ns: argparse.Namespace) -> int:
 
     try:
         print(export_command(ns.run_dir, ns.out_dir, onnx=ns.onnx))
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         raise UserInputError(str(err).splitlines()[0]) from None
+    except KeyboardInterrupt:
+        print(f"saq-hf: interrupted; {ns.out_dir} may hold an incomplete export (saq-hf refuses to load one): rerun "
+              "the same command to write it again", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
@@ -228,6 +252,7 @@ def _add_export(commands) -> None:
 
 
 SUBCOMMANDS = (_add_train, _add_eval, _add_push, _add_export)
+INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"saq-hf: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # where no handler says more (train and export do)
+        print(f"saq-hf: interrupted ({ns.command})", file=sys.stderr)
+        return INTERRUPTED
     except BrokenPipeError:  # `saq-hf train RECIPE --help | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -48,6 +48,26 @@ MANIFEST_FILE = "export_manifest.json"
 EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)
 ONNX_FILE = "model.onnx"
 PACKING = "offset-binary (code - qmin), `bits` bits per code, LSB-first bit stream, zero-padded to a byte"
+ONNX_INSTALL = 'pip install "saq-hf[onnx]"'
+
+
+def _require_onnx() -> None:
+    if importlib.util.find_spec("onnx") is None:
+        raise ModuleNotFoundError(f"ONNX export needs the onnx package: {ONNX_INSTALL}", name="onnx")
+
+
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(*paths: str | os.PathLike) -> None:
+    """Give ``paths`` the mode every other file gets (``0o666`` less the umask): safetensors (0.8) writes through a
+    private temporary file and leaves its files at mode 600, unreadable to anyone else."""
+    mode = 0o666 & ~_process_umask()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -156,6 +176,7 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike) -> dict:
     # The manifest is written last, so an interrupted export is reported as incomplete, never loaded stale.
     (folder / MANIFEST_FILE).unlink(missing_ok=True)
     save_file(_unshared(tensors), folder / WEIGHTS_FILE, metadata={"format": "pt", FORMAT: str(FORMAT_VERSION)})
+    follow_umask(folder / WEIGHTS_FILE)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.save_pretrained(folder)
@@ -446,8 +467,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17) -> P
     dynamic, the image size is ``config.image_size``. Uses torch's TorchScript ONNX exporter (deprecated since
     torch 2.9, still in 2.13), which needs the ``onnx`` package but not ``onnxscript``.
     """
-    if importlib.util.find_spec("onnx") is None:
-        raise ImportError("export_onnx needs the onnx package: pip install onnx (it is in saq-hf's dev extra)")
+    _require_onnx()
     layers = _exportable_layers(model)
     config = model.config
     size = getattr(config, "image_size", None)
@@ -485,8 +505,10 @@ def export_command(run_dir: str, out_dir: str, onnx: bool = False) -> str:
     """``saq-hf export RUN_DIR OUT_DIR [--onnx]``: export the quantized model saved in ``run_dir``.
 
     Writes the integer export to ``out_dir`` (and ``out_dir/model.onnx`` with ``onnx=True``); returns the size
-    table to print.
+    table to print. Every check (the onnx package included) runs before anything is written.
     """
+    if onnx:
+        _require_onnx()
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {run}: pass the output folder of a saq-hf training run "

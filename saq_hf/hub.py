@@ -4,6 +4,7 @@ A finished run folder holds ``config.json`` (with ``quantization_config``), ``mo
 processor, ``saq_run.json`` (settings and results) and ``README.md``, the card rendered from that JSON.
 """
 
+import importlib.metadata
 import json
 import os
 import re
@@ -28,7 +29,7 @@ PUSH_IGNORE_PATTERNS = ["checkpoint-*", "_*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # The card's license: saq-hf's own. A fine-tuned checkpoint also inherits its base model's and dataset's terms.
 CARD_LICENSE = "apache-2.0"
-INSTALL_COMMAND = f"pip install saq-hf=={__version__}"
+DISTRIBUTION = "saq-hf"
 
 
 class PushError(Exception):
@@ -86,6 +87,44 @@ def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def _source_url(dist: importlib.metadata.Distribution) -> str | None:
+    """The ``Source`` entry of the package's ``[project.urls]``."""
+    for entry in dist.metadata.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() == "source" and url.strip():
+            return url.strip()
+    return None
+
+
+def install_instructions(distribution: str = DISTRIBUTION) -> tuple[str, str]:
+    """``(pip command, what to do when it fails)`` that installs the running saq-hf for someone else, from the
+    installed package's own metadata: ``pip install saq-hf==VERSION`` when it came from an index; from a git URL
+    (PEP 610 ``direct_url.json``) the same URL at the same commit; from a clone or a wheel file, its ``Source``
+    URL at the release tag ``vVERSION``."""
+    # The copy an installer put there (it writes INSTALLER): a build's leftover saq_hf.egg-info in a checkout comes
+    # first on sys.path when Python runs from the checkout, with stale metadata.
+    installed = [dist for dist in importlib.metadata.distributions(name=distribution) if dist.read_text("INSTALLER")]
+    if not installed:  # imported from a source tree that was never installed
+        return f"pip install {distribution}=={__version__}", ""
+    dist = installed[0]
+    version, source = dist.version, _source_url(dist)
+    try:
+        direct = json.loads(dist.read_text("direct_url.json") or "null")
+    except ValueError:
+        direct = None
+    vcs = direct.get("vcs_info") if isinstance(direct, dict) else None
+    if isinstance(vcs, dict) and vcs.get("vcs") == "git" and vcs.get("commit_id"):
+        command = f'pip install "{distribution} @ git+{direct["url"]}@{vcs["commit_id"]}"'
+    elif direct is None or source is None:  # from an index (pip writes direct_url.json for every other install)
+        command = f"pip install {distribution}=={version}"
+    else:
+        command = f'pip install "{distribution} @ git+{source}@v{version}"'
+    where = f" from its source, {source}" if source else ""
+    fallback = (f"If that fails, install {distribution} {version}{where} (a clone at tag `v{version}`, then "
+                "`pip install .`); without saq-hf the checkpoint loads unquantized (below).")
+    return command, fallback
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
@@ -117,6 +156,7 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
                     metric_value=round(scores[key], 4), metric_name=f"{metric_name} accuracy ({label})",
                 ))
     model_name = (repo_id or run_info.get("hub_model_id") or run_info["run_name"]).split("/")[-1]
+    install_command, install_fallback = install_instructions()
     card_data = ModelCardData(
         model_name=model_name,
         base_model=base_model if is_hub_id(base_model) else None,
@@ -151,7 +191,8 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
         result_rows=[{"name": label, "top1": _percent(scores.get("accuracy")),
                       "top5": _percent(scores.get("top5_accuracy"))} for label, scores in rows if scores],
         repo_id=repo_id or run_info.get("hub_model_id") or "path/to/" + run_info["run_name"],
-        install_command=INSTALL_COMMAND,
+        install_command=install_command,
+        install_fallback=install_fallback,
         quant_settings=[(key, quant[key]) for key in ("w_bits", "a_bits", "per_channel", "modules_to_not_convert",
                                                       "bits_overrides", "calibration_batches") if key in quant],
         saq_settings=[(key, value) for key, value in saq.items() if key != "rho_auto"] + [(key, value) for key, value in run_info["training"].items()],

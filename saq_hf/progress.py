@@ -33,8 +33,16 @@ class StageProgress(TrainerCallback):
             self.bar = tqdm(total=state.max_steps, desc=self.description, dynamic_ncols=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
+        if self.bar is None:
+            return
+        if self.bar.n or self.bar.initial:
             self.bar.update(state.global_step - self.bar.n)
+            return
+        # The first step (a resumed run's first too) also compiles the fused LSQ kernels, tens of seconds on a CPU:
+        # the rate is timed from its end, or the first ETA is that step's time per step (an hour for the demo).
+        self.bar.reset()
+        self.bar.initial = self.bar.n = self.bar.last_print_n = state.global_step
+        self.bar.refresh()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is None or not logs:

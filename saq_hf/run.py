@@ -11,9 +11,9 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import zipfile
@@ -30,7 +30,9 @@ from transformers.models.auto.image_processing_auto import (
 
 from . import __version__
 from .args import DataArguments, ModelArguments, QuantArguments, UserInputError, check_training_args
+from .console import say, warn_line
 from .data import ImageClassificationData, collate_fn, data_fingerprint, load_image_data, with_transforms
+from .export import follow_umask
 from .hub import (
     RUN_INFO_NAME,
     PushError,
@@ -57,19 +59,14 @@ FP_STAGE_TRAINING_FIELDS = ("optim", "weight_decay", "lr_scheduler_type", "warmu
                             "gradient_accumulation_steps", "seed", "max_grad_norm", "label_smoothing_factor")
 
 
-def _say(message: str) -> None:
-    print(f"[saq-hf] {message}", flush=True)
-
-
 # Below this many images one image moves accuracy by more than a point: say so next to the numbers.
 SMALL_SPLIT = 100
 
 
 def _warn_if_small(split_name: str, num_rows: int) -> None:
     if num_rows < SMALL_SPLIT:  # on stderr: stdout stays the report
-        print(f"[saq-hf] warning: the {split_name} split has only {num_rows} images, so one image is "
-              f"{100 / num_rows:.1f} points of accuracy; report on a larger split (test_split, train_val_split) "
-              "for figures that mean much", file=sys.stderr, flush=True)
+        warn_line(f"the {split_name} split has only {num_rows} images, so one image is {100 / num_rows:.1f} points "
+                  "of accuracy; report on a larger split (test_split, train_val_split) for figures that mean much")
 
 
 def _first_line(err: BaseException) -> str:
@@ -267,8 +264,14 @@ def _check_output_dir(args: SAQTrainingArguments) -> None:
             raise UserInputError(f"another saq-hf run (pid {pid}) is writing output_dir {str(output_dir)!r} (in "
                                  f"{str(staging)!r}): wait for it, or choose another output_dir")
         if not args.resume_from_checkpoint and not args.overwrite_output_dir:
-            raise UserInputError(f"{str(staging)!r} holds an interrupted run: pass --resume_from_checkpoint true to "
-                                 "continue it, or --overwrite_output_dir true to discard it")
+            checkpoint = newest_complete_checkpoint(staging, not args.save_only_model)
+            if checkpoint is None:
+                raise UserInputError(f"{str(staging)!r} holds an interrupted run that saved no complete checkpoint, "
+                                     "so it cannot be continued: pass --overwrite_output_dir true to discard it and "
+                                     "start over")
+            raise UserInputError(f"{str(staging)!r} holds an interrupted run (last complete checkpoint: "
+                                 f"{checkpoint.name}): pass --resume_from_checkpoint true to continue it, or "
+                                 "--overwrite_output_dir true to discard it")
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -325,6 +328,23 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]), reverse=True)
 
 
+def newest_complete_checkpoint(folder: Path, need_optimizer: bool = True) -> Path | None:
+    """The newest checkpoint of ``folder`` that a run can resume from, or None."""
+    return next((c for c in _checkpoints(folder) if checkpoint_problem(c, need_optimizer) is None), None)
+
+
+def _start_over(args: SAQTrainingArguments) -> str:
+    """How to start afresh instead of resuming: the flag that also discards what is in the way, if anything is."""
+    output_dir = Path(args.output_dir).expanduser().absolute()
+    staging = staging_dir(output_dir)
+    in_the_way = (f"the interrupted run in {str(staging)!r}" if staging.exists()
+                  else f"the run in {str(output_dir)!r}" if output_dir.is_dir() and any(output_dir.iterdir())
+                  else None)
+    if in_the_way and not args.overwrite_output_dir:
+        return f"drop resume_from_checkpoint and pass --overwrite_output_dir true to discard {in_the_way} and start over"
+    return "drop resume_from_checkpoint to start over"
+
+
 def _resolve_resume_checkpoint(args: SAQTrainingArguments) -> str | None:
     """``resume_from_checkpoint`` as a complete checkpoint folder: ``true`` means the newest complete checkpoint of
     this output_dir (an interrupted run's first); an incomplete one is an error naming what is missing."""
@@ -344,12 +364,12 @@ def _resolve_resume_checkpoint(args: SAQTrainingArguments) -> str | None:
             problem = checkpoint_problem(folder, need_optimizer)
             if problem is None:
                 if skipped:
-                    _say(f"skipping incomplete checkpoints ({'; '.join(skipped)}); resuming from {folder}")
+                    say(f"skipping incomplete checkpoints ({'; '.join(skipped)}); resuming from {folder}")
                 return str(folder)
             skipped.append(f"{folder.name}: {problem}")
         detail = f" ({'; '.join(skipped)})" if skipped else ""
-        raise UserInputError(f"no complete checkpoint to resume from in {str(output_dir)!r}{detail}: drop "
-                             "resume_from_checkpoint or pass a checkpoint folder")
+        raise UserInputError(f"no complete checkpoint to resume from in {str(output_dir)!r}{detail}: "
+                             f"{_start_over(args)}")
     folder = Path(value).expanduser()
     if not folder.is_dir():
         raise UserInputError(f"resume_from_checkpoint {value!r} is not a folder (recipe key: resume_from_checkpoint;"
@@ -359,6 +379,24 @@ def _resolve_resume_checkpoint(args: SAQTrainingArguments) -> str | None:
         raise UserInputError(f"checkpoint {value!r} is incomplete ({problem}; interrupted while saving?): pass an "
                              "earlier checkpoint, or resume_from_checkpoint true for the newest complete one")
     return str(folder.absolute())
+
+
+def interrupted(args: SAQTrainingArguments, command) -> str:
+    """The line to print when a run is stopped (Ctrl-C): what it kept, and the exact commands that continue it (from
+    its last complete checkpoint, if any) or discard it and start over. ``command(*flags)`` is the command that
+    was run, without resume_from_checkpoint, plus ``flags``. Ends this process's claim on the staging folder."""
+    staging = staging_dir(args.output_dir)
+    if not staging.is_dir():
+        return "interrupted before the run wrote anything"
+    writer = staging / WRITER_FILE
+    if _writer_alive(staging) == os.getpid():
+        writer.unlink(missing_ok=True)
+    start_over = f"start over with: rm -r {shlex.quote(str(staging))} && {command()}"
+    checkpoint = newest_complete_checkpoint(staging, not args.save_only_model)
+    if checkpoint is None:
+        return f"interrupted; the unfinished run in {staging} saved no checkpoint to continue from; {start_over}"
+    return (f"interrupted; the unfinished run is kept in {staging} (last complete checkpoint: {checkpoint.name}); "
+            f"continue it with: {command('--resume_from_checkpoint', 'true')}; or {start_over}")
 
 
 def _check_device_precision(args: SAQTrainingArguments) -> None:
@@ -419,7 +457,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
         try:
             model, head_reinitialised = _load_fp_model(model_args, data, str(fp_dir), cached=True)
         except UserInputError as err:
-            _say(f"the cached full-precision model {fp_dir} is unreadable ({err}); it will be rebuilt")
+            say(f"the cached full-precision model {fp_dir} is unreadable ({err}); it will be rebuilt")
             fp_cached = False
     if model is None:
         model, head_reinitialised = _load_fp_model(model_args, data, model_args.model_name_or_path)
@@ -458,6 +496,7 @@ def _train_full_precision(setup: RunSetup) -> None:
         trainer.train()
         if fp_args.should_save:
             trainer.save_model(str(partial))
+            follow_umask(*partial.rglob("*.safetensors"))
             _replace_folder(partial, setup.fp_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -559,7 +598,7 @@ def _warn_non_positive_step_sizes(model: torch.nn.Module) -> None:
                for part in ("weight_quantizer", "input_quantizer")
                if getattr(layer, part) is not None and bool((getattr(layer, part).step_size <= 0).any())]
     if crossed:
-        _say(f"warning: {len(crossed)} step size tensor(s) went to zero or below during training (first: "
+        say(f"warning: {len(crossed)} step size tensor(s) went to zero or below during training (first: "
              f"{crossed[0]}); lower learning_rate")
 
 
@@ -576,12 +615,12 @@ def train(setup: RunSetup) -> RunResult:
     _warn_if_small(report_name, report_split.num_rows)
     eval_batch = args.per_device_eval_batch_size
     if setup.model_args.fp_stage and not setup.fp_cached:
-        _say(f"full-precision stage -> {setup.fp_dir}")
+        say(f"full-precision stage -> {setup.fp_dir}")
         _train_full_precision(setup)
     elif setup.fp_cached:
-        _say(f"reusing the full-precision model cached at {setup.fp_dir}")
+        say(f"reusing the full-precision model cached at {setup.fp_dir}")
     elif setup.head_reinitialised:
-        _say("warning: the checkpoint's classifier was re-initialised for this dataset and there is no FP stage "
+        say("warning: the checkpoint's classifier was re-initialised for this dataset and there is no FP stage "
              "(fp_num_train_epochs: 0), so the FP accuracy below is that of a random head")
 
     model = setup.model.to(args.device)
@@ -594,7 +633,7 @@ def train(setup: RunSetup) -> RunResult:
         calibrate(model, _calibration_batches(setup))
         results["quantized_calibrated"] = evaluate_classifier(model, report_split, setup.metric, collate_fn,
                                                               eval_batch)
-    _say(f"quantized to {model.config.quantization_config.tag}; {args.saq_mode} training")
+    say(f"quantized to {model.config.quantization_config.tag}; {args.saq_mode} training")
 
     # With hub_strategy "end" saq-hf pushes the finished folder itself (with its own card); with the
     # checkpoint strategies the Trainer also pushes checkpoints as they are saved.
@@ -626,6 +665,7 @@ def train(setup: RunSetup) -> RunResult:
     if args.should_save:
         (staging / RUN_INFO_NAME).write_text(json.dumps(run_info, indent=2, default=str) + "\n", encoding="utf-8")
         write_model_card(staging, repo_id=setup.hub_repo_id)
+        follow_umask(*staging.rglob("*.safetensors"))
         _finish_run_folder(staging, output_dir, args.overwrite_output_dir)
         if setup.hub_repo_id:
             try:
@@ -660,6 +700,9 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
     if not run_dir.is_dir():
         raise UserInputError(f"run folder {str(run_dir)!r} not found")
     refuse_custom_code(str(run_dir))
+    if not (run_dir / "config.json").is_file() or not any(run_dir.glob("*.safetensors")):
+        raise UserInputError(f"{str(run_dir)!r} holds no model (no config.json with *.safetensors weights): pass the "
+                             "output_dir of a finished saq-hf run")
     has_info = (run_dir / RUN_INFO_NAME).is_file()
     info = read_run_info(run_dir) if has_info else {}
     if not has_info and not (dataset_name or data_dir):
@@ -737,14 +780,23 @@ def evaluate_run(run_dir: str | os.PathLike, dataset_name: str | None = None, da
     return results
 
 
-def format_sharpness(report: dict[str, Any]) -> str:
-    """Sharpness numbers of :func:`saq_hf.landscape.sharpness_report` as a short table."""
+def format_sharpness(report: dict[str, Any], saq: dict[str, Any] | None = None) -> str:
+    """Sharpness numbers of :func:`saq_hf.landscape.sharpness_report` as a short table, with what its ρ means next to
+    the training radius of ``saq`` (the run's ``saq`` settings), which is another quantity."""
     rows = [("loss", report["loss"]), ("top Hessian eigenvalue (w.r.t. Q(w))", report["top_eigenvalue"]),
             (f"loss increase, random ε (rho={report['rho']:g})", report["random_loss_increase"]),
             (f"loss increase, adversarial ε (rho={report['rho']:g})", report["adversarial_loss_increase"])]
     width = max(len(name) for name, _ in rows)
+    meaning = (f"rho={report['rho']:g} here is the measuring radius: one ε of L2 norm {report['rho']:g} over all "
+               f"quantized weights Q(w) (||Q(w)|| = {report['quantized_weight_norm']:.4g}), the same for every run so "
+               "that runs compare")
+    trained = (saq or {}).get("rho_used", (saq or {}).get("rho"))
+    if isinstance(trained, (int, float)) and (saq or {}).get("saq_mode") != "qat":
+        relative = (saq or {}).get("saq_radius", "relative") == "relative"
+        meaning += (f"; training used rho={trained:g}, " + (f"relative: each perturbed tensor moved by {100 * trained:g} %"
+                                                           " of its own norm" if relative else "absolute: one global ε"))
     return "\n".join([f"sharpness on {report['n_samples']} images"]
-                     + [f"{name:<{width}}  {value:10.4f}" for name, value in rows])
+                     + [f"{name:<{width}}  {value:10.4f}" for name, value in rows] + [meaning])
 
 
 def format_results(results: dict[str, Any], tag: str) -> str:

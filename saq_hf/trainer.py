@@ -63,7 +63,7 @@ class SAQTrainingArguments(TrainingArguments):
         metadata={
             "help": "Perturbation radius ρ, or 'auto'. With saq_radius='relative' (default) ρ is a fraction of "
             "each perturbed tensor's norm (0.002: every tensor moves by 0.2 % of its norm; chosen on validation "
-            "in benchmarks/regimes.py); with 'absolute' it is the global L2 norm of ε (the paper's ρ). 'auto' "
+            "data); with 'absolute' it is the global L2 norm of ε (the paper's ρ). 'auto' "
             "measures, before training, the adversarial loss increase of every radius on a log grid on "
             "rho_auto_batches training batches and takes the largest whose increase stays within "
             "rho_auto_share of the loss (conservative: it picked 0.0005-0.001 in our benchmarks)."
@@ -90,9 +90,9 @@ class SAQTrainingArguments(TrainingArguments):
         metadata={
             "help": "Share of the optimizer steps trained with plain QAT before SAQ starts (0 <= ratio <= 1), or "
             "'auto': SAQ from the first step on a model that starts trained; on one whose first batch gets "
-            "near-uniform predictions, plain QAT until its mean training loss over FIT_WINDOW (10) steps falls "
-            "below FIT_SHARE (0.25) x ln(num_classes) (from scratch, SAQ cost accuracy while the model was still "
-            "fitting: README Results)."
+            "near-uniform predictions, plain QAT until its mean training loss over 10 optimizer steps falls "
+            "below 0.25 x ln(num_classes), i.e. until it fits its data (from scratch, SAQ from the first step cost "
+            "accuracy while the model was still fitting)."
         },
     )
     saq_clean_step_sizes: bool = field(
@@ -141,7 +141,7 @@ class SAQTrainingArguments(TrainingArguments):
         metadata={"help": "saq_strategy='looksam': on the steps between full ones each tensor's gradient g gets "
                           "alpha·||g||·v added, v = g_v/||g_full|| the sharpness component kept from the last full "
                           "step relative to that step's gradient (>= 0; 1 re-adds it at the size it had; 0 is "
-                          "every_k; 0.5 was best on validation in benchmarks/regimes.py --part looksam_sweep)."},
+                          "every_k; 0.5 was best on validation data among 0, 0.25, 0.5, 1 and 2)."},
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -420,10 +420,12 @@ class SAQTrainer(Trainer):
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         if self.saq_start_step == WAITING:
-            warnings.warn(f"SAQ never started: the training loss never fell below {self._fit_threshold:.3g} "
-                          f"({FIT_SHARE:g} x ln(num_classes)), so this run trained with plain QAT. A model that starts "
-                          "untrained gets SAQ once it fits (from scratch, SAQ cost accuracy before that in our "
-                          "benchmarks); set saq_start_ratio to a number to start it anyway.", stacklevel=2)
+            from .console import warn  # one "[saq-hf] warning:" line, like the CLI's own warnings
+
+            warn(f"SAQ never started: the training loss never fell below {self._fit_threshold:.3g} "
+                 f"({FIT_SHARE:g} x ln(num_classes)), so this run trained with plain QAT. A model that starts "
+                 "untrained gets SAQ once it fits (from scratch, SAQ cost accuracy before that in our "
+                 "benchmarks); set saq_start_ratio to a number to start it anyway.")
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):

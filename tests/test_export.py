@@ -371,3 +371,39 @@ def test_export_command_on_a_full_precision_run_says_to_quantize(tmp_path):
 def test_export_command_on_a_folder_without_a_model_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json in .*pass the output folder of a saq-hf training run"):
         export_command(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_export_onnx_without_the_onnx_package_is_one_line_exit_2_naming_the_extra_and_writes_nothing(
+        tmp_path, monkeypatch, capfd):
+    from saq_hf import export
+    from saq_hf.cli import main
+
+    trained_like("vit").save_pretrained(tmp_path / "run")
+    find_spec = export.importlib.util.find_spec
+    monkeypatch.setattr(export.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a))
+    capfd.readouterr()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--onnx"]) == 2
+    captured = capfd.readouterr()
+    assert captured.err == 'saq-hf: error: ONNX export needs the onnx package: pip install "saq-hf[onnx]"\n'
+    assert captured.out == "" and not (tmp_path / "out").exists()
+
+
+def test_the_onnx_extra_installs_the_onnx_package():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert [req.split(">")[0] for req in project["optional-dependencies"]["onnx"]] == ["onnx"]
+
+
+def test_exported_weights_follow_the_umask_like_the_other_export_files(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        export_quantized(trained_like("vit"), tmp_path / "out")
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) for name in EXPORT_FILES}
+    assert modes == {name: 0o644 for name in EXPORT_FILES}

@@ -7,6 +7,8 @@ import io
 import json
 import math
 import os
+import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, ViTImageProcessorPil
@@ -206,7 +209,9 @@ def test_case3_an_interrupted_run_is_kept_until_resumed_or_discarded(tmp_path, f
     path = recipe(tmp_path, model_dir, max_steps=3, save_strategy="steps", save_steps=1)
     capfd.readouterr()
     assert main(["train", str(path)]) == 2
-    assert "holds an interrupted run: pass --resume_from_checkpoint true" in one_error_line(capfd)
+    assert one_error_line(capfd) == (f"saq-hf: error: '{partial}' holds an interrupted run (last complete checkpoint: "
+                                     "checkpoint-2): pass --resume_from_checkpoint true to continue it, or "
+                                     "--overwrite_output_dir true to discard it")
     assert main(["train", str(path), "--resume_from_checkpoint", "true"]) == 0
     run = tmp_path / "run"
     assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["best_metric"] == 0.125
@@ -622,3 +627,108 @@ def test_case12_fp16_on_the_cpu_is_refused(tmp_path, model_dir, capfd):
     assert main(["train", str(recipe(tmp_path, model_dir, fp_max_steps=1)), "--fp16", "true"]) == 2
     assert "fp16 mixed precision needs a GPU" in one_error_line(capfd)
     assert not (tmp_path / "fp_cache").exists()
+
+
+# --- 13. Ctrl-C: one line saying what was kept and the exact command that continues or discards it ---------------
+
+def interrupt_before_step(monkeypatch, step: int) -> dict:
+    """Ctrl-C (a KeyboardInterrupt) when optimizer step ``step`` + 1 begins, while ``armed["on"]``."""
+    armed = {"on": True}
+    real = SAQTrainer.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if armed["on"] and self.state.global_step == step:
+            raise KeyboardInterrupt
+        return real(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(SAQTrainer, "training_step", training_step)
+    return armed
+
+
+def interrupted_line(capfd) -> str:
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out and "KeyboardInterrupt" not in captured.err
+    return captured.err.strip().splitlines()[-1]
+
+
+def test_case13_ctrl_c_keeps_the_last_checkpoint_and_prints_the_command_that_continues_it(tmp_path, model_dir,
+                                                                                         monkeypatch, capfd):
+    path = recipe(tmp_path, model_dir, max_steps=4, save_strategy="steps", save_steps=2)
+    armed = interrupt_before_step(monkeypatch, 2)  # after checkpoint-2 was saved
+    capfd.readouterr()
+    assert main(["train", str(path)]) == 130
+    staging = tmp_path / "run.partial"
+    line = interrupted_line(capfd)
+    continue_command = f"saq-hf train {path} --resume_from_checkpoint true"
+    assert line == (f"saq-hf: interrupted; the unfinished run is kept in {staging} (last complete checkpoint: "
+                    f"checkpoint-2); continue it with: {continue_command}; or start over with: rm -r {staging} && "
+                    f"saq-hf train {path}")
+    armed["on"] = False
+    assert main(shlex.split(continue_command)[1:]) == 0
+    info = json.loads((tmp_path / "run" / "saq_run.json").read_text())
+    assert info["training"]["global_steps"] == 4 and not staging.exists()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+# --- 14. An interrupted run that saved no checkpoint: only the advice that works ---------------------------------
+
+def test_case14_an_interrupted_run_without_a_checkpoint_is_offered_only_what_can_work(tmp_path, model_dir,
+                                                                                     monkeypatch, capfd):
+    path = recipe(tmp_path, model_dir, max_steps=3)  # save_strategy "no", as in the demo
+    armed = interrupt_before_step(monkeypatch, 1)
+    capfd.readouterr()
+    assert main(["train", str(path)]) == 130
+    staging = tmp_path / "run.partial"
+    assert interrupted_line(capfd) == (f"saq-hf: interrupted; the unfinished run in {staging} saved no checkpoint to "
+                                       f"continue from; start over with: rm -r {staging} && saq-hf train {path}")
+    armed["on"] = False
+    assert main(["train", str(path)]) == 2
+    assert one_error_line(capfd) == (f"saq-hf: error: '{staging}' holds an interrupted run that saved no complete "
+                                     "checkpoint, so it cannot be continued: pass --overwrite_output_dir true to "
+                                     "discard it and start over")
+    # Asking to resume anyway gets the same way out, not the advice that led here.
+    assert main(["train", str(path), "--resume_from_checkpoint", "true"]) == 2
+    assert one_error_line(capfd) == (f"saq-hf: error: no complete checkpoint to resume from in '{tmp_path / 'run'}': "
+                                     "drop resume_from_checkpoint and pass --overwrite_output_dir true to discard the "
+                                     f"interrupted run in '{staging}' and start over")
+    assert main(["train", str(path), "--overwrite_output_dir", "true"]) == 0
+    info = json.loads((tmp_path / "run" / "saq_run.json").read_text())
+    assert info["training"]["global_steps"] == 3 and not staging.exists()
+
+
+# --- 15. No shipped recipe replaces a finished run; `make demo` asks for it on its command line -------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_case15_no_shipped_recipe_overwrites_and_the_demo_refuses_a_finished_run(tmp_path, capfd):
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        assert "overwrite_output_dir" not in yaml.safe_load(path.read_text()), path.name
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "saq_run.json").write_text("{}\n")
+    (finished / "config.json").write_text("{}\n")
+    before = folder_bytes(finished)
+    capfd.readouterr()
+    assert main(["train", "demo_mnist_vit_w4a4", "--output_dir", str(finished)]) == 2
+    assert one_error_line(capfd) == (f"saq-hf: error: output_dir '{finished}' already holds a finished saq-hf run: "
+                                     "pass --overwrite_output_dir true to replace it, or choose another output_dir")
+    assert folder_bytes(finished) == before
+    makefile = (ROOT / "Makefile").read_text()
+    demo = makefile[makefile.index("\ndemo:"):].splitlines()[2]
+    assert demo == "\t$(BIN)/saq-hf train recipes/demo_mnist_vit_w4a4.yaml --overwrite_output_dir true"
+
+
+# --- 16. Every file of a run folder follows the umask (safetensors writes its files 600) -------------------------
+
+def test_case16_every_file_of_a_run_folder_and_the_fp_cache_follows_the_umask(tmp_path, model_dir):
+    previous = os.umask(0o022)
+    try:
+        assert main(["train", str(recipe(tmp_path, model_dir, fp_max_steps=1, max_steps=2, save_strategy="steps",
+                                         save_steps=1))]) == 0
+    finally:
+        os.umask(previous)
+    files = [p for folder in ("run", "fp_cache") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 4  # run, checkpoint-1, checkpoint-2, FP cache
+    assert {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        str(p.relative_to(tmp_path)): "0o644" for p in files}
