@@ -224,11 +224,15 @@ def test_bad_input_is_one_stderr_line_exit_2_and_no_output_dir(case, tmp_path, f
 def test_bad_eval_and_push_targets_exit_2(tmp_path, capfd, monkeypatch):
     monkeypatch.setattr(hub, "HfApi", None)  # any Hub call would fail loudly
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
-    assert main(["eval", str(tmp_path)]) == 2  # a folder without saq_run.json and no --dataset
+    assert main(["eval", str(tmp_path)]) == 2  # a folder with no model
+    assert main(["eval", str(tmp_path), "--dataset", "demo_digits", "--split", "test"]) == 2  # the same, said once
     assert main(["push", str(tmp_path), "--hub_model_id", "me/x"]) == 2
+    no_model = (f"saq-hf: error: '{tmp_path}' holds no model (no config.json with *.safetensors weights): pass the "
+                "output_dir of a finished saq-hf run")
     assert capfd.readouterr().err.strip().splitlines() == [
         f"saq-hf: error: run folder '{tmp_path / 'nowhere'}' not found",
-        f"saq-hf: error: '{tmp_path}' has no saq_run.json: pass --dataset (and --split)",
+        no_model,
+        no_model,
         f"saq-hf: error: '{tmp_path}' has no saq_run.json: pass the output_dir of a finished saq-hf run",
     ]
 
@@ -264,8 +268,14 @@ def test_eval_sharpness_goes_into_the_card_and_export_writes_integer_weights(tmp
     assert report["adversarial_loss_increase"] >= report["random_loss_increase"]
     assert any(line.startswith("top Hessian eigenvalue") and line.split()[-1] == f"{report['top_eigenvalue']:.4f}"
                for line in out.splitlines())
+    # The measuring radius is not the training one (relative rho=0.05 in this recipe): the table says which is which.
+    assert out.splitlines()[-1] == (
+        "rho=0.1 here is the measuring radius: one ε of L2 norm 0.1 over all quantized weights Q(w) (||Q(w)|| = "
+        f"{report['quantized_weight_norm']:.4g}), the same for every run so that runs compare; training used "
+        "rho=0.05, relative: each perturbed tensor moved by 5 % of its own norm")
     card = (run_dir / "README.md").read_text()
     assert "## Sharpness" in card and f"| top Hessian eigenvalue | {report['top_eigenvalue']:.4f} |" in card
+    assert "ρ here is the measuring radius" in card and "not the training radius `rho`" in card
 
     export_dir = tmp_path / "export"
     assert main(["export", str(run_dir), str(export_dir)]) == 0
@@ -292,3 +302,12 @@ def test_export_into_a_folder_with_other_files_is_refused_and_keeps_them(tmp_pat
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "no config.json" in capfd.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_train_help_speaks_of_the_installed_package_not_the_source_tree(capsys):
+    assert main(["train", "demo_mnist_vit_w4a4", "--help"]) == 0
+    text = capsys.readouterr().out
+    for internal in ("FIT_WINDOW", "FIT_SHARE", "README", "benchmarks/"):
+        assert internal not in text, internal
+    assert "plain QAT until its mean training loss over 10 optimizer steps falls below 0.25 x ln(num_classes)" in (
+        " ".join(text.split()))

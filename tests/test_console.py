@@ -105,3 +105,60 @@ def test_an_unreachable_hub_switches_to_cached_files_and_fails_in_one_line_namin
     assert err[0].startswith("saq-hf: error: could not load model 'nobody/no-such-model'") and "HF_HUB_OFFLINE=1" in err[0]
     assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE  # no retries: offline mode
     assert not (tmp_path / "run").exists()
+
+
+def test_saq_hf_warnings_print_as_one_line_and_others_keep_pythons_format():
+    from saq_hf.console import SAQHfWarning
+
+    assert warnings.formatwarning("SAQ never started: x", SAQHfWarning, "trainer.py", 7) == (
+        "[saq-hf] warning: SAQ never started: x\n")
+    assert warnings.formatwarning("other", UserWarning, "t.py", 7, "line") == "t.py:7: UserWarning: other\n  line\n"
+
+
+def test_saq_never_started_is_a_saq_hf_warning_line_on_stderr_not_a_python_warning(tmp_path):
+    import subprocess
+    import sys
+
+    # One FP step leaves the model untrained, so SAQ waits for a fit that two steps never bring.
+    done = subprocess.run(
+        [sys.executable, "-m", "saq_hf", "train", "demo_mnist_vit_w4a4", "--fp_max_steps", "1", "--max_steps", "2",
+         "--calibration_batches", "1", "--eval_strategy", "no", "--max_eval_samples", "20",
+         "--output_dir", str(tmp_path / "run"), "--fp_cache_dir", str(tmp_path / "fp")],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "SAQ never started" in line]
+    assert len(lines) == 1 and lines[0].startswith("[saq-hf] warning: SAQ never started: the training loss never")
+    assert "UserWarning" not in done.stderr and "warn(" not in done.stderr
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_first_step_which_compiles_kernels_does_not_set_the_eta(monkeypatch):
+    from types import SimpleNamespace
+
+    from saq_hf.progress import StageProgress
+
+    clock = FakeClock()
+    monkeypatch.setattr("tqdm.std.time", clock)  # the clock each bar takes when it is made
+    progress = StageProgress("W4A4 saq", log_stage="quantized")
+    args, state = SimpleNamespace(disable_tqdm=False), SimpleNamespace(max_steps=101, global_step=0,
+                                                                       is_world_process_zero=True)
+    with contextlib.redirect_stderr(io.StringIO()):
+        progress.on_train_begin(args, state, None)
+        clock.now += 600  # the first step: ten minutes of kernel compilation
+        state.global_step = 1
+        progress.on_step_end(args, state, None)
+        assert progress.bar.n == 1 and progress.bar.format_dict["rate"] is None
+        assert "1/101 [00:00<?" in str(progress.bar)  # no ETA yet rather than 100 x 10 minutes
+        for _ in range(2):  # then 0.5 s a step
+            clock.now += 0.5
+            state.global_step += 1
+            progress.on_step_end(args, state, None)
+        assert progress.bar.format_dict["rate"] == pytest.approx(2.0)  # 98 steps left: an ETA of 49 s, not 16 h
+        progress.bar.close()
