@@ -95,8 +95,8 @@ def test_every_mode_and_strategy_compiles_without_graph_breaks_or_recompiles(tmp
 
 @pytest.mark.parametrize("step_grad", [True, False])
 def test_compiled_lsq_op_gives_the_eager_gradients(step_grad):
-    # The op's backward must not read what dynamo traces wrongly in some torch releases (torch 2.11 traced
-    # ctx.needs_input_grad as all-False: every gradient through the op came out zero in compiled models).
+    # On torch 2.11 (before the op's forward was made out of place under compile) every gradient through the op
+    # came out zero compiled; the test below catches the cause on any torch.
     from saq_hf.quant.lsq import lsq_fake_quantize
 
     torch._dynamo.reset()
@@ -114,6 +114,93 @@ def test_compiled_lsq_op_gives_the_eager_gradients(step_grad):
     (x_eager, s_eager), (x_compiled, s_compiled) = results
     assert x_eager.abs().sum() > 0 and torch.equal(x_compiled, x_eager)
     assert torch.equal(s_compiled, s_eager) and bool(s_eager.any()) == step_grad
+
+
+_IN_PLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                       "ilshift", "irshift", "imatmul"}
+
+
+def _writes_in_place(node) -> bool:
+    """Whether a node of a dynamo graph writes into a tensor: ``t.clamp_(…)``, ``torch.relu_(t)``, ``t *= s``, ``out=``."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+    return (name.endswith("_") and not name.startswith("_")) or name in _IN_PLACE_OPERATORS or "out" in node.kwargs
+
+
+def autograd_function_forwards(function, *args):
+    """The forward subgraph of every ``autograd.Function`` dynamo traces in ``function(*args)`` (no compilation)."""
+    from torch.fx import GraphModule
+
+    torch._dynamo.reset()
+    forwards = []
+
+    def capture(graph_module, example_inputs):
+        for module in graph_module.modules():
+            if not isinstance(module, GraphModule):
+                continue
+            for node in module.graph.nodes:
+                if node.op == "call_function" and node.target is torch.ops.higher_order.autograd_function_apply:
+                    forwards.append(getattr(module, node.args[0].target))
+        return graph_module.forward
+
+    torch.compile(function, backend=capture, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return forwards
+
+
+def storage(node):
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    value = node.meta.get("example_value")
+    return StorageWeakRef(value.untyped_storage()) if isinstance(value, torch.Tensor) else None
+
+
+def assert_returns_no_tensor_modified_in_place(forward):
+    """The returned tensors of a traced ``autograd.Function`` forward share no storage with a tensor an in-place op
+    wrote, nor with each other. torch 2.11's dynamo turns such a forward into a wrong gradient: it adds the
+    intermediates the in-place ops overwrote as extra outputs (aliases of the returned one), and the incoming
+    gradient lands on one of those, so the inputs get zeros (pytorch/pytorch#180642, fixed in 2.12)."""
+    from torch.fx.node import map_arg
+
+    nodes = list(forward.graph.nodes)
+    written = {storage(node) for node in nodes if _writes_in_place(node) and storage(node) is not None}
+    (output,) = [node for node in nodes if node.op == "output"]
+    # autograd_function_apply's forward returns (outputs, tensors saved for backward).
+    returned_tree = output.args[0][0] if isinstance(output.args[0][0], (tuple, list)) else output.args[0]
+    returned = []
+    map_arg(returned_tree, returned.append)
+    storages = [storage(node) for node in returned]
+    assert returned and all(ref is not None for ref in storages)
+    code = forward.print_readable(print_output=False)
+    assert not written & set(storages), f"the forward returns a tensor modified in place:\n{code}"
+    assert len(set(storages)) == len(storages), f"the forward returns aliases of one tensor:\n{code}"
+
+
+@pytest.mark.parametrize("step_shape", [(), (8, 1)], ids=["per-tensor", "per-channel"])
+@pytest.mark.parametrize("qn,qp", [(-8, 7), (0, 15)], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("step_grad", [True, False])
+def test_the_compiled_lsq_op_returns_no_tensor_modified_in_place(step_shape, qn, qp, step_grad):
+    from saq_hf.quant.lsq import lsq_fake_quantize
+
+    x, s = torch.randn(8, 24, requires_grad=True), torch.full(step_shape, 0.2, requires_grad=True)
+    (forward,) = autograd_function_forwards(lambda x, s: lsq_fake_quantize(x, s, qn, qp, 0.1, step_grad), x, s)
+    assert_returns_no_tensor_modified_in_place(forward)
+
+
+def test_every_autograd_function_in_a_compiled_quantized_model_returns_no_tensor_modified_in_place():
+    # Whatever autograd.Function the quantized layers call (today the LSQ op, once per quantizer), traced as a
+    # compiled model traces it.
+    model = quantize_model(one_layer_vit(), QuantConfig(w_bits=4, a_bits=4))
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model(pixel_values=pixels)  # LSQ initialisation, eager
+    forwards = autograd_function_forwards(lambda pixels: model(pixel_values=pixels).logits, pixels)
+    assert len(forwards) >= 2 * 6  # 6 quantized Linear layers, a weight and an input quantizer each
+    for forward in forwards:
+        assert_returns_no_tensor_modified_in_place(forward)
 
 
 def test_a_compiled_backward_that_drops_the_weight_gradients_fails_the_first_step(tmp_path, monkeypatch):

@@ -37,8 +37,14 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
 
 def _fake_quantize(x: torch.Tensor, step_size: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
     """``round(clamp(x / s, qn, qp)) * s``."""
-    # In place after the first op: as plain ops, fresh large buffers cost page faults on CPU (compiled, the
-    # in-place ops are functionalised away).
+    if torch.compiler.is_compiling():
+        # Out of place while traced: this is the forward of an autograd.Function, which must not return a tensor
+        # an in-place op modified. torch 2.11's dynamo returns the pre-in-place intermediates as extra forward
+        # outputs and the gradient lands in one of those, so x and the step size get zero gradients
+        # (pytorch/pytorch#180642, fixed in 2.12). Functionalised, both spellings are the same graph, so the
+        # fused kernels (compiled from this function) are unchanged.
+        return torch.round(torch.clamp(x / step_size, qn, qp)) * step_size
+    # Eager, in place after the first op: fresh large buffers cost page faults on CPU.
     return (x / step_size).clamp_(qn, qp).round_().mul_(step_size)
 
 
@@ -140,8 +146,6 @@ class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, step_size = ctx.saved_tensors
-        # Only ctx attributes set in forward decide here: torch 2.11's dynamo traced ctx.needs_input_grad as
-        # all-False, which zeroed every gradient through the op in compiled models.
         if not ctx.step_grad:
             grad_x = _run(_fake_quantize_grad_x, step_size, ctx.qn, ctx.qp, grad_output, x)
             return grad_x, torch.zeros_like(step_size), None, None, None, None
