@@ -185,7 +185,8 @@ def profiled_peak_bytes(prof) -> int:
 class ModeRun:
     """One mode's model, SAQTrainer and optimizer; :meth:`step` is one step of the Trainer's loop."""
 
-    def __init__(self, config: tuple, mode: str, device: torch.device, interval: int, out: str, bf16: bool):
+    def __init__(self, config: tuple, mode: str, device: torch.device, interval: int, out: str, bf16: bool,
+                 checkpointing: bool = False):
         family, kwargs, image_size, batch_size = config
         kind, fields = MODES[mode]
         self.mode, self.device = mode, device
@@ -195,6 +196,10 @@ class ModeRun:
                                     saq_start_ratio=0.0, saq_interval=interval, report_to=[], use_cpu=device.type == "cpu", seed=0,
                                     bf16=bf16, **fields)
         self.trainer = SAQTrainer(model=self.model, args=args)
+        if checkpointing:  # what Trainer.train() does with gradient_checkpointing=True
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or \
+                self.model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         # What Trainer.train() does to the model on one device: placement and, with bf16, autocast in forward.
         self.model = self.trainer.accelerator.prepare_model(self.model)
         self.trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
@@ -249,14 +254,14 @@ class ModeRun:
 
 
 def run_config(config: tuple, modes: list[str], device: torch.device, warmup: int, steps: int, interval: int,
-               bf16: bool) -> dict:
+               bf16: bool, checkpointing: bool = False) -> dict:
     # Each config compiles its own graphs; dynamo's per-function cache would otherwise fill up across configs.
     torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as out:
         runs, failed = [], {}
         for mode in modes:
             with peer_failures(mode, failed):
-                runs.append(ModeRun(config, mode, device, interval, out, bf16))
+                runs.append(ModeRun(config, mode, device, interval, out, bf16, checkpointing))
         for round_index in range(warmup + steps):
             shift = round_index % len(runs)
             for run in runs[shift:] + runs[:shift]:
@@ -383,6 +388,8 @@ def main(argv=None) -> dict:
                         help="k of saq_strategy=every_k and looksam (default 5, as in regimes.py)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared 2-core box)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the Trainer's bf16=True)")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="activation checkpointing on every layer (the Trainer's gradient_checkpointing=True)")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the config names")
     parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
@@ -408,7 +415,7 @@ def main(argv=None) -> dict:
         if args.quick:
             batch_size = max(2, batch_size // 2)
         measured = run_config((family, kwargs, image_size, batch_size), modes, device, args.warmup, steps,
-                              args.interval, args.bf16)
+                              args.interval, args.bf16, args.gradient_checkpointing)
         results[name] = {"family": family, "config": kwargs, "image_size": image_size, "batch_size": batch_size,
                          "modes": measured, "ratios": ratios(measured)}
         print(f"{name}: done", flush=True)
@@ -420,7 +427,7 @@ def main(argv=None) -> dict:
     if argv is None and len(sys.argv) > 1:
         command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     print(f"\n{command}  |  {device.type}: {machine}  |  torch {torch.__version__}  |  W4A4, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, AdamW, every_k/looksam k={args.interval}, {steps} timed steps (median)"
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}{', gradient checkpointing' if args.gradient_checkpointing else ''}, AdamW, every_k/looksam k={args.interval}, {steps} timed steps (median)"
           + (f"  |  load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}" if load else "") + "\n")
     print_table(results)
     goals = goal_report(results)
@@ -429,7 +436,8 @@ def main(argv=None) -> dict:
 
     report = {"command": command, "device": device.type, "machine": machine, "torch": torch.__version__,
               "load_average_1_5_15_min": load, "quick": args.quick, "bf16": args.bf16, "timed_steps": steps,
-              "warmup_steps": args.warmup, "every_k_interval": args.interval, "modes": modes, "skipped": skipped,
+              "warmup_steps": args.warmup, "every_k_interval": args.interval,
+              "gradient_checkpointing": args.gradient_checkpointing, "modes": modes, "skipped": skipped,
               "memory_method": "tensor bytes live at step start + the step's allocation peak ("
               + ("cuda.max_memory_allocated)" if device.type == "cuda" else "torch.profiler memory events)"),
               "results": results, "goals": goals}

@@ -27,7 +27,13 @@ from contextlib import ExitStack, contextmanager, nullcontext
 import torch
 from torch import nn
 
-from .quant import LSQQuantizer, capture_quantized_weights, perturb_quantized_weights, quantized_layers
+from .quant import (
+    LSQQuantizer,
+    capture_quantized_weights,
+    perturb_quantized_weights,
+    quantized_layers,
+    recomputes_activations,
+)
 
 CASES = ("saq", "case1", "case2")
 PERTURB_CHOICES = ("none", "bias_norm", "bias_norm_step_size")
@@ -116,20 +122,43 @@ class SharpnessPerturbation:
         With ``extra`` (tensors that are not perturbed, e.g. the LSQ step sizes), returns ``(grads,
         extra_grads)``: their gradient at the unperturbed point, from the same backward. The loss is kept as
         ``last_loss`` (detached).
+
+        The probes stay in the layers until the backward has run, so a block that activation checkpointing
+        recomputes there sees them too.
         """
         with self._probes() as captured:
             loss = compute_loss()
-        self.last_loss = loss.detach()
-        points = self._points(captured)
-        reached = [i for i, p in enumerate(points) if p is not None]
-        targets = [points[i] for i in reached] + list(extra or [])
-        found = torch.autograd.grad(loss, targets, allow_unused=True)
+            self.last_loss = loss.detach()
+            points = self._points(captured)
+            reached = [i for i, p in enumerate(points) if p is not None]
+            targets = [points[i] for i in reached] + list(extra or [])
+            found = self._gradients(loss, targets)
         grads: list[torch.Tensor | None] = [None] * len(points)
         for i, grad in zip(reached, found):
             grads[i] = grad
         if extra is None:
             return grads
         return grads, list(found[len(reached):])
+
+    def _gradients(self, loss: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """``∂loss/∂targets`` with every ``.grad`` left as it was.
+
+        ``torch.autograd.grad`` where it can; reentrant activation checkpointing refuses it (its recompute runs
+        a backward of its own, which must accumulate into ``.grad``), so a model that recomputes activations gets
+        a plain ``backward()`` with every ``.grad`` set aside and put back afterwards. Both give the same values.
+        """
+        if not recomputes_activations(self.model):
+            return list(torch.autograd.grad(loss, targets, allow_unused=True))
+        leaves = list({id(t): t for t in [*self.model.parameters(), *targets] if t.requires_grad}.values())
+        kept = [t.grad for t in leaves]
+        for tensor in leaves:
+            tensor.grad = None
+        try:
+            loss.backward()
+            return [t.grad for t in targets]
+        finally:
+            for tensor, grad in zip(leaves, kept):
+                tensor.grad = grad
 
     @contextmanager
     def recording_gradients(self):
@@ -143,8 +172,9 @@ class SharpnessPerturbation:
         handles = []
 
         def keep(i):
+            # Summed: under reentrant activation checkpointing a tensor's gradient can arrive in parts.
             def hook(grad):
-                grads[i] = grad
+                grads[i] = grad if grads[i] is None else grads[i] + grad
 
             return hook
 
@@ -161,6 +191,10 @@ class SharpnessPerturbation:
                 for i, layer in enumerate(self.layers):
                     if layer in captured:
                         grads[i] = captured[layer].grad
+                    # The optimizer steps before these gradients become ε, and a fused optimizer (AdamW's default
+                    # in transformers) updates w without bumping its version counter: ||Q(w)|| recorded now
+                    # would pass for current then.
+                    layer._weight_norm_record = None
 
     @torch.no_grad()
     def _sizes_now(self, indices: list[int]) -> list[torch.Tensor]:
@@ -255,7 +289,8 @@ class SharpnessPerturbation:
             in_place += [(layer.weight, e) for layer, e in weight_eps]
         else:
             perturbations = dict(weight_eps)
-            self._restore.enter_context(perturb_quantized_weights(perturbations, release_after_use=True))
+            release = "recompute" if recomputes_activations(self.model) else "first_use"
+            self._restore.enter_context(perturb_quantized_weights(perturbations, release=release))
             perturbations.clear()  # the context manager keeps its arguments; the layers hold ε now
         if in_place:
             tensors = [p for p, _ in in_place]

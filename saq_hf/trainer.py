@@ -7,7 +7,7 @@ Cost model of ``saq_strategy`` (one step = one micro-batch's forward + backward)
     looksam     as every_k, but the other steps add back the sharpness component kept from the last full step
                 (LookSAM, per tensor): (k + 1) / k on average plus one norm and one multiply-add per tensor
     reuse_grad  1 forward+backward per step plus one vector operation: ε comes from the gradient of the
-                previous descent pass; the first step (and the first after a resume) is plain QAT
+                previous descent pass; the first step is plain QAT (a resume restores the kept gradient)
 
 Memory on top of QAT: ε (one copy of the perturbed tensors) while the descent pass runs, and for
 ``reuse_grad`` the kept gradient (a second copy); ``looksam`` keeps one sharpness component per trainable tensor (one
@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import CONFIG_NAME, logging
 
@@ -41,6 +43,8 @@ logger = logging.get_logger(__name__)
 
 SAQ_MODES = CASES + ("qat",)
 SAQ_STRATEGIES = ("full", "every_k", "looksam", "reuse_grad")
+# A checkpoint's per-process file of what saq_strategy keeps between steps.
+SAQ_STATE_NAME = "saq_strategy_state"
 
 
 @dataclass
@@ -257,8 +261,8 @@ class SAQTrainer(Trainer):
 
     Logged with the training loss: ``saq_ascent_grad_norm`` and ``saq_eps_norm`` (means since the last log,
     this process) and ``saq_skipped`` (perturbations skipped since training started). The returned loss
-    is the descent pass's, i.e. the sharpness-aware objective. Data parallelism means DDP; FSDP and
-    DeepSpeed ZeRO-3 shard the parameters this step perturbs and are not supported.
+    is the descent pass's, i.e. the sharpness-aware objective. Data parallelism means DDP; FSDP, DeepSpeed and
+    ``torch.nn.DataParallel`` are refused when the trainer is built (docs/METHOD.md, "Trainer switches").
     """
 
     def __init__(self, *args, **kwargs):
@@ -268,6 +272,7 @@ class SAQTrainer(Trainer):
                 f"SAQTrainer needs SAQTrainingArguments, got {type(self.args).__name__}: "
                 "build the arguments with saq_hf.SAQTrainingArguments(output_dir=..., saq_mode=..., rho=...)"
             )
+        self._refuse_unsupported_switches()
         self.sharpness: SharpnessPerturbation | None = None
         self._lsq_step_sizes: list[torch.nn.Parameter] = []
         self._lsq_quantizers: list[LSQQuantizer] = []
@@ -287,6 +292,25 @@ class SAQTrainer(Trainer):
         self._fit_threshold: float | None = None
         self._fit_losses: list[torch.Tensor] = []
         self._fit_checked_at: int | None = None
+
+    def _refuse_unsupported_switches(self) -> None:
+        """One line, before any training, for each setting under which SAQ's step would silently differ from its
+        definition (docs/METHOD.md, "Trainer switches")."""
+        args = self.args
+        if args.fp16 and args.device.type == "cpu":
+            raise ValueError("fp16 mixed precision needs a GPU (its grad scaler is CUDA's), and this run trains on the "
+                             "CPU: drop fp16, or use bf16")
+        if args.saq_mode == "qat":
+            return
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            engine = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
+            raise ValueError(f"SAQ does not run under {engine}: it shards or partitions the parameters and gradients "
+                             "that SAQ's step perturbs and reads whole; train with DDP (accelerate launch / torchrun, "
+                             "no fsdp or deepspeed setting), or with saq_mode='qat'")
+        if args.n_gpu > 1:
+            raise ValueError(f"SAQ does not run under torch.nn.DataParallel ({args.n_gpu} GPUs in one process): its "
+                             "replicas do not see the perturbation; launch one process per GPU (accelerate launch or "
+                             "torchrun) for DDP, or make one GPU visible (CUDA_VISIBLE_DEVICES)")
 
     @staticmethod
     def _empty_sums() -> dict:
@@ -503,8 +527,20 @@ class SAQTrainer(Trainer):
             return
         if not self._loss_is_scaled_for_ga(num_items_in_batch):
             clean = [g / self.current_gradient_accumulation_steps if g is not None else None for g in clean]
-        handles = [p.register_hook(lambda g, c=c: c.to(g.dtype) if c is not None else torch.zeros_like(g))
-                   for p, c in zip(self._lsq_step_sizes, clean)]
+        def replace(c):
+            # The clean gradient once; zeros for any further part (reentrant activation checkpointing can deliver
+            # a tensor's gradient in parts, one per backward its recompute runs).
+            delivered = []
+
+            def hook(grad):
+                if c is None or delivered:
+                    return torch.zeros_like(grad)
+                delivered.append(True)
+                return c.to(grad.dtype)
+
+            return hook
+
+        handles = [p.register_hook(replace(c)) for p, c in zip(self._lsq_step_sizes, clean)]
         for quantizer in self._lsq_quantizers:
             quantizer.step_size_grad = False
         try:
@@ -546,8 +582,9 @@ class SAQTrainer(Trainer):
         found = [None] * len(params)
 
         def keep(i):
+            # Summed: under reentrant activation checkpointing a tensor's gradient can arrive in parts.
             def hook(grad):
-                found[i] = grad
+                found[i] = grad if found[i] is None else found[i] + grad
 
             return hook
 
@@ -594,7 +631,16 @@ class SAQTrainer(Trainer):
         alpha = self.args.saq_looksam_alpha
 
         def add(direction):
+            calls = []
+
             def hook(grad):
+                # The correction scales with the norm of the tensor's whole gradient: a gradient delivered in parts
+                # (a tensor shared by two blocks that reentrant activation checkpointing recomputes) has none here.
+                if calls:
+                    raise RuntimeError("saq_strategy='looksam' needs each parameter's gradient in one piece, but one "
+                                       "arrived in parts (a parameter shared between checkpointed blocks): use "
+                                       "activation checkpointing with use_reentrant=False, or another saq_strategy")
+                calls.append(True)
                 return grad + (alpha * torch.linalg.vector_norm(grad.float())).to(grad.dtype) * direction.to(grad.dtype)
 
             return hook
@@ -673,6 +719,44 @@ class SAQTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         reloaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype)
         unwrapped.load_state_dict(reloaded.state_dict())
+
+    def _strategy_state_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"{SAQ_STATE_NAME}_{self.args.process_index}.safetensors")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # The strategies' kept tensors are per process (each worker's own gradients), saved next to its RNG state,
+        # so a resumed run takes exactly the steps the uninterrupted one would.
+        super()._save_rng_state(output_dir)
+        tensors = {}
+        for prefix, kept in (("reuse_grad", self._previous_descent_grads), ("looksam", self._looksam_dirs)):
+            tensors.update({f"{prefix}.{i}": t.detach().contiguous() for i, t in enumerate(kept or []) if t is not None})
+        if tensors:
+            os.makedirs(output_dir, exist_ok=True)
+            metadata = {"looksam_built_at": str(self._looksam_built_at), "looksam_size": str(len(self._looksam_dirs or [])),
+                        "reuse_grad_size": str(len(self._previous_descent_grads or []))}
+            save_file(tensors, self._strategy_state_file(output_dir), metadata=metadata)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = self._strategy_state_file(checkpoint) if checkpoint is not None else None
+        if path is None or not os.path.isfile(path):
+            if checkpoint is not None and self.args.saq_strategy in ("looksam", "reuse_grad"):
+                logger.warning(f"{checkpoint} holds no {SAQ_STATE_NAME} file (written by an older saq-hf, or with "
+                               f"save_only_model): the first step after resuming is a "
+                               f"{'full SAQ' if self.args.saq_strategy == 'looksam' else 'plain QAT'} step.")
+            return
+        with safe_open(path, framework="pt", device=str(self.args.device)) as f:
+            metadata = f.metadata()
+            loaded = {key: f.get_tensor(key) for key in f.keys()}
+
+        def kept(prefix):
+            size = int(metadata[f"{prefix}_size"])
+            return [loaded.get(f"{prefix}.{i}") for i in range(size)] if size else None
+
+        self._previous_descent_grads = kept("reuse_grad")
+        self._looksam_dirs = kept("looksam")
+        built_at = metadata["looksam_built_at"]
+        self._looksam_built_at = None if built_at == "None" else int(built_at)
 
     def _load_best_model(self) -> None:
         # The stock best-model reload is the same plain ``load_state_dict`` of renamed keys as the resume path

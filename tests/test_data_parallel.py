@@ -1,4 +1,5 @@
-"""Two-process data parallel SAQ on CPU (gloo), launched with torchrun like a real multi-GPU run."""
+"""Two-process data parallel SAQ on CPU (gloo), launched with torchrun like a real multi-GPU run, against one process
+accumulating the same micro-batches."""
 
 import json
 import os
@@ -41,6 +42,7 @@ args = SAQTrainingArguments(output_dir=out, saq_mode="saq", rho=0.05, saq_start_
                             per_device_train_batch_size=4,
                             use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no", disable_tqdm=True,
                             logging_steps=1, seed=0)
+model(pixel_values=ToyImages().pixel_values[:4])  # the same step sizes on both workers as in the reference below
 trainer = SAQTrainer(model=model, args=args, train_dataset=ToyImages(), callbacks=[CountAllReduces()])
 trainer.train()
 rank = trainer.args.process_index
@@ -75,3 +77,17 @@ def test_two_process_saq_keeps_replicas_identical(tmp_path):
     assert [r["reduced_backwards"] for r in reports] == [3, 3]
     # Each worker builds ε from its own shard of the batch.
     assert reports[0]["ascent_grad_norms"] != reports[1]["ascent_grad_norms"]
+
+    # The reference: one process accumulating the two workers' micro-batches (each at its own ε) takes the same steps.
+    torch.manual_seed(0)
+    from saq_hf import SAQTrainer, SAQTrainingArguments, quantize_model
+    from conftest import ToyImages, tiny_vit
+    model = quantize_model(tiny_vit())
+    model(pixel_values=ToyImages().pixel_values[:4])
+    args = SAQTrainingArguments(output_dir=str(tmp_path / "single"), saq_mode="saq", rho=0.05, saq_start_ratio=0.0,
+                                max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    SAQTrainer(model=model, args=args, train_dataset=ToyImages()).train()
+    single = model.state_dict()
+    worst = max((single[k].float() - states[0][k].float()).abs().max().item() for k in single)
+    assert worst == 0.0, worst  # bit for bit: the all-reduce of two workers sums as the accumulation does

@@ -9,6 +9,7 @@ from .layers import (
     is_quantized,
     perturb_quantized_weights,
     quantized_layers,
+    recomputes_activations,
 )
 from .lsq import LSQQuantizer, quant_range
 
@@ -26,4 +27,5 @@ __all__ = [
     "quant_range",
     "quantized_layer_bits",
     "quantized_layers",
+    "recomputes_activations",
 ]

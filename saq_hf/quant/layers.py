@@ -32,7 +32,10 @@ class QuantLayerMixin:
             LSQQuantizer(a_bits, signed=None, is_activation=True, device=device, dtype=dtype) if a_bits else None
         )
         self.weight_perturbation: torch.Tensor | None = None
-        self._release_perturbation_after_use = False
+        # When this layer may drop its ε (eager mode): None (never), "first_use", or "recompute" (the forward that
+        # activation checkpointing reruns during backward: the first forward's ε must still be there for it).
+        self._perturbation_release: str | None = None
+        self._perturbation_released = False
         # ||Q(w)|| as the last captured forward computed it, with the versions of w and its step size then.
         self._record_weight_norm = False
         self._weight_norm_record: tuple[torch.Tensor, int, int] | None = None
@@ -52,7 +55,8 @@ class QuantLayerMixin:
     @torch.no_grad()
     def quantized_weight_norm(self) -> torch.Tensor:
         """``||Q(w)||₂`` now: the value the last captured forward recorded while ``w`` and its step size are unchanged
-        since (their in-place version counters), else computed."""
+        since (their in-place version counters), else computed. A fused optimizer step does not bump version counters:
+        a record that an optimizer step may outlive must be cleared (``_weight_norm_record = None``)."""
         record = self._weight_norm_record
         if record is not None and record[1:] == (self.weight._version, self.weight_quantizer.step_size._version):
             return record[0]
@@ -69,8 +73,16 @@ class QuantLayerMixin:
         if self.weight_perturbation is not None:
             weight = weight + self.weight_perturbation
             # A graph's inputs stay alive while it runs anyway, so compiled code keeps ε to the end of the pass.
-            if self._release_perturbation_after_use and not torch.compiler.is_compiling():
+            if self._perturbation_release and not torch.compiler.is_compiling() and (
+                    self._perturbation_release == "first_use" or _in_backward()):
                 self.weight_perturbation = None
+                self._perturbation_released = True
+        elif self._perturbation_released and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                "a fake-quantized layer ran its forward again after dropping its SAQ perturbation: the model reuses "
+                "the layer within one pass or recomputes it during backward (activation checkpointing that saq-hf "
+                "did not detect); enable checkpointing through transformers (gradient_checkpointing=True) or mark "
+                "the checkpointed modules with `module.gradient_checkpointing = True`")
         return weight.to(x.dtype), x
 
 
@@ -104,6 +116,19 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 QUANT_LAYER_TYPES = (QuantLinear, QuantConv2d)
 
 
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now: a forward run then is activation checkpointing's recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def recomputes_activations(model: nn.Module) -> bool:
+    """Whether ``model`` reruns (part of) its forward during backward: transformers' gradient (activation)
+    checkpointing marks the modules it checkpoints with ``gradient_checkpointing = True``; torch's
+    ``checkpoint_wrapper`` wraps them in a ``CheckpointWrapper``."""
+    return any(getattr(module, "gradient_checkpointing", False) is True or type(module).__name__ == "CheckpointWrapper"
+               for module in model.modules())
+
+
 def quantized_layers(model: nn.Module):
     """``(name, layer)`` for every fake-quantized layer of ``model``, in module order."""
     for name, module in model.named_modules():
@@ -115,25 +140,37 @@ def is_quantized(model: nn.Module) -> bool:
     return any(True for _ in quantized_layers(model))
 
 
+RELEASES = (None, "first_use", "recompute")
+
+
 @contextmanager
-def perturb_quantized_weights(perturbations: dict[nn.Module, torch.Tensor], release_after_use: bool = False):
+def perturb_quantized_weights(perturbations: dict[nn.Module, torch.Tensor], release: str | None = None):
     """Add each constant tensor to its layer's quantized weight for the forward passes inside the block.
 
-    With ``release_after_use`` a layer drops its ε after the first forward that adds it (in eager mode): for
-    a block that runs one forward pass, each ε can then be freed as soon as its layer has run, since the
-    sum's backward does not need it (the caller must not keep other references).
+    For a block that runs one forward pass (and its backward), ``release`` lets each layer drop its ε once no
+    forward will read it again, so ε is freed layer by layer (the sum's backward does not need it; the caller
+    must not keep other references), in eager mode:
+
+    - ``"first_use"``: after the layer's first forward;
+    - ``"recompute"``: after the forward the layer runs during backward (activation checkpointing reruns the
+      checkpointed blocks there, and that rerun must add the same ε); layers outside those blocks keep ε until
+      the block ends.
+
+    A layer whose forward runs again after it dropped its ε raises, rather than run without it.
     """
+    if release not in RELEASES:
+        raise ValueError(f"release must be one of {RELEASES}, got {release!r}")
     layers = list(perturbations)
     try:
         for layer in layers:
             layer.weight_perturbation = perturbations[layer].detach()
-            layer._release_perturbation_after_use = release_after_use
+            layer._perturbation_release, layer._perturbation_released = release, False
         del perturbations
         yield
     finally:
         for layer in layers:
             layer.weight_perturbation = None
-            layer._release_perturbation_after_use = False
+            layer._perturbation_release, layer._perturbation_released = None, False
 
 
 @contextmanager
