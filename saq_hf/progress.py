@@ -62,7 +62,8 @@ class StageProgress(TrainerCallback):
             write_train_log(args.output_dir, {**(self.earlier or {}), self.log_stage: state.log_history})
 
 
-def show_stage_progress(trainer: Trainer, description: str, log_stage: str, earlier: dict | None = None) -> Trainer:
+def show_stage_progress(trainer: Trainer, description: str, log_stage: str = "train",
+                        earlier: dict | None = None) -> Trainer:
     """Swap the Trainer's console output (bar + printed log dicts + nested eval bars) for one :class:`StageProgress`
     bar; the logs go to ``train_log.json`` in the Trainer's ``output_dir``."""
     trainer.remove_callback(ProgressCallback)
