@@ -88,13 +88,21 @@ def _eager_numerics_options() -> dict:
 
 _EAGER_NUMERICS = _eager_numerics_options()
 _compiler_failed: list[str] = []
+# Inductor's C++ backend keeps bf16/fp16 intermediates in fp32 before torch 2.13 (emulate_precision_casts has no
+# effect there: on 2.11 and 2.12 most of tests/test_fused_quant.py's bf16 cases differ from the plain ops), so
+# reduced-precision tensors on a CPU run as plain ops on those releases.
+_CPU_REDUCED_PRECISION_FUSES = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
 
 
 def _compiled(fn, x: torch.Tensor, per_channel: bool, qn: int):
-    """``fn`` compiled for the dtype, device and layout of its inputs (compiled once, any shape)."""
+    """``fn`` compiled for the dtype, device and layout of its inputs (compiled once, any shape); ``None`` where
+    a compiled kernel would not compute what the plain ops do, bit for bit."""
     key = (fn.__name__, x.dtype, x.device.type, per_channel, qn == 0)
-    kernel = _compiled_kernels.get(key)
-    if kernel is None:
+    kernel = _compiled_kernels.get(key, False)
+    if kernel is False:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not _CPU_REDUCED_PRECISION_FUSES:
+            _compiled_kernels[key] = None
+            return None
         # Dynamo keeps one cache per code object, capped at 8 graphs; a copy of the code per key keeps
         # every (dtype, layout) within that cap whatever mix of models a process runs.
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{'_'.join(map(str, key[1:]))}")
@@ -120,11 +128,14 @@ def _run(fn, step_size: torch.Tensor, qn: int, qp: int, *tensors: torch.Tensor):
     flat = [t.view(rows, -1) if per_channel else t.view(-1) for t in tensors]
     flat_step = step_size.view(rows, 1) if per_channel else step_size
     try:
-        out = _compiled(fn, x, per_channel, qn)(*flat, flat_step, qn, qp)
+        kernel = _compiled(fn, x, per_channel, qn)
+        out = None if kernel is None else kernel(*flat, flat_step, qn, qp)
     except Exception as error:  # noqa: BLE001 - any compiler failure (no C++ compiler, no Triton) falls back
         _compiler_failed.append(f"{type(error).__name__}: {error}")
         warnings.warn(f"saq_hf: fused LSQ kernels unavailable, using unfused torch ops ({_compiler_failed[0][:300]})",
                       stacklevel=3)
+        out = None
+    if out is None:
         return fn(*tensors, step_size, qn, qp)
     return out.view(x.shape) if isinstance(out, torch.Tensor) else tuple(o.view(x.shape) for o in out)
 
