@@ -37,7 +37,7 @@ SETTINGS = {
 
 def run(name: str, out_dir: Path) -> dict:
     from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model
-    from saq_hf.quant import quantized_layers
+    from saq_hf.quant import LSQQuantizer, quantized_layers
     from transformers import PrinterCallback, ViTConfig, ViTForImageClassification
 
     splits = load_splits("digits")
@@ -99,7 +99,7 @@ def run(name: str, out_dir: Path) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"setting": name, **SETTINGS[name], "test_accuracy": test_accuracy, "final_loss": losses[-1],
             "loss_curve": losses, "chance_loss": math.log(10), "trace": trace, "input_clipped_share": clipped,
-            "min_step_size": min(float(p.min()) for n, p in model.named_parameters() if n.endswith("step_size"))}
+            "min_step_size": min(float(q.step_size.min()) for q in model.modules() if isinstance(q, LSQQuantizer))}
 
 
 class StepTrace(TrainerCallback):

@@ -14,6 +14,12 @@ seconds. Three regimes, each with a ViT and a ConvNeXt at W2A2, W3A3 and W4A4:
 - ``scratch_long`` (W2A2, ``qat``, ``saq`` and ``saq_at_once`` only): from scratch for 40 epochs, long enough for
   the training loss to fall below ``saq_start_ratio="auto"``'s threshold.
 
+``--part noisy`` (``noisy.json``, ``noisy_map.png``): the long-QAT pipeline with symmetric label noise, a share of
+the training **and validation** labels replaced by a random other class (test labels clean); every seed draws its
+own noise and trains its own FP model on it (``fp_seed``), and the validation sweep has seeds of its own. Modes
+there also include ``case1`` (ε from the latent weights, added after quantization) and ``case2`` (plain SAM on the
+quantized model), at the default radius.
+
 Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes, and on a model
 that starts untrained plain QAT until its training loss falls below a quarter of ln 10), ``saq_at_once`` (the defaults with SAQ from the
 first step, ``saq_start_ratio=0``: the previous default; from scratch only, elsewhere it is ``saq``), ``saq_val``
@@ -78,6 +84,8 @@ MODES = {
     "saq": {"saq_mode": "saq"},
     "saq_auto": {"saq_mode": "saq", "rho": "auto"},
     "saq_val": {"saq_mode": "saq", "rho": None},
+    "case1": {"saq_mode": "case1"},
+    "case2": {"saq_mode": "case2"},
     "saq_every_k": {"saq_mode": "saq", "saq_strategy": "every_k", "saq_interval": 5},  # cost 1.2x QAT
     # LookSAM with the paper's k = 5 and the library's alpha: the same 1.2 passes per step.
     "saq_looksam": {"saq_mode": "saq", "saq_strategy": "looksam", "saq_interval": 5},
@@ -119,8 +127,21 @@ def few_shot(splits: Splits, per_class: int) -> Splits:
     return replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
 
 
-def data_for(regime: str, limit: int | None) -> Splits:
+def noisy_labels(labels: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
+    """``rate`` of the labels (a fixed draw per seed) replaced by a uniformly drawn *other* class."""
+    rng = np.random.default_rng(10_000 + seed)
+    labels = labels.clone()
+    flipped = rng.choice(len(labels), size=int(round(rate * len(labels))), replace=False)
+    offsets = torch.from_numpy(rng.integers(1, 10, size=len(flipped)))
+    labels[flipped] = (labels[flipped] + offsets) % 10
+    return labels
+
+
+def data_for(regime: str, limit: int | None, noise: float = 0.0, seed: int = 0) -> Splits:
     digits = load_splits("digits", limit)
+    if noise:
+        digits = replace(digits, train_y=noisy_labels(digits.train_y, noise, seed),
+                         val_y=noisy_labels(digits.val_y, noise, seed + 1))
     return few_shot(digits, 10) if regime == "transfer" else digits
 
 
@@ -161,24 +182,28 @@ class Schedule:
     weight_decay: float = 0.05
 
 
-def fp_dir(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: int | None) -> Path:
-    return cache / "regimes_fp" / f"{arch.name}_{source}_{settings_key(arch, source, schedule, limit)}"
+def fp_dir(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: int | None, seed: int = 0,
+           noise: float = 0.0) -> Path:
+    extra = (seed, noise) if (seed, noise) != (0, 0.0) else ()  # the seed-0 clean model keeps its cache name
+    return cache / "regimes_fp" / f"{arch.name}_{source}_{settings_key(arch, source, schedule, limit, *extra)}"
 
 
-def fp_model(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: int | None, threads: int) -> Path:
-    """An FP model trained from scratch on ``source`` (digits or mnist8), cached by its settings."""
+def fp_model(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: int | None, threads: int,
+             seed: int = 0, noise: float = 0.0) -> Path:
+    """An FP model trained from scratch on ``source`` (digits or mnist8; with ``noise``, digits with that share of
+    noisy labels drawn for ``seed``), initialised and shuffled with ``seed``, cached by its settings."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     quiet()
     torch.set_num_threads(threads)
-    path = fp_dir(arch, source, schedule, cache, limit)
+    path = fp_dir(arch, source, schedule, cache, limit, seed, noise)
     if (path / "model.safetensors").exists():
         return path
-    splits = mnist_8x8(limit) if source == "mnist8" else load_splits("digits", limit)
-    model = build(arch, 0)
+    splits = mnist_8x8(limit) if source == "mnist8" else data_for("long_qat", limit, noise, seed)
+    model = build(arch, seed)
     args = TrainingArguments(num_train_epochs=schedule.epochs, learning_rate=schedule.lr,
                              weight_decay=schedule.weight_decay, per_device_train_batch_size=schedule.batch_size,
-                             warmup_steps=0.05, **_common_args(path / "trainer", 0, threads))
+                             warmup_steps=0.05, **_common_args(path / "trainer", seed, threads))
     trainer = Trainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
                       data_collator=collate)
     trainer.remove_callback(PrinterCallback)
@@ -202,6 +227,8 @@ class Run:
     rho: float | str | None = None  # None: the mode's default (saq: "auto")
     fp_path: str | None = None  # None: from scratch
     limit: int | None = None
+    noise: float = 0.0  # share of noisy training and validation labels
+    fp_seed: int | None = None  # the seed the FP model was trained with (None: from scratch, or the shared seed-0 one)
 
     def key(self) -> str:
         """Changes with the run's settings, its mode's fields and the library's SAQ defaults, so the journal never
@@ -248,7 +275,7 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
 
     quiet()
     torch.set_num_threads(threads)
-    splits = data_for(run.regime, run.limit)
+    splits = data_for(run.regime, run.limit, run.noise, run.seed)
     if run.fp_path:
         model = AutoModelForImageClassification.from_pretrained(run.fp_path)
     else:
@@ -274,6 +301,7 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
     shutil.rmtree(output_dir, ignore_errors=True)
     logs = [h for h in trainer.state.log_history if "train_loss" in h]
     return {"model": run.arch.kind, "width": run.arch.width, "dataset": "digits", "regime": run.regime,
+            "noise": run.noise, "fp_seed": run.fp_seed if run.fp_path else None,
             "w_bits": run.bits, "a_bits": run.bits, "mode": run.mode, "saq_mode": fields["saq_mode"],
             "saq_strategy": fields.get("saq_strategy", "full"), "saq_radius": args.saq_radius,
             "rho_setting": rho, "rho": trainer.rho if trainer.rho is not None else 0.0, "seed": run.seed,
@@ -323,6 +351,12 @@ class Plan:
     safety_modes: tuple = ("qat", "saq", "saq_at_once", "saq_paper")
     safety_seeds: tuple = (0, 1)
     safety_schedule: Schedule = Schedule(5, 1e-3, 64)
+    # --part noisy: long QAT from a per-seed FP model trained on the same noisy labels
+    noise_rates: tuple = (0.4,)
+    noisy_bits: tuple = (2, 3)
+    noisy_modes: tuple = ("qat", "case1", "case2", "saq", "saq_val", "saq_auto", "saq_looksam")
+    noisy_val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)
+    noisy_sweep_seeds: tuple = (100, 101)
     limit: int | None = None
 
 
@@ -332,11 +366,13 @@ QUICK = Plan(regimes=("scratch", "transfer"), archs=(Arch("vit", 16, 1), Arch("c
              schedules=(("scratch", Schedule(1, 1e-3, 64)), ("long_qat", Schedule(1, 5e-4, 64)),
                         ("transfer", Schedule(2, 5e-4, 20))),
              fp_schedule=Schedule(1, 1e-3, 64), long_scratch_modes=(), safety_widths=(16,), safety_bits=(2,), safety_seeds=(0,),
-             safety_schedule=Schedule(1, 1e-3, 64), limit=256)
+             safety_schedule=Schedule(1, 1e-3, 64), noisy_bits=(2,), noisy_modes=("qat", "saq", "saq_val"),
+             noisy_val_grid=(0.002, 0.02), noisy_sweep_seeds=(100,), limit=256)
 
 
 def fp_source(regime: str) -> str | None:
-    return {"scratch": None, "scratch_long": None, "long_qat": "digits", "transfer": "mnist8"}[regime]
+    return {"scratch": None, "scratch_long": None, "long_qat": "digits", "noisy_long_qat": "digits",
+            "transfer": "mnist8"}[regime]
 
 
 def schedule_of(plan: Plan, regime: str) -> Schedule:
@@ -419,6 +455,74 @@ def safety_runs(plan: Plan) -> list[Run]:
     return [Run("scratch", Arch("vit", width, 1, 2), bits, mode, seed, plan.safety_schedule, limit=plan.limit)
             for mode in plan.safety_modes for width in plan.safety_widths for bits in plan.safety_bits
             for seed in plan.safety_seeds]
+
+
+def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path) -> dict:
+    """The noisy-label long-QAT cells: per-seed FP models, the validation sweep of the radius, then every mode."""
+    schedule = schedule_of(plan, "long_qat")
+    seeds = plan.seeds + plan.noisy_sweep_seeds
+    calls = [(arch, "digits", plan.fp_schedule, cache, plan.limit, threads, seed, noise)
+             for arch in plan.archs for seed in seeds for noise in plan.noise_rates]
+    for _ in in_parallel(fp_model, calls, jobs, threads):
+        pass
+
+    def run(arch, bits, mode, seed, noise, rho=None):
+        path = fp_dir(arch, "digits", plan.fp_schedule, cache, plan.limit, seed, noise)
+        return Run("noisy_long_qat", arch, bits, mode, seed, schedule, rho=rho, fp_path=str(path), limit=plan.limit,
+                   noise=noise, fp_seed=seed)
+
+    journal = cache / "regimes_journal.jsonl"
+    sweep_rows = run_all([run(arch, bits, "saq_val", seed, noise, rho) for noise in plan.noise_rates
+                          for arch in plan.archs for bits in plan.noisy_bits for seed in plan.noisy_sweep_seeds
+                          for rho in plan.noisy_val_grid], jobs, threads, journal, scratch)
+    chosen = {}
+    for noise in plan.noise_rates:
+        for arch in plan.archs:
+            for bits in plan.noisy_bits:
+                scores = {rho: np.mean([r["val_accuracy"] for r in sweep_rows if r["noise"] == noise and
+                                        r["model"] == arch.kind and r["w_bits"] == bits and r["rho"] == rho])
+                          for rho in plan.noisy_val_grid}
+                chosen[(noise, arch.name, bits)] = max(scores, key=lambda rho: (scores[rho], -rho))
+    print("\nrelative rho chosen on (noisy) validation:", {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()})
+    rows = run_all([run(arch, bits, mode, seed, noise, chosen[(noise, arch.name, bits)] if mode == "saq_val" else None)
+                    for mode in plan.noisy_modes for noise in plan.noise_rates for arch in plan.archs
+                    for bits in plan.noisy_bits for seed in plan.seeds], jobs, threads, journal, scratch)
+    # Each sweep radius on the sweep seeds, as a row per radius: how far the radius a user gets is from the best.
+    summary = summarize(rows, ("regime", "noise", "model", "w_bits"))
+    print_table(summary, ("regime", "noise", "model", "w_bits"), plan.noisy_modes,
+                "Noisy labels: long QAT from an FP model trained on the same noisy labels (test labels clean)")
+    radius_table = {f"{n}/{a}/W{b}": {str(rho): float(np.mean([r["val_accuracy"] for r in sweep_rows
+                                                              if r["noise"] == n and f"{r['model']}-{r['width']}" == a
+                                                              and r["w_bits"] == b and r["rho"] == rho]))
+                                      for rho in plan.noisy_val_grid} for (n, a, b) in chosen}
+    return {"val_chosen_rho": {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()},
+            "sweep_val_accuracy_by_rho": radius_table, "sweep_rows": sweep_rows, "rows": rows, "summary": summary}
+
+
+def plot_noisy(summary: list[dict], plan: Plan, path: Path) -> None:
+    plt = pyplot()
+    modes = [m for m in plan.noisy_modes if m != BASELINE]
+    cells = sorted({(s["noise"], s["model"], s["w_bits"]) for s in summary})
+    index = {(s["noise"], s["model"], s["w_bits"], s["mode"]): s for s in summary}
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cells) * len(modes) / 3, 3.6))
+    for k, mode in enumerate(modes):
+        xs, ys, lo, hi = [], [], [], []
+        for i, cell in enumerate(cells):
+            s = index.get(cell + (mode,))
+            if s and s["delta_vs_qat"] is not None:
+                xs.append(i + (k - len(modes) / 2) * 0.1)
+                ys.append(s["delta_vs_qat"])
+                lo.append(s["delta_vs_qat"] - s["delta_ci95"][0])
+                hi.append(s["delta_ci95"][1] - s["delta_vs_qat"])
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=mode)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(cells)), [f"{m} W{b}A{b}\n{int(100 * n)} % noise" for n, m, b in cells], fontsize=8)
+    ax.set_ylabel("Δ to plain QAT, test top-1 (pt)")
+    ax.set_title("Noisy labels, long QAT: seed-paired difference to QAT (95 % CI)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -533,7 +637,7 @@ def plot_safety(summary: list[dict], plan: Plan, path: Path) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, 256 images, 1 seed: a smoke run")
-    parser.add_argument("--part", choices=["all", "regimes", "safety", "looksam_sweep"], default="all")
+    parser.add_argument("--part", choices=["all", "regimes", "safety", "looksam_sweep", "noisy"], default="all")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; safety table 3)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
@@ -604,6 +708,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     out = {"machine": machine(), "plan": json.loads(json.dumps(asdict(plan), default=str)),
            "command": "python benchmarks/regimes.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.part == "noisy":
+        out.update(noisy_runs(plan, args.cache, args.jobs, args.threads, scratch))
+        plot_noisy(out["summary"], plan, args.results / f"noisy_map{suffix}.png")
     if args.part == "looksam_sweep":
         fp = fp_paths(plan, args.cache, args.jobs, args.threads)
         out.update(looksam_sweep(plan, fp, args.cache, args.jobs, args.threads, scratch))
@@ -625,7 +732,7 @@ def main(argv=None) -> dict:
         plot_safety(summary, plan, args.results / f"safety{suffix}.png")
         out.update({"safety_rows": rows, "safety_summary": summary})
     out["seconds"] = time.perf_counter() - start
-    name = {"safety": "safety", "looksam_sweep": "looksam_sweep"}.get(args.part, "transfer")
+    name = {"safety": "safety", "looksam_sweep": "looksam_sweep", "noisy": "noisy"}.get(args.part, "transfer")
     (args.results / f"{name}{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
     print(f"\n{out['seconds']:.0f} s; wrote {args.results / f'{name}{suffix}.json'}")
     return out

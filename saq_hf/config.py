@@ -6,6 +6,7 @@ from transformers.quantizers.auto import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "saq"
+STEP_SIZE_FORMATS = ("log", "linear")  # as saq_hf.quant.lsq (config.py stays free of torch)
 
 
 def _check_bits(field: str, value: Any, allow_none: bool = False) -> None:
@@ -55,6 +56,9 @@ class QuantConfig(QuantizationConfigMixin):
             later patterns win. ``None`` means the architecture default, filled in when the model is
             quantized: ViT/DeiT/ConvNeXt keep the patch embedding and classifier at 8 bits (the paper's
             setting); any other model keeps its first and last layer at 8 bits.
+        step_size_format: how the checkpoint stores the LSQ step sizes: ``"log"`` (``log_step_size``, what training
+            writes) or ``"linear"`` (``step_size``: exported models, and checkpoints written before the log form,
+            whose configs do not name a format).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class QuantConfig(QuantizationConfigMixin):
         per_channel: bool = True,
         modules_to_not_convert: list[str] | None = None,
         bits_overrides: dict[str, Any] | None = None,
+        step_size_format: str = "log",
         **kwargs,
     ):
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -77,7 +82,13 @@ class QuantConfig(QuantizationConfigMixin):
         self.per_channel = per_channel
         self.modules_to_not_convert = modules_to_not_convert
         self.bits_overrides = bits_overrides
+        self.step_size_format = step_size_format
         self.post_init()
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        # A saved config without the field was written when step sizes were stored as they are.
+        return super().from_dict({"step_size_format": "linear", **config_dict}, return_unused_kwargs, **kwargs)
 
     def post_init(self) -> None:
         _check_bits("w_bits", self.w_bits)
@@ -94,6 +105,8 @@ class QuantConfig(QuantizationConfigMixin):
                 )
             self.modules_to_not_convert = list(self.modules_to_not_convert)
         self.bits_overrides = _normalise_overrides(self.bits_overrides)
+        if self.step_size_format not in STEP_SIZE_FORMATS:
+            raise ValueError(f"step_size_format must be one of {STEP_SIZE_FORMATS}, got {self.step_size_format!r}")
 
     @property
     def tag(self) -> str:
@@ -108,4 +121,5 @@ class QuantConfig(QuantizationConfigMixin):
             "per_channel": self.per_channel,
             "modules_to_not_convert": self.modules_to_not_convert,
             "bits_overrides": self.bits_overrides,
+            "step_size_format": self.step_size_format,
         }

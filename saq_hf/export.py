@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .config import QUANT_METHOD, QuantConfig
 from .packing import pack_codes, unpack_codes
-from .quant import QuantConv2d, quantized_layers
+from .quant import LSQQuantizer, QuantConv2d, quantized_layers
 
 FORMAT = "saq-hf-export"
 FORMAT_VERSION = 1
@@ -146,6 +146,11 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike) -> dict:
     """
     layers = _exportable_layers(model)
     tensors = model.state_dict()
+    # Step sizes are exported as the values the codes were taken with (s itself, not its log).
+    for name, quantizer in model.named_modules():
+        if isinstance(quantizer, LSQQuantizer) and quantizer.step_size_format == "log":
+            del tensors[f"{name}.log_step_size"]
+            tensors[f"{name}.step_size"] = quantizer.step_size.detach()
     manifest_layers = {}
     for name, layer in layers.items():
         codes = layer.weight_quantizer.codes(layer.weight)
@@ -179,6 +184,10 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike) -> dict:
     follow_umask(folder / WEIGHTS_FILE)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    if isinstance(config.quantization_config, dict):
+        config.quantization_config["step_size_format"] = "linear"
+    else:
+        config.quantization_config.step_size_format = "linear"
     config.save_pretrained(folder)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "saq_hf_version": __version__,

@@ -590,18 +590,6 @@ def _run_info(setup: RunSetup, results: dict, train_runtime: float, global_step:
     }
 
 
-def _warn_non_positive_step_sizes(model: torch.nn.Module) -> None:
-    """Say when training drove step sizes to zero or below: AdamW moves every parameter by about the learning rate
-    per step, more than a small 8-bit step size, and an unsigned activation range with a negative step size
-    outputs zeros."""
-    crossed = [f"{name}.{part}.step_size" for name, layer in quantized_layers(model)
-               for part in ("weight_quantizer", "input_quantizer")
-               if getattr(layer, part) is not None and bool((getattr(layer, part).step_size <= 0).any())]
-    if crossed:
-        say(f"warning: {len(crossed)} step size tensor(s) went to zero or below during training (first: "
-             f"{crossed[0]}); lower learning_rate")
-
-
 def train(setup: RunSetup) -> RunResult:
     """Run a prepared recipe: FP stage (or its cache), quantize, calibrate, SAQ training, report, save, push.
 
@@ -648,7 +636,6 @@ def train(setup: RunSetup) -> RunResult:
     train_output = trainer.train(resume_from_checkpoint=trainer_args.resume_from_checkpoint)
     train_runtime = time.perf_counter() - started
     results["quantized"] = evaluate_classifier(trainer.model, report_split, setup.metric, collate_fn, eval_batch)
-    _warn_non_positive_step_sizes(trainer.model)
 
     # _internal_call: save without Trainer.push_to_hub, which would replace our card with its own.
     trainer.save_model(str(staging), _internal_call=True)

@@ -55,8 +55,8 @@ def trained_like(model_name="vit", w_bits=4, a_bits=4, per_channel=True, **model
     calibrate(model, [images(seed=2)])
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith("step_size"):
-                parameter.mul_(1 + 0.2 * torch.rand_like(parameter))
+            if name.endswith("log_step_size"):
+                parameter.add_(torch.log1p(0.2 * torch.rand_like(parameter)))
             else:
                 parameter.add_(0.02 * torch.randn_like(parameter))
     return model.eval()
@@ -126,7 +126,10 @@ def test_reloaded_export_gives_the_fake_quant_logits(tmp_path, model_name, bits)
     loaded = load_exported(tmp_path)
 
     assert type(loaded) is type(model) and not loaded.training
-    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in model.state_dict().items()}
+    # The export stores each step size as s itself (the linear layout), the trained model as log(s).
+    assert loaded.config.quantization_config.step_size_format == "linear"
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {
+        k.replace("log_step_size", "step_size"): v.dtype for k, v in model.state_dict().items()}
     expected, actual = logits(model), logits(loaded)
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
     # The reason it holds: every reloaded layer multiplies by bit-identical Q(w).
@@ -167,7 +170,9 @@ def test_export_stores_packed_codes_instead_of_latent_weights(exported):
             "step_size": f"{name}.input_quantizer.step_size"}
     quantized_weights = {f"{name}.weight" for name, _ in quantized_layers(model)}
     for key, tensor in model.state_dict().items():
-        if key not in quantized_weights:
+        if key.endswith("log_step_size"):  # stored as s (compared above)
+            assert key not in stored and key.replace("log_step_size", "step_size") in stored, key
+        elif key not in quantized_weights:
             assert stored[key].dtype == tensor.dtype and torch.equal(stored[key], tensor), key
 
 

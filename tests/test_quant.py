@@ -96,9 +96,9 @@ def test_2bit_weights_take_at_most_four_values_per_group(per_channel):
 
 
 def test_lsq_gradients_match_the_paper_formulas():
-    quantizer = LSQQuantizer(bits=3, signed=True)  # Qn = -4, Qp = 3
-    with torch.no_grad():
-        quantizer.step_size.fill_(0.5)
+    # The op's formulas, on s itself (the linear layout; the log layout only chains d/dlog(s) = s·d/ds).
+    quantizer = LSQQuantizer(bits=3, signed=True, step_size_format="linear")  # Qn = -4, Qp = 3
+    quantizer.set_step_size(0.5)
     quantizer.initialized.fill_(True)
     x = torch.tensor([-3.0, -1.1, 0.2, 0.74, 1.6, 2.5], requires_grad=True)
     out = quantizer(x)
@@ -120,8 +120,8 @@ def test_gradients_reach_latent_weights_and_all_step_sizes():
     model(pixel_values=pixels(), labels=torch.tensor([0, 1, 2, 3])).loss.backward()
     for name, layer in quantized_layers(model):
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, name
-        assert layer.weight_quantizer.step_size.grad.abs().sum() > 0, name
-        assert layer.input_quantizer.step_size.grad is not None, name
+        assert layer.weight_quantizer.step_size_parameter.grad.abs().sum() > 0, name
+        assert layer.input_quantizer.step_size_parameter.grad is not None, name
 
 
 def test_activation_range_is_unsigned_for_non_negative_inputs():
@@ -137,9 +137,9 @@ def perturb_step_sizes(model):
     """Move every step size off its initial value, as training would."""
     with torch.no_grad():
         for _, layer in quantized_layers(model):
-            layer.weight_quantizer.step_size.mul_(1.1)
+            layer.weight_quantizer.set_step_size(layer.weight_quantizer.step_size * 1.1)
             if layer.input_quantizer is not None:
-                layer.input_quantizer.step_size.mul_(0.9)
+                layer.input_quantizer.set_step_size(layer.input_quantizer.step_size * 0.9)
 
 
 @pytest.mark.parametrize("arch", MODELS)

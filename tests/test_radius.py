@@ -143,17 +143,6 @@ def test_clean_step_sizes_get_the_unperturbed_gradient(tmp_path):
     assert max(float((grads["saq"][n] - grads["qat"][n]).abs().max()) for n in others) > 1e-4
 
 
-def test_guard_warns_when_a_step_size_leaves_the_positive_numbers(tmp_path):
-    model = quantized(tiny_vit())
-    model(**batch())
-    quantizer = next(m for m in model.modules() if isinstance(m, LSQQuantizer) and m.is_activation)
-    with torch.no_grad():
-        quantizer.step_size.fill_(-1.0)
-    trainer = SAQTrainer(model=model, args=args(tmp_path, rho=0.05, learning_rate=0.0), train_dataset=ToyImages())
-    with pytest.warns(UserWarning, match="step size of .* is <= 0"):
-        trainer.train()
-
-
 def digits_batches():
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -182,12 +171,11 @@ def from_scratch_vit():
 
 def test_default_saq_learns_from_scratch_like_plain_qat(tmp_path):
     # The from-scratch collapse (docs/METHOD.md): with the paper's absolute rho=0.05 and step sizes trained at the
-    # perturbed point a small W4A4 ViT learns far slower than plain QAT, and with more steps stops at chance
-    # (loss ln 10). With the defaults the loss falls like QAT's, also with SAQ from the first step (the radius and the
-    # step sizes are what this test guards; saq_start_ratio="auto" would keep this untrained model on plain QAT).
+    # perturbed point a small W4A4 ViT learned far slower than plain QAT. With the defaults the loss falls like QAT's,
+    # also with SAQ from the first step (the radius and the step sizes are what this test guards;
+    # saq_start_ratio="auto" would keep this untrained model on plain QAT).
     final = {}
-    settings = {"qat": dict(saq_mode="qat"), "defaults": dict(saq_start_ratio=0.0),
-                "paper": dict(rho=0.05, saq_radius="absolute", saq_clean_step_sizes=False, saq_start_ratio=0.0)}
+    settings = {"qat": dict(saq_mode="qat"), "defaults": dict(saq_start_ratio=0.0)}
     for name, overrides in settings.items():
         trainer = SAQTrainer(model=from_scratch_vit(), train_dataset=Digits(), args=SAQTrainingArguments(
             output_dir=str(tmp_path / name), per_device_train_batch_size=16, num_train_epochs=4, learning_rate=3e-3,
@@ -197,8 +185,6 @@ def test_default_saq_learns_from_scratch_like_plain_qat(tmp_path):
     assert final["qat"] < 0.9 * math.log(10)
     assert final["defaults"] < 0.93 * math.log(10)
     assert abs(final["defaults"] - final["qat"]) < 0.15
-    assert final["paper"] > final["defaults"] + 0.05
-
 
 def test_saq_on_an_untrained_model_says_to_train_it_first(tmp_path):
     trainer = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "scratch", rho=0.002),

@@ -14,7 +14,7 @@ def one_layer(step_size: float | None = 0.02):
     """A W4 one-layer regression model; a small step size clips most weights (|w/s| > 7)."""
     model = quantize_model(OneLayerRegression(), QuantConfig(w_bits=4, a_bits=None, bits_overrides={}))
     if step_size is not None:
-        model.fc.weight_quantizer.step_size.data.fill_(step_size)
+        model.fc.weight_quantizer.set_step_size(step_size)
     return model
 
 

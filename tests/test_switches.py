@@ -148,7 +148,8 @@ def test_saq_with_gradient_accumulation_sums_each_micro_batch_at_its_own_epsilon
 
     train(model, tmp_path, ToyImages(8), saq_mode=mode, rho=rho, max_steps=1, per_device_train_batch_size=4,
           gradient_accumulation_steps=2, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0,
-          lr_scheduler_type="constant", dataloader_drop_last=True, train_sampling_strategy="sequential")
+          lr_scheduler_type="constant", dataloader_drop_last=True, train_sampling_strategy="sequential",
+          step_size_lr_scale=1.0)
     for name, value in params(model).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -165,7 +166,7 @@ def test_bf16_autocast_runs_both_passes_under_autocast_and_gives_the_reference_s
     fp32_model.load_state_dict(model.state_dict())
     batch = image_batch(0)
     sgd = dict(max_steps=1, per_device_train_batch_size=4, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
-               weight_decay=0.0, lr_scheduler_type="constant")
+               weight_decay=0.0, lr_scheduler_type="constant", step_size_lr_scale=1.0)
     train(model, tmp_path / "bf16", ToyImages(4), bf16=True, **sgd)
 
     perturbation = SharpnessPerturbation(reference_model, case="saq", rho=PAPER["rho"], radius="absolute")

@@ -51,11 +51,12 @@ def quantized(factory, seed=0):
 # --- equivalences -------------------------------------------------------------------------------------
 
 def test_qat_mode_is_the_stock_trainer(tmp_path):
-    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, **FAST)
+    # The step sizes' own optimizer group at the stock learning rate, and no weight decay anywhere: the stock step.
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, weight_decay=0.0, **FAST)
     stock = train(quantized(tiny_vit), tmp_path, trainer_cls=Trainer,
                   args=TrainingArguments(output_dir=str(tmp_path / "stock"), **common))
     qat = train(quantized(tiny_vit), tmp_path, args=SAQTrainingArguments(
-        output_dir=str(tmp_path / "qat"), saq_mode="qat", **common))
+        output_dir=str(tmp_path / "qat"), saq_mode="qat", step_size_lr_scale=1.0, **common))
     assert_same(params(stock.model), params(qat.model))
     assert [h["loss"] for h in stock.state.log_history[:-1]] == [h["loss"] for h in qat.state.log_history[:-1]]
 
@@ -74,7 +75,7 @@ def test_rho_zero_gives_the_qat_parameters(tmp_path, factory, mode):
 def test_case1_and_case3_differ_only_when_weights_clip(tmp_path):
     def run(mode, step_size):
         model = quantize_model(OneLayerRegression(), QuantConfig(w_bits=4, a_bits=None, bits_overrides={}))
-        model.fc.weight_quantizer.step_size.data.fill_(step_size)
+        model.fc.weight_quantizer.set_step_size(step_size)
         return params(train(model, tmp_path / mode, Regression(), saq_mode=mode, rho=0.3, max_steps=3,
                             per_device_train_batch_size=8, optim="sgd", learning_rate=0.1).model)
 
@@ -121,7 +122,9 @@ def hand_sgd_step(model, mode: str, rho: float, lr: float, adaptive: bool):
         v = point / s
         clipped = torch.clamp(v, qn, qp)
         ds = torch.where(inside(point).bool(), clipped.round() - v, clipped)
-        new["fc.weight_quantizer.step_size"] = s - lr * (g_qw * ds).sum(dim=1, keepdim=True) * grad_scale
+        # The trained parameter is log(s): its gradient is s times the gradient w.r.t. s.
+        grad_s = (g_qw * ds).sum(dim=1, keepdim=True) * grad_scale
+        new["fc.weight_quantizer.log_step_size"] = s.log() - lr * s * grad_s
     return new
 
 
@@ -138,12 +141,12 @@ def test_one_sgd_step_matches_method_formulas(tmp_path, mode, adaptive, quantize
     model = OneLayerRegression(tuple_output=tuple_output)
     if quantize:
         quantize_model(model, QuantConfig(w_bits=4, a_bits=None, bits_overrides={}))
-        model.fc.weight_quantizer.step_size.data.fill_(0.05)  # some weights clip, most do not
+        model.fc.weight_quantizer.set_step_size(0.05)  # some weights clip, most do not
     before = params(model)
     expected = hand_sgd_step(model, mode, rho=0.3, lr=0.1, adaptive=adaptive)
     train(model, tmp_path, Regression(), saq_mode=mode, rho=0.3, saq_adaptive=adaptive, optim="sgd",
           learning_rate=0.1, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, max_steps=1,
-          per_device_train_batch_size=8)
+          per_device_train_batch_size=8, step_size_lr_scale=1.0)
     got = params(model)
     assert got.keys() == expected.keys()
     for name in expected:

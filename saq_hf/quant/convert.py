@@ -52,8 +52,9 @@ def resolve_layer_bits(name: str, config) -> tuple[int, int | None] | None:
     return w_bits, a_bits
 
 
-def _quantized_copy(module: nn.Module, w_bits: int, a_bits: int | None, per_channel: bool) -> nn.Module:
-    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+def _quantized_copy(module: nn.Module, w_bits: int, a_bits: int | None, per_channel: bool,
+                    step_size_format: str) -> nn.Module:
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype, "step_size_format": step_size_format}
     has_bias = module.bias is not None
     if isinstance(module, nn.Linear):
         layer = QuantLinear(module.in_features, module.out_features, bias=has_bias, w_bits=w_bits,
@@ -103,7 +104,8 @@ def convert_layers(model: nn.Module, config) -> dict[str, tuple[int, int | None]
         )
     converted = planned_layers(model, config)
     for name, bits in converted.items():
-        layer = _quantized_copy(model.get_submodule(name), *bits, per_channel=config.per_channel)
+        layer = _quantized_copy(model.get_submodule(name), *bits, per_channel=config.per_channel,
+                                step_size_format=config.step_size_format)
         if layer.weight.device.type != "meta":
             layer.weight_quantizer.initialize_from(layer.weight)
         parent_name, _, child = name.rpartition(".")

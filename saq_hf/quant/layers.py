@@ -24,12 +24,14 @@ class QuantLayerMixin:
     weight_quantizer: LSQQuantizer
     input_quantizer: LSQQuantizer | None
 
-    def _init_quantizers(self, w_bits: int, a_bits: int | None, per_channel: bool, device, dtype) -> None:
+    def _init_quantizers(self, w_bits: int, a_bits: int | None, per_channel: bool, device, dtype,
+                         step_size_format: str) -> None:
         channel_shape = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1) if per_channel else None
         self.weight_quantizer = LSQQuantizer(w_bits, signed=True, channel_shape=channel_shape,
-                                             device=device, dtype=dtype)
+                                             device=device, dtype=dtype, step_size_format=step_size_format)
         self.input_quantizer = (
-            LSQQuantizer(a_bits, signed=None, is_activation=True, device=device, dtype=dtype) if a_bits else None
+            LSQQuantizer(a_bits, signed=None, is_activation=True, device=device, dtype=dtype,
+                         step_size_format=step_size_format) if a_bits else None
         )
         self.weight_perturbation: torch.Tensor | None = None
         # When this layer may drop its ε (eager mode): None (never), "first_use", or "recompute" (the forward that
@@ -58,7 +60,7 @@ class QuantLayerMixin:
         since (their in-place version counters), else computed. A fused optimizer step does not bump version counters:
         a record that an optimizer step may outlive must be cleared (``_weight_norm_record = None``)."""
         record = self._weight_norm_record
-        if record is not None and record[1:] == (self.weight._version, self.weight_quantizer.step_size._version):
+        if record is not None and record[1:] == (self.weight._version, self.weight_quantizer.step_size_parameter._version):
             return record[0]
         return torch.linalg.vector_norm(self.quantized_weight())
 
@@ -69,7 +71,7 @@ class QuantLayerMixin:
         if self._record_weight_norm and not torch.compiler.is_compiling():
             # One reduction here saves recomputing Q(w) for the relative radius (eager only: no side outputs in a graph).
             self._weight_norm_record = (torch.linalg.vector_norm(weight.detach()), self.weight._version,
-                                        self.weight_quantizer.step_size._version)
+                                        self.weight_quantizer.step_size_parameter._version)
         if self.weight_perturbation is not None:
             weight = weight + self.weight_perturbation
             # A graph's inputs stay alive while it runs anyway, so compiled code keeps ε to the end of the pass.
@@ -88,9 +90,10 @@ class QuantLayerMixin:
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int,
-                 a_bits: int | None, per_channel: bool = True, device=None, dtype=None):
+                 a_bits: int | None, per_channel: bool = True, device=None, dtype=None,
+                 step_size_format: str = "log"):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_quantizers(w_bits, a_bits, per_channel, device, dtype)
+        self._init_quantizers(w_bits, a_bits, per_channel, device, dtype, step_size_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, x = self._forward_weight_and_input(x)
@@ -101,11 +104,12 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, w_bits: int,
-                 a_bits: int | None, per_channel: bool = True, device=None, dtype=None):
+                 a_bits: int | None, per_channel: bool = True, device=None, dtype=None,
+                 step_size_format: str = "log"):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
-        self._init_quantizers(w_bits, a_bits, per_channel, device, dtype)
+        self._init_quantizers(w_bits, a_bits, per_channel, device, dtype, step_size_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, x = self._forward_weight_and_input(x)

@@ -24,6 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 
+# How a quantizer keeps its step size s: as log(s) (trained; positive by construction) or as s (exported models,
+# checkpoints written before the log form).
+STEP_SIZE_FORMATS = ("log", "linear")
+
 # Clip points tried when initialising a step size, as fractions of max|x| (log-spaced: low bit-widths clip hard).
 STEP_SEARCH_FRACTIONS = torch.logspace(-2, 0, 40)
 
@@ -189,10 +193,17 @@ class LSQQuantizer(nn.Module):
 
     Once initialised, forward is compile-friendly: no host sync, no branch on tensor values, no buffer write.
     Initialisation and calibration run eagerly, outside any compiled graph.
+
+    The step size is trained as its logarithm (``step_size_format="log"``: the parameter ``log_step_size``,
+    ``s = exp(log_step_size)``), so it stays positive whatever the optimizer does and an Adam-type optimizer
+    moves it by a share of itself per step, not by the learning rate in absolute terms (which drove small step
+    sizes to zero and below). ``"linear"`` keeps ``s`` itself as the parameter ``step_size``: the layout of
+    exported models (their step sizes are exactly those the codes were taken with) and of checkpoints written
+    before the log form; :meth:`to_log_step_size` converts it for training.
     """
 
     def __init__(self, bits: int, signed: bool | None = True, channel_shape: tuple[int, ...] | None = None,
-                 is_activation: bool = False, device=None, dtype=None):
+                 is_activation: bool = False, device=None, dtype=None, step_size_format: str = "log"):
         super().__init__()
         self.is_activation = is_activation
         if not 2 <= bits <= 8:
@@ -200,7 +211,12 @@ class LSQQuantizer(nn.Module):
         self.bits = bits
         self.auto_signed = signed is None
         shape = channel_shape if channel_shape is not None else ()
-        self.step_size = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        if step_size_format not in STEP_SIZE_FORMATS:
+            raise ValueError(f"step_size_format must be one of {STEP_SIZE_FORMATS}, got {step_size_format!r}")
+        if step_size_format == "log":
+            self.log_step_size = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        else:
+            self.step_size = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         self.register_buffer("signed", torch.tensor(bool(signed) if signed is not None else True, device=device))
         self._calibration_estimates: list[torch.Tensor] | None = None
@@ -211,6 +227,51 @@ class LSQQuantizer(nn.Module):
         # False while a pass's step-size gradient is replaced anyway (SAQTrainer's descent pass with
         # saq_clean_step_sizes): its per-element terms are then not computed.
         self.step_size_grad = True
+
+    @property
+    def step_size(self) -> torch.Tensor:
+        """The step size ``s`` (differentiable): ``exp(log_step_size)``, or the ``step_size`` parameter itself."""
+        linear = self._parameters.get("step_size")
+        if linear is not None:
+            return linear
+        log = self._parameters.get("log_step_size")
+        if log is None:  # while __init__ registers the parameter (hasattr must see no attribute yet)
+            raise AttributeError("step_size")
+        return log.exp()
+
+    @property
+    def step_size_parameter(self) -> nn.Parameter:
+        """The trained tensor: ``log_step_size``, or ``step_size`` in the linear layout."""
+        return self._parameters.get("log_step_size", self._parameters.get("step_size"))
+
+    @property
+    def step_size_format(self) -> str:
+        return "log" if "log_step_size" in self._parameters else "linear"
+
+    @torch.no_grad()
+    def set_step_size(self, value) -> None:
+        """Set ``s`` (a number or a tensor broadcastable to the step size's shape), in either layout."""
+        target = self.step_size_parameter
+        value = torch.as_tensor(value, dtype=target.dtype, device=target.device).expand_as(target)
+        target.copy_(value.log() if self.step_size_format == "log" else value)
+
+    @torch.no_grad()
+    def to_log_step_size(self, name: str = "step size") -> None:
+        """Convert the linear layout to the log one (``log_step_size = log(s)``); nothing to do in the log layout.
+
+        ``ValueError`` naming ``name`` when a step size is not positive: a log cannot hold it.
+        """
+        if self.step_size_format == "log":
+            return
+        linear = self._parameters["step_size"]
+        if bool(self.initialized) and not bool((linear > 0).all()):
+            bad = linear[linear <= 0].flatten()
+            raise ValueError(f"{name} holds {bad.numel()} value(s) <= 0 (e.g. {bad[0].item():.3g}), which training "
+                             "in log form cannot continue from: quantize the floating-point model again "
+                             "(saq_hf.quantize_model) and train from there")
+        log = nn.Parameter(linear.detach().log(), requires_grad=linear.requires_grad)
+        del self._parameters["step_size"]
+        self.log_step_size = log
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._known_range = None
@@ -224,7 +285,7 @@ class LSQQuantizer(nn.Module):
 
     @property
     def per_channel(self) -> bool:
-        return self.step_size.dim() > 0
+        return self.step_size_parameter.dim() > 0
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.per_channel else "per-tensor"
@@ -235,7 +296,7 @@ class LSQQuantizer(nn.Module):
         return self._known_range or quant_range(self.bits, bool(self.signed))
 
     def _group_dims(self, x: torch.Tensor) -> list[int]:
-        return [d for d in range(x.dim()) if not self.per_channel or self.step_size.shape[d] == 1]
+        return [d for d in range(x.dim()) if not self.per_channel or self.step_size_parameter.shape[d] == 1]
 
     def _estimate_step_size(self, x: torch.Tensor) -> torch.Tensor:
         # LSQ's 2·mean|x|/sqrt(Qp) wastes most of the range at 6-8 bits; the step that minimises the
@@ -258,9 +319,9 @@ class LSQQuantizer(nn.Module):
 
     def check_step_size(self, name: str) -> None:
         """``ValueError`` naming the tensor ``name`` unless an initialised step size is finite and non-zero everywhere
-        (a NaN, infinite or zero one makes NaN outputs or zero weights without any error). Negative values are
-        accepted: AdamW can move a small 8-bit step size across zero, and the saved model then still computes
-        exactly what was trained."""
+        (a NaN, infinite or zero one makes NaN outputs or zero weights without any error). In the linear layout of
+        older checkpoints negative values are accepted: AdamW could move a small step size across zero there, and the
+        saved model then still computes exactly what was trained."""
         step = self.step_size.detach()
         valid = torch.isfinite(step) & (step != 0)
         if bool(self.initialized) and not bool(valid.all()):
@@ -278,7 +339,7 @@ class LSQQuantizer(nn.Module):
             dist.all_reduce(estimate)
             estimate /= dist.get_world_size()
         with torch.no_grad():
-            self.step_size.copy_(estimate.reshape(self.step_size.shape))
+            self.set_step_size(estimate.reshape(self.step_size_parameter.shape))
             self.initialized.fill_(True)
         self._known_range = None
 
@@ -317,7 +378,7 @@ class LSQQuantizer(nn.Module):
             return x
         qn, qp = self._known_range or self._initialize_or_read(x)
         # LSQ's gradient scale counts the elements sharing one step size: per sample for activations.
-        group_numel = x[0].numel() if self.is_activation and x.dim() > 1 else x.numel() // self.step_size.numel()
+        group_numel = x[0].numel() if self.is_activation and x.dim() > 1 else x.numel() // self.step_size_parameter.numel()
         grad_scale = 1.0 / math.sqrt(max(group_numel, 1) * qp)
         return lsq_fake_quantize(x, self.step_size.to(x.dtype), qn, qp, grad_scale, self.step_size_grad)
 
