@@ -126,10 +126,13 @@ def _run(fn, step_size: torch.Tensor, qn: int, qp: int, *tensors: torch.Tensor):
              or (per_channel and (x.dim() == 0 or step_size.numel() != x.shape[0])))
     if plain:
         return fn(*tensors, step_size, qn, qp)
-    # The kernels see 1-D (per tensor) or (channels, rest) (per channel) views: one compiled graph serves
-    # every shape, where N-d inputs would need one per rank and per size-1 dimension.
+    # The kernels see 1-D (per tensor) or (channels, rest) (per channel) aliases: one compiled graph serves
+    # every shape, where N-d inputs would need one per rank and per size-1 dimension. Fresh tensors on the same
+    # storage, not views: dynamo guards on a view's base (its rank and strides) and on requires_grad, which
+    # recompiled each kernel up to twice in a first training step.
     rows = x.shape[0] if per_channel else 1
-    flat = [t.view(rows, -1) if per_channel else t.view(-1) for t in tensors]
+    shape, strides = ((rows, x.numel() // rows), (x.numel() // rows, 1)) if per_channel else ((x.numel(),), (1,))
+    flat = [t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, strides) for t in tensors]
     flat_step = step_size.view(rows, 1) if per_channel else step_size
     try:
         kernel = _compiled(fn, x, per_channel, qn)
