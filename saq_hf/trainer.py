@@ -43,6 +43,8 @@ logger = logging.get_logger(__name__)
 
 SAQ_MODES = CASES + ("qat",)
 SAQ_STRATEGIES = ("full", "every_k", "looksam", "reuse_grad")
+# The torch releases benchmarks/compile_check.py passes on (compiled gradients equal eager ones).
+COMPILE_VERIFIED_TORCH = ("2.11", "2.12", "2.13")
 # A checkpoint's per-process file of what saq_strategy keeps between steps.
 SAQ_STATE_NAME = "saq_strategy_state"
 
@@ -329,6 +331,9 @@ class SAQTrainer(Trainer):
         if args.fp16 and args.device.type == "cpu":
             raise ValueError("fp16 mixed precision needs a GPU (its grad scaler is CUDA's), and this run trains on the "
                              "CPU: drop fp16, or use bf16")
+        if args.torch_compile and ".".join(torch.__version__.split(".")[:2]) not in COMPILE_VERIFIED_TORCH:
+            logger.warning(f"compiled training is verified on torch {', '.join(COMPILE_VERIFIED_TORCH)} and this is "
+                           f"{torch.__version__}: run benchmarks/compile_check.py here first, or train eagerly")
         if args.saq_mode == "qat":
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -493,8 +498,8 @@ class SAQTrainer(Trainer):
 
     def _check_compiled_gradients(self, model) -> None:
         """Fail loudly if the compiled model's first backward left every quantized weight without a gradient: a
-        compiler that mistraces the LSQ op's backward (torch 2.11 did, before saq-hf stopped reading
-        ``ctx.needs_input_grad``) would otherwise train nothing but biases, silently."""
+        compiler that mistraces the LSQ op's backward (torch 2.11 did, while the op's forward returned a tensor
+        modified in place) would otherwise train nothing but biases, silently."""
         weights = [layer.weight for _, layer in quantized_layers(self.accelerator.unwrap_model(model))
                    if layer.weight.requires_grad]
         if weights and not any(w.grad is not None and bool(w.grad.any()) for w in weights):
