@@ -20,6 +20,9 @@ own noise and trains its own FP model on it (``fp_seed``), and the validation sw
 there also include ``case1`` (ε from the latent weights, added after quantization) and ``case2`` (plain SAM on the
 quantized model), at the default radius.
 
+Every seed of a regime that starts from an FP model trains its own FP model (``fp_seed`` in the rows), so the
+intervals include the FP model's variance; the validation sweeps use seeds of their own.
+
 Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes, and on a model
 that starts untrained plain QAT until its training loss falls below a quarter of ln 10), ``saq_at_once`` (the defaults with SAQ from the
 first step, ``saq_start_ratio=0``: the previous default; from scratch only, elsewhere it is ``saq``), ``saq_val``
@@ -379,19 +382,28 @@ def schedule_of(plan: Plan, regime: str) -> Schedule:
     return dict(plan.schedules)[regime]
 
 
-def fp_paths(plan: Plan, cache: Path, jobs: int, threads: int) -> dict:
-    needed = sorted({(arch, fp_source(r)) for r in plan.regimes for arch in plan.archs if fp_source(r)},
-                    key=lambda t: (t[0].name, t[1]))
-    calls = [(arch, source, plan.fp_schedule, cache, plan.limit, threads) for arch, source in needed]
+def fp_paths(plan: Plan, cache: Path, jobs: int, threads: int, seeds: tuple) -> dict:
+    """``{(arch, source, seed): path}``: every seed trains its own FP model, so a cell's interval includes the FP
+    model's variance."""
+    needed = sorted({(arch, fp_source(r), seed) for r in plan.regimes for arch in plan.archs for seed in seeds
+                     if fp_source(r)}, key=lambda t: (t[0].name, t[1], t[2]))
+    calls = [(arch, source, plan.fp_schedule, cache, plan.limit, threads, seed) for arch, source, seed in needed]
     for _ in in_parallel(fp_model, calls, jobs, threads):  # results arrive in completion order, not call order
         pass
-    return {(arch, source): str(fp_dir(arch, source, plan.fp_schedule, cache, plan.limit)) for arch, source in needed}
+    return {(arch, source, seed): str(fp_dir(arch, source, plan.fp_schedule, cache, plan.limit, seed))
+            for arch, source, seed in needed}
+
+
+def from_fp(fp: dict, arch: Arch, regime: str, seed: int) -> dict:
+    """The ``Run`` fields of a run that starts from the seed's own FP model (none from scratch)."""
+    path = fp.get((arch, fp_source(regime), seed))
+    return {"fp_path": path, "fp_seed": seed if path else None}
 
 
 def sweep(plan: Plan, fp: dict, cache: Path, jobs: int, threads: int, scratch: Path) -> tuple[dict, list]:
     """The relative ρ for ``saq_val``: best mean validation accuracy per (regime, model) over the grid."""
     runs = [Run(regime, arch, bits, "saq_val", seed, schedule_of(plan, regime), rho=rho,
-                fp_path=fp.get((arch, fp_source(regime))), limit=plan.limit)
+                limit=plan.limit, **from_fp(fp, arch, regime, seed))
             for regime in plan.regimes for arch in plan.archs for bits in plan.sweep_bits
             for seed in plan.sweep_seeds for rho in plan.val_grid]
     rows = run_all(runs, jobs, threads, cache / "regimes_journal.jsonl", scratch)
@@ -410,8 +422,8 @@ def main_runs(plan: Plan, fp: dict, chosen: dict) -> list[Run]:
     its rows are the ``saq`` rows, relabelled by :func:`with_val_rows`)."""
     default = SAQ_DEFAULT_RHO
     return [Run(regime, arch, bits, mode, seed, schedule_of(plan, regime),
-                rho=chosen[(regime, arch.name)] if mode == "saq_val" else None,
-                fp_path=fp.get((arch, fp_source(regime))), limit=plan.limit)
+                rho=chosen[(regime, arch.name)] if mode == "saq_val" else None, limit=plan.limit,
+                **from_fp(fp, arch, regime, seed))
             for mode in plan.modes for regime in plan.regimes for arch in plan.archs for bits in plan.bits
             for seed in plan.seeds if not (mode == "saq_val" and chosen[(regime, arch.name)] == default)
             and not (mode in EFFICIENT_ONLY_AT and bits not in EFFICIENT_ONLY_AT[mode])
@@ -433,8 +445,8 @@ def with_val_rows(rows: list[dict], plan: Plan, chosen: dict) -> list[dict]:
 def looksam_sweep(plan: Plan, fp: dict, cache: Path, jobs: int, threads: int, scratch: Path) -> dict:
     """Mean validation accuracy of ``saq_strategy="looksam"`` per alpha over every regime and model at W2A2, on
     the sweep seeds: how the library's ``saq_looksam_alpha`` default was chosen."""
-    runs = [Run(regime, arch, 2, f"saq_looksam_a{alpha:g}", seed, schedule_of(plan, regime),
-                fp_path=fp.get((arch, fp_source(regime))), limit=plan.limit)
+    runs = [Run(regime, arch, 2, f"saq_looksam_a{alpha:g}", seed, schedule_of(plan, regime), limit=plan.limit,
+                **from_fp(fp, arch, regime, seed))
             for alpha in LOOKSAM_ALPHA_GRID for regime in plan.regimes for arch in plan.archs
             for seed in plan.looksam_sweep_seeds]
     rows = run_all(runs, jobs, threads, cache / "regimes_journal.jsonl", scratch)
@@ -651,10 +663,10 @@ def parse_args(argv=None):
 def report(plan: Plan, cache: Path, results: Path, suffix: str, part: str = "all") -> None:
     """Tables, figures and JSON from the runs already journaled (no new runs); says which are missing."""
     done = read_journal(cache / "regimes_journal.jsonl")
-    fp = {(arch, source): str(fp_dir(arch, source, plan.fp_schedule, cache, plan.limit))
-          for arch in plan.archs for source in ("digits", "mnist8")}
-    sweep_runs = [Run(regime, arch, bits, "saq_val", seed, schedule_of(plan, regime), rho=rho,
-                      fp_path=fp.get((arch, fp_source(regime))) or None, limit=plan.limit)
+    fp = {(arch, source, seed): str(fp_dir(arch, source, plan.fp_schedule, cache, plan.limit, seed))
+          for arch in plan.archs for source in ("digits", "mnist8") for seed in plan.seeds + plan.sweep_seeds}
+    sweep_runs = [Run(regime, arch, bits, "saq_val", seed, schedule_of(plan, regime), rho=rho, limit=plan.limit,
+                      **from_fp(fp, arch, regime, seed))
                   for regime in plan.regimes for arch in plan.archs for bits in plan.sweep_bits
                   for seed in plan.sweep_seeds for rho in plan.val_grid]
     sweep_rows = [done[r.key()] for r in sweep_runs if r.key() in done]
@@ -712,10 +724,10 @@ def main(argv=None) -> dict:
         out.update(noisy_runs(plan, args.cache, args.jobs, args.threads, scratch))
         plot_noisy(out["summary"], plan, args.results / f"noisy_map{suffix}.png")
     if args.part == "looksam_sweep":
-        fp = fp_paths(plan, args.cache, args.jobs, args.threads)
+        fp = fp_paths(plan, args.cache, args.jobs, args.threads, plan.looksam_sweep_seeds)
         out.update(looksam_sweep(plan, fp, args.cache, args.jobs, args.threads, scratch))
     if args.part in ("all", "regimes"):
-        fp = fp_paths(plan, args.cache, args.jobs, args.threads)
+        fp = fp_paths(plan, args.cache, args.jobs, args.threads, plan.seeds + plan.sweep_seeds)
         chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch)
         print("\nrelative rho chosen on validation:", {f"{r}/{a}": v for (r, a), v in chosen.items()})
         rows = with_val_rows(run_all(main_runs(plan, fp, chosen) + long_scratch_runs(plan), args.jobs, args.threads,
