@@ -651,6 +651,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny models, 256 images, 1 seed: a smoke run")
     parser.add_argument("--part", choices=["all", "regimes", "safety", "looksam_sweep", "noisy"], default="all")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; safety table 3)")
+    parser.add_argument("--regimes", default=None,
+                        help="comma-separated subset of the map's regimes (scratch, long_qat, transfer); scratch_long "
+                             "runs with scratch")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--report", action="store_true",
@@ -710,6 +713,13 @@ def main(argv=None) -> dict:
     plan = QUICK if args.quick else FULL
     if args.seeds is not None:
         plan = replace(plan, seeds=tuple(range(args.seeds)), safety_seeds=tuple(range(args.seeds)))
+    if args.regimes is not None:
+        regimes = tuple(args.regimes.split(","))
+        unknown = set(regimes) - set(plan.regimes)
+        if unknown:
+            raise SystemExit(f"regimes.py: unknown regime(s) {sorted(unknown)}; choose from {list(plan.regimes)}")
+        plan = replace(plan, regimes=regimes,
+                       long_scratch_modes=plan.long_scratch_modes if "scratch" in regimes else ())
     if args.report:
         report(plan, args.cache, args.results, "_quick" if args.quick else "", args.part)
         return {}
