@@ -98,6 +98,9 @@ class SharpnessPerturbation:
         self.case, self.rho, self.adaptive, self.radius = case, rho, adaptive, radius
         self.layers = [layer for _, layer in quantized_layers(model) if layer.weight.requires_grad]
         self.params = other_perturbed_parameters(model, perturb)
+        # Read once (the Trainer enables checkpointing before the first step builds this): a model that starts
+        # recomputing later makes a layer raise at its recompute, never run without its ε.
+        self.recomputes = recomputes_activations(model)
         self.skipped = 0
         self.last_grad_norm: torch.Tensor | None = None
         self.last_loss: torch.Tensor | None = None
@@ -147,7 +150,7 @@ class SharpnessPerturbation:
         a backward of its own, which must accumulate into ``.grad``), so a model that recomputes activations gets
         a plain ``backward()`` with every ``.grad`` set aside and put back afterwards. Both give the same values.
         """
-        if not recomputes_activations(self.model):
+        if not self.recomputes:
             return list(torch.autograd.grad(loss, targets, allow_unused=True))
         leaves = list({id(t): t for t in [*self.model.parameters(), *targets] if t.requires_grad}.values())
         kept = [t.grad for t in leaves]
@@ -289,7 +292,7 @@ class SharpnessPerturbation:
             in_place += [(layer.weight, e) for layer, e in weight_eps]
         else:
             perturbations = dict(weight_eps)
-            release = "recompute" if recomputes_activations(self.model) else "first_use"
+            release = "recompute" if self.recomputes else "first_use"
             self._restore.enter_context(perturb_quantized_weights(perturbations, release=release))
             perturbations.clear()  # the context manager keeps its arguments; the layers hold ε now
         if in_place:
