@@ -129,3 +129,12 @@ def test_a_linear_checkpoint_with_a_negative_step_size_evaluates_but_training_it
     with pytest.raises(ValueError, match=r"holds \d+ value\(s\) <= 0 .* quantize the floating-point model again"):
         SAQTrainer(model=model, train_dataset=ToyImages(), args=SAQTrainingArguments(
             output_dir=str(tmp_path / "run"), max_steps=1, **FAST))
+
+
+def test_resuming_from_a_linear_checkpoint_is_refused_naming_what_to_do(tmp_path):
+    calibrated().save_pretrained(tmp_path / "checkpoint-2")
+    as_earlier_release(tmp_path / "checkpoint-2")
+    trainer = SAQTrainer(model=calibrated(), train_dataset=ToyImages(), args=SAQTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=1, **FAST))
+    with pytest.raises(ValueError, match="stores its step sizes linearly .* start a new run from it"):
+        trainer._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
