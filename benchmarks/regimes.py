@@ -89,6 +89,9 @@ MODES = {
     "saq_val": {"saq_mode": "saq", "rho": None},
     "case1": {"saq_mode": "case1"},
     "case2": {"saq_mode": "case2"},
+    # The paper's central comparison at the radius validation chose for saq_val in the same cell.
+    "case1_val": {"saq_mode": "case1", "rho": None},
+    "case2_val": {"saq_mode": "case2", "rho": None},
     "saq_every_k": {"saq_mode": "saq", "saq_strategy": "every_k", "saq_interval": 5},  # cost 1.2x QAT
     # LookSAM with the paper's k = 5 and the library's alpha: the same 1.2 passes per step.
     "saq_looksam": {"saq_mode": "saq", "saq_strategy": "looksam", "saq_interval": 5},
@@ -265,6 +268,9 @@ def effective_settings(mode: str) -> dict:
     """The SAQ settings a mode trains with: the library defaults overlaid with the mode's fields, without those
     its strategy does not read."""
     settings = {**library_defaults(), **MODES[mode]}
+    if settings.get("rho") != "auto":
+        for name in [k for k in settings if k.startswith("rho_auto")]:
+            settings.pop(name)
     if settings["saq_strategy"] != "looksam":
         settings.pop("saq_looksam_alpha")
     if settings["saq_strategy"] not in ("every_k", "looksam"):
@@ -338,10 +344,10 @@ class Plan:
     modes: tuple = ("qat", "saq", "saq_at_once", "saq_val", "saq_auto", "saq_every_k", "saq_looksam", "saq_looksam_k10",
                     "saq_reuse_grad")
     seeds: tuple = (0, 1, 2, 3, 4)
-    val_grid: tuple = (0.001, 0.002, 0.005)  # relative radii for saq_val
+    val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)  # relative radii for saq_val
     sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
     looksam_sweep_seeds: tuple = (100, 101)
-    sweep_bits: tuple = (2,)
+    sweep_bits: tuple = (2, 3, 4)  # saq_val's radius is chosen per cell (regime, model, bits)
     schedules: tuple = (("scratch", Schedule(10, 1e-3, 64)), ("long_qat", Schedule(20, 5e-4, 128)),
                         ("transfer", Schedule(40, 5e-4, 20)))
     fp_schedule: Schedule = Schedule(40, 1e-3, 64)
@@ -355,9 +361,9 @@ class Plan:
     safety_seeds: tuple = (0, 1)
     safety_schedule: Schedule = Schedule(5, 1e-3, 64)
     # --part noisy: long QAT from a per-seed FP model trained on the same noisy labels
-    noise_rates: tuple = (0.4,)
+    noise_rates: tuple = (0.2, 0.4)
     noisy_bits: tuple = (2, 3)
-    noisy_modes: tuple = ("qat", "case1", "case2", "saq", "saq_val", "saq_auto", "saq_looksam")
+    noisy_modes: tuple = ("qat", "case1_val", "case2_val", "saq", "saq_val", "saq_auto", "saq_looksam")
     noisy_val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)
     noisy_sweep_seeds: tuple = (100, 101)
     limit: int | None = None
@@ -365,12 +371,13 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(regimes=("scratch", "transfer"), archs=(Arch("vit", 16, 1), Arch("convnext", 16)), bits=(2,),
-             modes=("qat", "saq", "saq_val"), seeds=(0,), val_grid=(0.005, 0.05), looksam_sweep_seeds=(100,),
+             modes=("qat", "saq", "saq_val"), seeds=(0,), val_grid=(0.005, 0.05), sweep_bits=(2,),
+             looksam_sweep_seeds=(100,),
              schedules=(("scratch", Schedule(1, 1e-3, 64)), ("long_qat", Schedule(1, 5e-4, 64)),
                         ("transfer", Schedule(2, 5e-4, 20))),
              fp_schedule=Schedule(1, 1e-3, 64), long_scratch_modes=(), safety_widths=(16,), safety_bits=(2,), safety_seeds=(0,),
-             safety_schedule=Schedule(1, 1e-3, 64), noisy_bits=(2,), noisy_modes=("qat", "saq", "saq_val"),
-             noisy_val_grid=(0.002, 0.02), noisy_sweep_seeds=(100,), limit=256)
+             safety_schedule=Schedule(1, 1e-3, 64), noise_rates=(0.4,), noisy_bits=(2,),
+             noisy_modes=("qat", "saq", "saq_val"), noisy_val_grid=(0.002, 0.02), noisy_sweep_seeds=(100,), limit=256)
 
 
 def fp_source(regime: str) -> str | None:
@@ -401,20 +408,28 @@ def from_fp(fp: dict, arch: Arch, regime: str, seed: int) -> dict:
 
 
 def sweep(plan: Plan, fp: dict, cache: Path, jobs: int, threads: int, scratch: Path) -> tuple[dict, list]:
-    """The relative ρ for ``saq_val``: best mean validation accuracy per (regime, model) over the grid."""
+    """The relative ρ for ``saq_val``: best mean validation accuracy per cell (regime, model, bits) over the grid."""
     runs = [Run(regime, arch, bits, "saq_val", seed, schedule_of(plan, regime), rho=rho,
                 limit=plan.limit, **from_fp(fp, arch, regime, seed))
             for regime in plan.regimes for arch in plan.archs for bits in plan.sweep_bits
             for seed in plan.sweep_seeds for rho in plan.val_grid]
     rows = run_all(runs, jobs, threads, cache / "regimes_journal.jsonl", scratch)
+    return choose_radii(rows, plan), rows
+
+
+def choose_radii(sweep_rows: list[dict], plan: Plan) -> dict:
+    """``{(regime, arch name, bits): rho}`` for every cell whose sweep runs are all there."""
     chosen = {}
     for regime in plan.regimes:
         for arch in plan.archs:
-            scores = {rho: np.mean([r["val_accuracy"] for r in rows if r["regime"] == regime and
-                                    r["model"] == arch.kind and r["width"] == arch.width and r["rho"] == rho])
-                      for rho in plan.val_grid}
-            chosen[(regime, arch.name)] = max(scores, key=lambda rho: (scores[rho], -rho))
-    return chosen, rows
+            for bits in plan.sweep_bits:
+                scores = {rho: [r["val_accuracy"] for r in sweep_rows if r["regime"] == regime and
+                                r["model"] == arch.kind and r["width"] == arch.width and r["w_bits"] == bits
+                                and r["rho"] == rho] for rho in plan.val_grid}
+                if all(len(v) == len(plan.sweep_seeds) for v in scores.values()):
+                    means = {rho: float(np.mean(v)) for rho, v in scores.items()}
+                    chosen[(regime, arch.name, bits)] = max(means, key=lambda rho: (means[rho], -rho))
+    return chosen
 
 
 def main_runs(plan: Plan, fp: dict, chosen: dict) -> list[Run]:
@@ -422,10 +437,10 @@ def main_runs(plan: Plan, fp: dict, chosen: dict) -> list[Run]:
     its rows are the ``saq`` rows, relabelled by :func:`with_val_rows`)."""
     default = SAQ_DEFAULT_RHO
     return [Run(regime, arch, bits, mode, seed, schedule_of(plan, regime),
-                rho=chosen[(regime, arch.name)] if mode == "saq_val" else None, limit=plan.limit,
+                rho=chosen[(regime, arch.name, bits)] if mode == "saq_val" else None, limit=plan.limit,
                 **from_fp(fp, arch, regime, seed))
             for mode in plan.modes for regime in plan.regimes for arch in plan.archs for bits in plan.bits
-            for seed in plan.seeds if not (mode == "saq_val" and chosen[(regime, arch.name)] == default)
+            for seed in plan.seeds if not (mode == "saq_val" and chosen[(regime, arch.name, bits)] == default)
             and not (mode in EFFICIENT_ONLY_AT and bits not in EFFICIENT_ONLY_AT[mode])
             and regime in ONLY_IN_REGIMES.get(mode, (regime,))]
 
@@ -438,7 +453,8 @@ def long_scratch_runs(plan: Plan) -> list[Run]:
 
 def with_val_rows(rows: list[dict], plan: Plan, chosen: dict) -> list[dict]:
     extra = [{**r, "mode": "saq_val", "key": r["key"] + "-as-val"} for r in rows if r["mode"] == "saq" and
-             chosen.get((r["regime"], f"{r['model']}-{r['width']}")) == SAQ_DEFAULT_RHO and "saq_val" in plan.modes]
+             chosen.get((r["regime"], f"{r['model']}-{r['width']}", r["w_bits"])) == SAQ_DEFAULT_RHO
+             and "saq_val" in plan.modes]
     return rows + extra
 
 
@@ -496,7 +512,8 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path) 
                           for rho in plan.noisy_val_grid}
                 chosen[(noise, arch.name, bits)] = max(scores, key=lambda rho: (scores[rho], -rho))
     print("\nrelative rho chosen on (noisy) validation:", {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()})
-    rows = run_all([run(arch, bits, mode, seed, noise, chosen[(noise, arch.name, bits)] if mode == "saq_val" else None)
+    rows = run_all([run(arch, bits, mode, seed, noise,
+                        chosen[(noise, arch.name, bits)] if MODES[mode].get("rho", "") is None else None)
                     for mode in plan.noisy_modes for noise in plan.noise_rates for arch in plan.archs
                     for bits in plan.noisy_bits for seed in plan.seeds], jobs, threads, journal, scratch)
     # Each sweep radius on the sweep seeds, as a row per radius: how far the radius a user gets is from the best.
@@ -654,6 +671,8 @@ def parse_args(argv=None):
     parser.add_argument("--regimes", default=None,
                         help="comma-separated subset of the map's regimes (scratch, long_qat, transfer); scratch_long "
                              "runs with scratch")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated subset of the modes to run (regime map and noisy part); default all")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--report", action="store_true",
@@ -673,14 +692,8 @@ def report(plan: Plan, cache: Path, results: Path, suffix: str, part: str = "all
                   for regime in plan.regimes for arch in plan.archs for bits in plan.sweep_bits
                   for seed in plan.sweep_seeds for rho in plan.val_grid]
     sweep_rows = [done[r.key()] for r in sweep_runs if r.key() in done]
-    chosen = {}
-    for regime in plan.regimes:
-        for arch in plan.archs:
-            scores = {r["rho"]: r["val_accuracy"] for r in sweep_rows if r["regime"] == regime and
-                      r["model"] == arch.kind and r["width"] == arch.width}
-            if scores:
-                chosen[(regime, arch.name)] = max(scores, key=lambda rho: (scores[rho], -rho))
-    complete = len(chosen) == len(plan.regimes) * len(plan.archs)
+    chosen = choose_radii(sweep_rows, plan)
+    complete = len(chosen) == len(plan.regimes) * len(plan.archs) * len(plan.sweep_bits)
     wanted = main_runs(plan, fp, chosen) if complete and part in ("all", "regimes") else []
     if wanted:
         wanted += long_scratch_runs(plan)
@@ -693,7 +706,7 @@ def report(plan: Plan, cache: Path, results: Path, suffix: str, part: str = "all
         plot_map(summary, plan, results / f"regime_map{suffix}.png")
         out = {"command": "python benchmarks/regimes.py --report", "machine": machine(),
                "plan": json.loads(json.dumps(asdict(plan), default=str)), "missing_runs": len(wanted) - len(rows),
-               "val_chosen_rho": {f"{r}/{a}": v for (r, a), v in chosen.items()}, "sweep_rows": sweep_rows,
+               "val_chosen_rho": {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()}, "sweep_rows": sweep_rows,
                "rows": rows, "summary": summary}
         (results / f"transfer{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
     safety = [done[r.key()] for r in safety_runs(plan) if r.key() in done] if part in ("all", "safety") else []
@@ -720,6 +733,14 @@ def main(argv=None) -> dict:
             raise SystemExit(f"regimes.py: unknown regime(s) {sorted(unknown)}; choose from {list(plan.regimes)}")
         plan = replace(plan, regimes=regimes,
                        long_scratch_modes=plan.long_scratch_modes if "scratch" in regimes else ())
+    if args.modes is not None:
+        modes = tuple(args.modes.split(","))
+        unknown = set(modes) - set(plan.modes) - set(plan.noisy_modes)
+        if unknown:
+            raise SystemExit(f"regimes.py: unknown mode(s) {sorted(unknown)}; choose from "
+                             f"{sorted(set(plan.modes) | set(plan.noisy_modes))}")
+        plan = replace(plan, modes=tuple(m for m in plan.modes if m in modes),
+                       noisy_modes=tuple(m for m in plan.noisy_modes if m in modes))
     if args.report:
         report(plan, args.cache, args.results, "_quick" if args.quick else "", args.part)
         return {}
@@ -739,13 +760,13 @@ def main(argv=None) -> dict:
     if args.part in ("all", "regimes"):
         fp = fp_paths(plan, args.cache, args.jobs, args.threads, plan.seeds + plan.sweep_seeds)
         chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch)
-        print("\nrelative rho chosen on validation:", {f"{r}/{a}": v for (r, a), v in chosen.items()})
+        print("\nrelative rho chosen on validation:", {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()})
         rows = with_val_rows(run_all(main_runs(plan, fp, chosen) + long_scratch_runs(plan), args.jobs, args.threads,
                                      journal, scratch), plan, chosen)
         summary = summarize(rows, ("regime", "model", "w_bits"))
         print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
         plot_map(summary, plan, args.results / f"regime_map{suffix}.png")
-        out.update({"val_chosen_rho": {f"{r}/{a}": v for (r, a), v in chosen.items()}, "sweep_rows": sweep_rows,
+        out.update({"val_chosen_rho": {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()}, "sweep_rows": sweep_rows,
                     "rows": rows, "summary": summary})
     if args.part in ("all", "safety"):
         rows = run_all(safety_runs(plan), args.jobs, args.threads, journal, scratch)

@@ -44,11 +44,15 @@ def test_the_validation_sweep_never_uses_a_reported_seed():
 def test_validation_rows_reuse_the_default_runs_only_where_validation_chose_the_default():
     plan = regimes.FULL
     arch = regimes.Arch("vit", 64, 2)
-    chosen = {(regime, arch.name): regimes.SAQ_DEFAULT_RHO for regime in plan.regimes}
-    chosen[("transfer", arch.name)] = 0.005
-    runs = regimes.main_runs(plan, {}, {**chosen, **{(r, "convnext-64"): 0.001 for r in plan.regimes}})
+    # The radius is chosen per cell: regime, model and bits.
+    chosen = {(regime, arch.name, bits): regimes.SAQ_DEFAULT_RHO for regime in plan.regimes for bits in plan.bits}
+    chosen[("transfer", arch.name, 3)] = 0.005
+    other = {(r, "convnext-64", b): 0.001 for r in plan.regimes for b in plan.bits}
+    runs = regimes.main_runs(plan, {}, {**chosen, **other})
     val_runs = [r for r in runs if r.mode == "saq_val" and r.arch == arch]
-    assert {r.regime for r in val_runs} == {"transfer"} and {r.rho for r in val_runs} == {0.005}
-    saq_rows = [dict(row("saq", 0, 90.0, regime=reg), model="vit", width=64, key=f"k{reg}") for reg in plan.regimes]
+    assert {(r.regime, r.bits) for r in val_runs} == {("transfer", 3)} and {r.rho for r in val_runs} == {0.005}
+    saq_rows = [dict(row("saq", 0, 90.0, regime=reg), model="vit", width=64, w_bits=b, key=f"k{reg}{b}")
+                for reg in plan.regimes for b in (2, 3)]
     relabelled = [r for r in regimes.with_val_rows(saq_rows, plan, chosen) if r["mode"] == "saq_val"]
-    assert {r["regime"] for r in relabelled} == {"scratch", "long_qat"}
+    assert {(r["regime"], r["w_bits"]) for r in relabelled} == \
+        {("scratch", 2), ("scratch", 3), ("long_qat", 2), ("long_qat", 3), ("transfer", 2)}
