@@ -18,3 +18,7 @@ __all__ = ["QuantConfig", "SAQHfQuantizer", "calibrate", "quantize_model", "quan
 from .export import export_quantized, load_exported  # noqa: E402  (export imports __version__)
 
 __all__ += ["export_quantized", "load_exported"]
+
+from .search import BitsPlan, search_bits  # noqa: E402
+
+__all__ += ["BitsPlan", "search_bits"]

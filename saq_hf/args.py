@@ -157,15 +157,24 @@ class QuantArguments:
         metadata={"help": "Training batches that initialise activation step sizes before training (0: the first "
                           "training batch does)."},
     )
+    bits_plan: str | None = field(
+        default=None,
+        metadata={"help": "YAML file from saq-hf search: one bit-width per layer (mixed precision under a size "
+                          "budget); its bits replace w_bits/a_bits for the layers it names."},
+    )
 
     def __post_init__(self):
+        from .search import read_plan
+
+        self.plan = read_plan(self.bits_plan) if self.bits_plan is not None else None
         self.quant_config()
         if self.calibration_batches < 0:
             raise ValueError(f"calibration_batches must be >= 0, got {self.calibration_batches}")
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, per_channel=self.per_channel,
-                           modules_to_not_convert=self.modules_to_not_convert)
+                           modules_to_not_convert=self.modules_to_not_convert,
+                           bits_overrides=dict(self.plan["bits_overrides"]) if self.plan else None)
 
 
 def _field_types(dataclass_types) -> dict[str, Any]:

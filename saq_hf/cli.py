@@ -1,4 +1,4 @@
-"""``saq-hf``: train a recipe, evaluate a run folder, push it to the Hub, export integer weights.
+"""``saq-hf``: train a recipe, evaluate a run folder, push it to the Hub, export integer weights, search bit-widths.
 
 A thin shell over :mod:`saq_hf.run` and :mod:`saq_hf.hub`. Each subcommand is a ``_add_<name>`` function that
 declares its arguments and a handler returning the exit status; bad input (a :class:`UserInputError`) becomes
@@ -251,7 +251,54 @@ def _add_export(commands) -> None:
     parser.set_defaults(handler=_export)
 
 
-SUBCOMMANDS = (_add_train, _add_eval, _add_push, _add_export)
+def _search(ns: argparse.Namespace) -> int:
+    from . import run
+    from .search import format_plan
+
+    if (ns.target_bits is None) == (ns.target_bytes is None):
+        raise UserInputError("give one budget: --target_bits (average weight bits) or --target_bytes (weight bytes)")
+    try:
+        plan = run.search_run(ns.run_or_model, ns.out, target_bits=ns.target_bits, target_bytes=ns.target_bytes,
+                              measure=ns.measure, candidates=ns.candidates, dataset_name=ns.dataset,
+                              data_dir=ns.data_dir, batches=ns.batches, batch_size=ns.batch_size, rho=ns.rho,
+                              weights_only=ns.weights_only, seed=ns.seed)
+    except ValueError as err:  # UserInputError is not a ValueError: it reaches main() as it is
+        raise UserInputError(str(err).splitlines()[0]) from None
+    print(format_plan(plan))
+    print(f"wrote {ns.out}: train with saq-hf train RECIPE --bits_plan {ns.out}")
+    return 0
+
+
+def _add_search(commands) -> None:
+    parser = commands.add_parser(
+        "search", help="choose a bit-width per layer under a size budget (mixed precision) and write a bits plan",
+        description="Measures each layer's sensitivity at each candidate bit-width on a few training batches and "
+                    "solves for the allocation with the least summed sensitivity that fits the budget; writes a YAML "
+                    "plan that saq-hf train reads with --bits_plan. Example: saq-hf search outputs/demo_mnist_vit_w4a4 "
+                    "--target_bits 3 --out plan.yaml",
+    )
+    parser.add_argument("run_or_model", help="a saq-hf run folder, or a saved (FP) model folder with --dataset")
+    parser.add_argument("--target_bits", type=float, help="average weight bits of the searched layers (e.g. 3)")
+    parser.add_argument("--target_bytes", type=int,
+                        help="packed weight bytes of all quantized layers, as saq-hf export writes them")
+    parser.add_argument("--measure", choices=["sharpness", "hessian"], default="sharpness",
+                        help="sharpness: loss increase with the layer quantized and adversarially perturbed at the "
+                             "training radius (default); hessian: Hutchinson Hessian trace x quantization error")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4, 8], help="bit-widths to choose from")
+    parser.add_argument("--out", default="bits_plan.yaml", help="plan file to write (default: bits_plan.yaml)")
+    parser.add_argument("--dataset", help="dataset to measure on (default: the run's): Hub id, 'imagefolder' or "
+                                          "'demo_digits'")
+    parser.add_argument("--data_dir", help="imagefolder root (implies --dataset imagefolder)")
+    parser.add_argument("--batches", type=int, default=4, help="training batches measured on (default 4)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--rho", type=float, default=0.002, help="relative training radius of the sharpness measure")
+    parser.add_argument("--weights_only", action="store_true",
+                        help="search weight bits only (inputs keep the recipe's a_bits); default: a_bits = w_bits")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.set_defaults(handler=_search)
+
+
+SUBCOMMANDS = (_add_train, _add_eval, _add_push, _add_export, _add_search)
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 

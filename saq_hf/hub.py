@@ -193,11 +193,24 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
         repo_id=repo_id or run_info.get("hub_model_id") or "path/to/" + run_info["run_name"],
         install_command=install_command,
         install_fallback=install_fallback,
+        # With a bits plan the Mixed precision table lists every layer's bits instead of bits_overrides.
         quant_settings=[(key, quant[key]) for key in ("w_bits", "a_bits", "per_channel", "modules_to_not_convert",
-                                                      "bits_overrides", "calibration_batches") if key in quant],
+                                                      "bits_overrides", "calibration_batches")
+                        if key in quant and not (key == "bits_overrides" and quant.get("bits_plan"))],
         saq_settings=[(key, value) for key, value in saq.items() if key != "rho_auto"] + [(key, value) for key, value in run_info["training"].items()],
         sharpness=run_info.get("sharpness"),
+        bits_plan=_bits_plan_view(quant.get("bits_plan")),
+        a_bits_default=quant.get("a_bits") or "FP",
     )
+
+
+def _bits_plan_view(plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan as the card shows it: its budget in words and every layer's bits."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), dict):
+        return None
+    budget = (f"{plan['target_bits']:g} average weight bits" if plan.get("target_bits") is not None
+              else f"{plan.get('target_bytes', 0):,} weight bytes")
+    return {**plan, "budget": budget}
 
 
 def write_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> Path:

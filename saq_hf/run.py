@@ -90,6 +90,7 @@ class RunSetup:
     fp_cached: bool
     head_reinitialised: bool
     hub_repo_id: str | None
+    bits_plan: dict[str, Any] | None = None  # the plan's allocation checked against the model (search.check_plan)
 
 
 @dataclass
@@ -405,14 +406,23 @@ def _check_device_precision(args: SAQTrainingArguments) -> None:
                              "nothing: drop fp16, or use bf16 (recipe key: fp16)")
 
 
-def _check_quantizable(model: torch.nn.Module, quant_args: QuantArguments) -> None:
-    """The quantization settings applied to the FP model leave something to quantize and every pattern matches."""
+def _check_quantizable(model: torch.nn.Module, quant_args: QuantArguments) -> dict[str, Any] | None:
+    """The quantization settings applied to the FP model leave something to quantize and every pattern matches;
+    a bits plan names exactly the model's layers and meets its budget. Returns the plan's allocation (or None)."""
     from .quantize import resolve_defaults
+    from .search import check_plan
 
+    plan = None
+    if quant_args.plan is not None:
+        try:
+            plan = {"file": str(quant_args.bits_plan), **check_plan(quant_args.plan, model, quant_args.bits_plan)}
+        except ValueError as err:
+            raise UserInputError(f"{_first_line(err)} (recipe key: bits_plan)") from None
     try:
         planned_layers(model, resolve_defaults(model, quant_args.quant_config()))
     except ValueError as err:
         raise UserInputError(f"{_first_line(err)} (recipe key: modules_to_not_convert)") from None
+    return plan
 
 
 def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: QuantArguments,
@@ -461,7 +471,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
             fp_cached = False
     if model is None:
         model, head_reinitialised = _load_fp_model(model_args, data, model_args.model_name_or_path)
-    _check_quantizable(model, quant_args)
+    bits_plan = _check_quantizable(model, quant_args)
     if image_processor is None:
         image_processor = _scratch_image_processor(model.config)
     with_transforms(data, image_processor, data_args)
@@ -476,7 +486,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
             raise UserInputError(f"cannot create Hub repo {hub_repo_id!r}: {_first_line(err)}; log in (hf auth login)"
                                  " or drop push_to_hub and push the finished run with saq-hf push") from None
     return RunSetup(model_args, data_args, quant_args, training_args, data, image_processor, model, metric,
-                    fp_dir, fp_cached, head_reinitialised, hub_repo_id)
+                    fp_dir, fp_cached, head_reinitialised, hub_repo_id, bits_plan)
 
 
 def _train_full_precision(setup: RunSetup) -> None:
@@ -581,8 +591,11 @@ def _run_info(setup: RunSetup, results: dict, train_runtime: float, global_step:
         "hub_model_id": setup.hub_repo_id or args.hub_model_id,
         "model": dataclasses.asdict(setup.model_args),
         "data": dataclasses.asdict(setup.data_args),
-        "quantization": {**quant_config.to_dict(), "tag": quant_config.tag,
-                         "calibration_batches": setup.quant_args.calibration_batches},
+        # A plan's layers do not share one bit-width: the tag gives its average weight bits.
+        "quantization": {**quant_config.to_dict(),
+                         "tag": f"W{setup.bits_plan['average_bits']:.2f}-mixed" if setup.bits_plan else quant_config.tag,
+                         "calibration_batches": setup.quant_args.calibration_batches,
+                         **({"bits_plan": setup.bits_plan} if setup.bits_plan else {})},
         "saq": {name: getattr(args, name) for name in SAQ_FIELDS},
         "training": {**{name: getattr(getattr(args, name), "value", getattr(args, name)) for name in TRAINING_FIELDS},
                      "global_steps": global_step, "train_runtime_s": round(train_runtime, 1)},
@@ -805,3 +818,60 @@ def format_results(results: dict[str, Any], tag: str) -> str:
 
 
 __all__ = ["RunResult", "RunSetup", "evaluate_run", "format_results", "prepare", "train"]
+
+
+def search_run(source: str, out: str | os.PathLike, *, target_bits: float | None = None,
+               target_bytes: int | None = None, measure: str = "sharpness", candidates=(2, 3, 4, 8),
+               dataset_name: str | None = None, data_dir: str | None = None, batches: int = 4, batch_size: int = 32,
+               rho: float = 0.002, weights_only: bool = False, seed: int = 42):
+    """``saq-hf search``: a bits plan for the model in ``source`` (a run folder or a saved model folder) measured on
+    ``batches`` training batches of its dataset (the run's, or ``dataset_name``/``data_dir``), written as YAML to
+    ``out``. Every check (budget included) runs before the data is loaded. Returns the :class:`BitsPlan`."""
+    from .search import check_budget, search_bits
+
+    if not isinstance(batches, int) or batches < 1:
+        raise UserInputError(f"--batches must be an integer >= 1, got {batches}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserInputError(f"--batch_size must be an integer >= 1, got {batch_size}")
+    out = Path(out)
+    if out.is_dir():
+        raise UserInputError(f"--out {str(out)!r} is a folder: name the plan file to write (e.g. bits_plan.yaml)")
+    folder = Path(os.path.expanduser(source))
+    if not (folder / "config.json").is_file():
+        raise UserInputError(f"{source!r} holds no model (no config.json): pass a saq-hf run folder or a saved model "
+                             "folder")
+    refuse_custom_code(str(folder))
+    info = read_run_info(folder) if (folder / RUN_INFO_NAME).is_file() else {}
+    if not info and not (dataset_name or data_dir):
+        raise UserInputError(f"{source!r} has no {RUN_INFO_NAME}: pass --dataset (and --data_dir) to search on")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=False)
+    except Exception as err:
+        raise UserInputError(f"could not load the model in {source!r}: {_first_line(err)}") from None
+    try:
+        check_budget(model, target_bits=target_bits, target_bytes=target_bytes, candidates=list(candidates),
+                     measure=measure)
+    except ValueError as err:
+        raise UserInputError(_first_line(err)) from None
+    data_fields = dict(info.get("data", {}))
+    if dataset_name or data_dir:
+        data_fields.update(dataset_name=dataset_name, data_dir=data_dir, dataset_config_name=None)
+    try:
+        data_args = DataArguments(**data_fields)
+    except (ValueError, TypeError) as err:
+        raise UserInputError(f"{_first_line(err)} (data settings)") from None
+    data = load_image_data(data_args, seed=seed)
+    processor = (_load_image_processor(str(folder)) if (folder / "preprocessor_config.json").is_file()
+                 else _scratch_image_processor(model.config))
+    with_transforms(data, processor, data_args)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=True, collate_fn=collate_fn,
+                                         generator=torch.Generator().manual_seed(seed))
+    train_batches = [{"pixel_values": b["pixel_values"], "labels": b["labels"]}
+                     for b in itertools.islice(loader, batches)]
+    plan = search_bits(model, train_batches, target_bits=target_bits, target_bytes=target_bytes, measure=measure,
+                       candidates=list(candidates), activations=False if weights_only else None, rho=rho,
+                       max_batches=batches, seed=seed)
+    plan.extra["source"] = str(source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(plan.to_yaml(), encoding="utf-8")
+    return plan

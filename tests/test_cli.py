@@ -311,3 +311,68 @@ def test_train_help_speaks_of_the_installed_package_not_the_source_tree(capsys):
         assert internal not in text, internal
     assert "plain QAT until its mean training loss over 10 optimizer steps falls below 0.25 x ln(num_classes)" in (
         " ".join(text.split()))
+
+
+def test_search_writes_a_plan_that_train_reads_into_the_run_card_and_export(tmp_path, fixtures, capsys):
+    import yaml
+
+    from saq_hf.export import MANIFEST_FILE
+
+    plan_path = tmp_path / "plan.yaml"
+    assert main(["search", str(fixtures / "tiny_vit"), "--dataset", "imagefolder", "--data_dir",
+                 str(fixtures / "images"), "--target_bits", "3", "--measure", "hessian", "--batches", "1",
+                 "--batch_size", "6", "--out", str(plan_path)]) == 0
+    assert f"wrote {plan_path}" in capsys.readouterr().out
+    plan = yaml.safe_load(plan_path.read_text())
+    assert plan["target_bits"] == 3.0 and plan["average_bits"] <= 3.0 and plan["budget_met"] is True
+    recipe = write_recipe(tmp_path / "recipe.yaml", fixtures, max_steps=1, bits_plan=str(plan_path))
+    assert main(["train", str(recipe)]) == 0
+    run_dir = tmp_path / "run"
+    info = json.loads((run_dir / "saq_run.json").read_text())
+    recorded = info["quantization"]["bits_plan"]
+    assert recorded["average_bits"] == pytest.approx(plan["average_bits"])
+    assert recorded["weight_bytes"] == plan["weight_bytes"] and recorded["budget_met"] is True
+    assert info["quantization"]["tag"] == f"W{plan['average_bits']:.2f}-mixed"
+    card = (run_dir / "README.md").read_text()
+    assert "## Mixed precision" in card and f"{plan['weight_bytes']:,} bytes of packed weight codes" in card
+    expected = {name: (bits["w_bits"], bits["a_bits"]) for name, bits in plan["bits_overrides"].items()}
+    assert quantized_layer_bits(AutoModelForImageClassification.from_pretrained(run_dir)) == expected
+    assert main(["export", str(run_dir), str(tmp_path / "export")]) == 0
+    manifest = json.loads((tmp_path / "export" / MANIFEST_FILE).read_text())
+    assert sum(entry["weight"]["packed_bytes"] for entry in manifest["layers"].values()) == plan["weight_bytes"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("unknown layer", "names layer 'vit.no_such_layer', which the model does not have"),
+    ("bits 9", "has w_bits 9; bits must be integers in 2..8"),
+    ("over budget", "over its target_bits 2"),
+])
+def test_a_bad_bits_plan_is_one_line_before_any_training(change, message, tmp_path, fixtures, capfd):
+    import yaml
+
+    names = [name for name, module in ViTForImageClassification.from_pretrained(fixtures / "tiny_vit").named_modules()
+             if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
+    overrides = {name: {"w_bits": 4, "a_bits": 4} for name in names}
+    if change == "unknown layer":
+        overrides["vit.no_such_layer"] = {"w_bits": 4}
+    if change == "bits 9":
+        overrides[names[1]] = {"w_bits": 9}
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"target_bits": 2 if change == "over budget" else 4,
+                                    "bits_overrides": overrides}))
+    recipe = write_recipe(tmp_path / "recipe.yaml", fixtures, fp_num_train_epochs=1, bits_plan=str(plan))
+    capfd.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    captured = capfd.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saq-hf: error: bits_plan ") and message in lines[0], captured.err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "fp_cache").exists()
+
+
+def test_search_refuses_an_infeasible_budget_in_one_line_before_loading_data(tmp_path, fixtures, capfd):
+    assert main(["search", str(fixtures / "tiny_vit"), "--dataset", "nobody/not-loaded", "--target_bits", "1",
+                 "--out", str(tmp_path / "plan.yaml")]) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert lines == ["saq-hf: error: target_bits 1 is infeasible: the smallest candidate bit-width is 2; raise "
+                     "target_bits or add smaller candidates"]
+    assert not (tmp_path / "plan.yaml").exists()
