@@ -1,18 +1,6 @@
 """``SAQTrainer``: ``transformers.Trainer`` whose training step is docs/METHOD.md's two-pass SAQ update.
 
-Cost model of ``saq_strategy`` (one step = one micro-batch's forward + backward):
-
-    full        2 forward+backward per step (ascent, then descent at the perturbed point)
-    every_k     full SAQ on every k-th optimizer step, plain QAT on the others: (k + 1) / k on average
-    looksam     as every_k, but the other steps add back the sharpness component kept from the last full step
-                (LookSAM, per tensor): (k + 1) / k on average plus one norm and one multiply-add per tensor
-    reuse_grad  1 forward+backward per step plus one vector operation: ε comes from the gradient of the
-                previous descent pass; the first step is plain QAT (a resume restores the kept gradient)
-
-Memory on top of QAT: ε (one copy of the perturbed tensors) while the descent pass runs, and for
-``reuse_grad`` the kept gradient (a second copy); ``looksam`` keeps one sharpness component per trainable tensor (one
-copy of the trainable parameters) and, during a full step, the clean and perturbed gradients of the micro-batch and
-their sums over the step's micro-batches (freed after the step). Case 2 and ``θ`` keep a copy of the values they restore.
+The strategies that choose which steps run it, and their costs, are in ``strategies.py``.
 """
 
 import math
@@ -38,11 +26,12 @@ from .sharpness import (
     choose_rho,
     frozen_running_stats,
 )
+from .strategies import STRATEGIES
 
 logger = logging.get_logger(__name__)
 
 SAQ_MODES = CASES + ("qat",)
-SAQ_STRATEGIES = ("full", "every_k", "looksam", "reuse_grad")
+SAQ_STRATEGIES = tuple(STRATEGIES)
 # The torch releases benchmarks/compile_check.py passes on (compiled gradients equal eager ones).
 COMPILE_VERIFIED_TORCH = ("2.11", "2.12", "2.13")
 # A checkpoint's per-process file of what saq_strategy keeps between steps.
@@ -182,9 +171,9 @@ class SAQTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"saq_perturb must be one of {PERTURB_CHOICES}, got {self.saq_perturb!r} (field: saq_perturb)"
             )
-        if self.saq_strategy not in SAQ_STRATEGIES:
+        if self.saq_strategy not in STRATEGIES:
             raise ValueError(
-                f"saq_strategy must be one of {SAQ_STRATEGIES}, got {self.saq_strategy!r} (field: saq_strategy)"
+                f"saq_strategy must be one of {tuple(STRATEGIES)}, got {self.saq_strategy!r} (field: saq_strategy)"
             )
         if isinstance(self.saq_interval, bool) or not isinstance(self.saq_interval, int) or self.saq_interval < 1:
             raise ValueError(f"saq_interval must be an integer >= 1, got {self.saq_interval!r} (field: saq_interval)")
@@ -275,6 +264,27 @@ def _predicts_uniformly(outputs) -> bool:
     return bool(entropy > UNTRAINED_SHARE * math.log(logits.shape[-1]))
 
 
+@contextmanager
+def _recording(params):
+    """The gradient each of ``params`` gets from the backward inside the block (before it is accumulated into
+    ``.grad`` or all-reduced), left unchanged."""
+    found = [None] * len(params)
+
+    def keep(i):
+        # Summed: under reentrant activation checkpointing a tensor's gradient can arrive in parts.
+        def hook(grad):
+            found[i] = grad if found[i] is None else found[i] + grad
+
+        return hook
+
+    handles = [p.register_hook(keep(i)) for i, p in enumerate(params)]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class SAQTrainer(Trainer):
     """``Trainer`` with the sharpness-aware training step; everything else is the stock Trainer.
 
@@ -288,6 +298,9 @@ class SAQTrainer(Trainer):
        (``num_items_in_batch`` / gradient accumulation), autocast, fp16 grad scaler and all-reduce as
        plain training; running statistics restored afterwards, so they are updated once;
     4. the perturbed tensors are restored exactly; the Trainer then clips and steps the optimizer as usual.
+
+    ``self.strategy`` (``strategies.py``) decides which optimizer steps take this step (``saq_step``) and what
+    the others do.
 
     Logged with the training loss: ``saq_ascent_grad_norm`` and ``saq_eps_norm`` (means since the last log,
     this process) and ``saq_skipped`` (perturbations skipped since training started). The returned loss
@@ -308,12 +321,7 @@ class SAQTrainer(Trainer):
         self._lsq_step_sizes: list[torch.nn.Parameter] = []
         self._lsq_quantizers: list[LSQQuantizer] = []
         self.rho: float | None = None if self.args.rho == "auto" else self.args.rho
-        self._previous_descent_grads: list | None = None
-        # looksam: the tensors it corrects, their kept sharpness directions, and the optimizer step that built them.
-        self._looksam_params: list[torch.nn.Parameter] = []
-        self._looksam_sum: list | None = None
-        self._looksam_dirs: list | None = None
-        self._looksam_built_at: int | None = None
+        self.strategy = STRATEGIES[self.args.saq_strategy](self.args)
         self._saq_sums = self._empty_sums()
         self._guard_run, self._guard_warned, self._start_checked, self._untrained = 0, False, False, False
         self._compiled_gradients_checked = False
@@ -362,9 +370,6 @@ class SAQTrainer(Trainer):
             self._lsq_quantizers = [m for m in unwrapped.modules()
                                     if isinstance(m, LSQQuantizer) and m.step_size_parameter.requires_grad]
             self._lsq_step_sizes = [m.step_size_parameter for m in self._lsq_quantizers]
-            # Clean step sizes get the same gradient in both passes: nothing to correct there.
-            skip = {id(p) for p in self._lsq_step_sizes} if args.saq_clean_step_sizes else set()
-            self._looksam_params = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in skip]
         if self.rho is None:
             self.rho = self._resolve_auto_rho(model, self.sharpness)
         self.sharpness.rho = self.rho
@@ -416,10 +421,9 @@ class SAQTrainer(Trainer):
         return loss.mean() if self.args.n_gpu > 1 else loss
 
     def _is_plain_step(self) -> bool:
-        args = self.args
-        if args.saq_mode == "qat" or self.saq_start_step == WAITING or self.state.global_step < self.saq_start_step:
-            return True
-        return args.saq_strategy == "every_k" and self.state.global_step % args.saq_interval != 0
+        step = self.state.global_step
+        return self.args.saq_mode == "qat" or self.saq_start_step == WAITING or step < self.saq_start_step or \
+            self.strategy.is_plain_step(step)
 
     def _resolve_start_step(self, model, inputs) -> int:
         """The first SAQ step, or ``WAITING``: ``saq_start_ratio`` of ``max_steps``; with "auto", 0 unless the first
@@ -511,35 +515,42 @@ class SAQTrainer(Trainer):
         if self.saq_start_step is None:
             self.saq_start_step = self._resolve_start_step(model, inputs)
         if self._is_plain_step():
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            loss = self.qat_step(model, inputs, num_items_in_batch)
             if self.saq_start_step == WAITING:
                 self._watch_for_fit(loss, num_items_in_batch)
             return loss
-        sharpness = self._sharpness_for(model)
-        if self.args.saq_strategy == "reuse_grad":
-            return self._reuse_grad_step(sharpness, model, inputs, num_items_in_batch)
-        looksam = self.args.saq_strategy == "looksam"
-        if looksam and not self._is_full_looksam_step():
-            return self._looksam_cheap_step(model, inputs, num_items_in_batch)
-        step_sizes = self._lsq_step_sizes if self.args.saq_clean_step_sizes else []
-        kept = self._looksam_params if looksam else []
+        self._sharpness_for(model)
+        return self.strategy.training_step(self, model, inputs, num_items_in_batch)
+
+    def qat_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The stock ``Trainer.training_step``: one forward-backward, gradients accumulated into ``.grad``."""
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def saq_step(self, model, inputs, num_items_in_batch=None, compared=()):
+        """The two-pass SAQ step on one micro-batch, with ``self.sharpness`` built for ``model``. Returns its loss
+        and, for each tensor in ``compared``, its gradient at the unperturbed and at the perturbed point (this
+        micro-batch's, before accumulation; ``None`` where it got none)."""
+        sharpness, step_sizes, compared = self.sharpness, self.clean_step_sizes, list(compared)
         with self.accelerator.no_sync(model), self._same_random_draws():
             grads, clean = sharpness.ascent_gradients(
-                lambda: self._ascent_loss(model, inputs, num_items_in_batch), extra=step_sizes + kept)
+                lambda: self._ascent_loss(model, inputs, num_items_in_batch), extra=step_sizes + compared)
         clean, plain = clean[:len(step_sizes)], clean[len(step_sizes):]
-        eps = self._epsilon(sharpness, grads)
+        eps = self.epsilon(grads)
         del grads
         with sharpness.perturbed(eps), frozen_running_stats(model), \
                 self._step_size_gradients_replaced(clean, num_items_in_batch), \
-                self._recording(kept) as perturbed:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        if looksam:
-            self._keep_sharpness_direction(plain, perturbed)
+                _recording(compared) as perturbed:
+            loss = self.qat_step(model, inputs, num_items_in_batch)
         self._record_losses(loss, num_items_in_batch)
         if not self._start_checked:
             self._start_checked = True
             self._warn_if_untrained(model)
-        return loss
+        return loss, plain, perturbed
+
+    @property
+    def clean_step_sizes(self) -> list[torch.nn.Parameter]:
+        """The LSQ step sizes trained on the loss at the unperturbed point (``saq_clean_step_sizes``)."""
+        return self._lsq_step_sizes if self.args.saq_clean_step_sizes else []
 
     def _warn_if_untrained(self, model) -> None:
         """SAQ on a model that has not learned anything yet costs accuracy (README Results, "scratch"): say so."""
@@ -556,7 +567,7 @@ class SAQTrainer(Trainer):
         Hooks replace the perturbed-point gradient before it is accumulated, so data-parallel all-reduce and
         gradient accumulation treat the clean gradient exactly like any other. The quantizers meanwhile skip
         computing the gradient that is replaced (a zero still reaches the hook)."""
-        if not self.args.saq_clean_step_sizes or not self._lsq_step_sizes:
+        if not self.clean_step_sizes:
             yield
             return
         if not self._loss_is_scaled_for_ga(num_items_in_batch):
@@ -603,104 +614,13 @@ class SAQTrainer(Trainer):
         sums["descent_loss"] = sums["descent_loss"] + descent
         sums["loss_count"] += 1
 
-    def _is_full_looksam_step(self) -> bool:
-        # Every micro-batch of a full optimizer step is full, also the step that rebuilds the directions on resume.
-        step = self.state.global_step
-        return self._looksam_dirs is None or step % self.args.saq_interval == 0 or self._looksam_built_at == step
-
-    @staticmethod
-    @contextmanager
-    def _recording(params):
-        """The gradient each of ``params`` gets from the backward inside the block (before it is accumulated into
-        ``.grad`` or all-reduced), left unchanged."""
-        found = [None] * len(params)
-
-        def keep(i):
-            # Summed: under reentrant activation checkpointing a tensor's gradient can arrive in parts.
-            def hook(grad):
-                found[i] = grad if found[i] is None else found[i] + grad
-
-            return hook
-
-        handles = [p.register_hook(keep(i)) for i, p in enumerate(params)]
-        try:
-            yield found
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @torch.no_grad()
-    def _keep_sharpness_direction(self, plain, perturbed) -> None:
-        """LookSAM, per tensor: ``g_v = g_s - (<g_s, g> / ||g||²) g``, the part of the SAQ gradient ``g_s`` that is
-        orthogonal to the plain gradient ``g``, kept as ``g_v / ||g||`` (both summed over the micro-batches of the
-        full step), so the steps in between re-add it in proportion to their own gradient. A micro-batch whose
-        gradients overflowed (fp16) leaves what is kept as it was."""
-        step = self.state.global_step
-        if self._looksam_built_at != step:
-            self._looksam_sum, self._looksam_built_at = None, step
-        pairs = [(i, g.float(), s.float()) for i, (g, s) in enumerate(zip(plain, perturbed))
-                 if g is not None and s is not None]
-        if not pairs:
-            return
-        index, g, s = zip(*pairs)
-        g_norms = torch._foreach_norm(list(g))
-        dots = [torch.vdot(a.flatten(), b.flatten()) for a, b in zip(s, g)]
-        # torch.where, not a Python branch: no host sync per tensor. A zero gradient keeps nothing.
-        coefficients = [torch.where(n > 0, d / (n * n), torch.zeros_like(d)) for d, n in zip(dots, g_norms)]
-        orthogonal = torch._foreach_sub(list(s), torch._foreach_mul(list(g), coefficients))
-        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(list(orthogonal) + list(g)))).all()):
-            return
-        sums = self._looksam_sum or [None] * len(plain)
-        for i, plain_i, v in zip(index, g, orthogonal):
-            sums[i] = (plain_i, v) if sums[i] is None else (sums[i][0] + plain_i, sums[i][1] + v)
-        self._looksam_sum = sums
-        self._looksam_dirs = [None if pair is None else pair[1] / torch.where(n > 0, n, torch.ones_like(n))
-                              for pair, n in zip(sums, (None if pair is None else torch.linalg.vector_norm(pair[0])
-                                                        for pair in sums))]
-
-    def _looksam_cheap_step(self, model, inputs, num_items_in_batch):
-        """Plain QAT forward-backward; each kept tensor's gradient ``g`` becomes ``g + alpha·||g||·v`` (``v`` its
-        kept ``g_v / ||g||``) before it is accumulated, so accumulation and data-parallel all-reduce are unchanged."""
-        self._looksam_sum = None  # the full step's running sum is not needed once it is over
-        alpha = self.args.saq_looksam_alpha
-
-        def add(direction):
-            calls = []
-
-            def hook(grad):
-                # The correction scales with the norm of the tensor's whole gradient: a gradient delivered in parts
-                # (a tensor shared by two blocks that reentrant activation checkpointing recomputes) has none here.
-                if calls:
-                    raise RuntimeError("saq_strategy='looksam' needs each parameter's gradient in one piece, but one "
-                                       "arrived in parts (a parameter shared between checkpointed blocks): use "
-                                       "activation checkpointing with use_reentrant=False, or another saq_strategy")
-                calls.append(True)
-                return grad + (alpha * torch.linalg.vector_norm(grad.float())).to(grad.dtype) * direction.to(grad.dtype)
-
-            return hook
-
-        handles = [p.register_hook(add(v)) for p, v in zip(self._looksam_params, self._looksam_dirs)
-                   if v is not None and alpha > 0]
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _reuse_grad_step(self, sharpness, model, inputs, num_items_in_batch):
-        previous, self._previous_descent_grads = self._previous_descent_grads, None
-        eps = self._epsilon(sharpness, previous) if previous is not None else None
-        del previous
-        with sharpness.perturbed(eps), sharpness.recording_gradients() as grads:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        self._previous_descent_grads = grads
-        return loss
-
-    def _epsilon(self, sharpness, grads):
-        eps = sharpness.compute_epsilon(grads)
+    def epsilon(self, grads):
+        """ε of ``self.sharpness`` for the ascent gradients ``grads`` (``None``: skipped), its norms summed for
+        the log."""
+        eps = self.sharpness.compute_epsilon(grads)
         if eps is not None:
             sums = self._saq_sums
-            sums["grad_norm"] = sums["grad_norm"] + sharpness.last_grad_norm.detach()
+            sums["grad_norm"] = sums["grad_norm"] + self.sharpness.last_grad_norm.detach()
             sums["eps_norm"] = sums["eps_norm"] + torch.linalg.vector_norm(
                 torch.stack([n.float() for n in torch._foreach_norm([e for e in eps if e is not None])])
             )
@@ -786,36 +706,22 @@ class SAQTrainer(Trainer):
         # The strategies' kept tensors are per process (each worker's own gradients), saved next to its RNG state,
         # so a resumed run takes exactly the steps the uninterrupted one would.
         super()._save_rng_state(output_dir)
-        tensors = {}
-        for prefix, kept in (("reuse_grad", self._previous_descent_grads), ("looksam", self._looksam_dirs)):
-            tensors.update({f"{prefix}.{i}": t.detach().contiguous() for i, t in enumerate(kept or []) if t is not None})
+        tensors, metadata = self.strategy.state_dict()
         if tensors:
             os.makedirs(output_dir, exist_ok=True)
-            metadata = {"looksam_built_at": str(self._looksam_built_at), "looksam_size": str(len(self._looksam_dirs or [])),
-                        "reuse_grad_size": str(len(self._previous_descent_grads or []))}
             save_file(tensors, self._strategy_state_file(output_dir), metadata=metadata)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         path = self._strategy_state_file(checkpoint) if checkpoint is not None else None
         if path is None or not os.path.isfile(path):
-            if checkpoint is not None and self.args.saq_strategy in ("looksam", "reuse_grad"):
+            first_step = self.strategy.resumes_without_state
+            if checkpoint is not None and first_step is not None:
                 logger.warning(f"{checkpoint} holds no {SAQ_STATE_NAME} file (written by an older saq-hf, or with "
-                               f"save_only_model): the first step after resuming is a "
-                               f"{'full SAQ' if self.args.saq_strategy == 'looksam' else 'plain QAT'} step.")
+                               f"save_only_model): the first step after resuming is a {first_step} step.")
             return
         with safe_open(path, framework="pt", device=str(self.args.device)) as f:
-            metadata = f.metadata()
-            loaded = {key: f.get_tensor(key) for key in f.keys()}
-
-        def kept(prefix):
-            size = int(metadata[f"{prefix}_size"])
-            return [loaded.get(f"{prefix}.{i}") for i in range(size)] if size else None
-
-        self._previous_descent_grads = kept("reuse_grad")
-        self._looksam_dirs = kept("looksam")
-        built_at = metadata["looksam_built_at"]
-        self._looksam_built_at = None if built_at == "None" else int(built_at)
+            self.strategy.load_state_dict({key: f.get_tensor(key) for key in f.keys()}, f.metadata())
 
     def _load_best_model(self) -> None:
         # The stock best-model reload is the same plain ``load_state_dict`` of renamed keys as the resume path
@@ -856,3 +762,15 @@ class SAQTrainer(Trainer):
         warnings.warn(f"SAQ may be stopping this model from learning: {reason}. Use rho='auto' or a smaller rho "
                       f"(now {self.rho:g}, saq_radius={self.args.saq_radius!r}), and keep "
                       "saq_clean_step_sizes=True.", stacklevel=2)
+
+    # LookSAM's state under the names it had before it moved to ``strategies.LookSAM``.
+    @property
+    def _looksam_params(self) -> list[torch.nn.Parameter]:
+        return self.strategy.params
+
+    @property
+    def _looksam_dirs(self) -> list | None:
+        return self.strategy.directions
+
+    def _is_full_looksam_step(self) -> bool:
+        return self.strategy.is_full_step(self.state.global_step)
