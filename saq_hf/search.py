@@ -22,6 +22,7 @@ YAML by ``saq-hf search`` and read back with ``yaml.safe_load`` by ``saq-hf trai
 """
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -40,7 +41,7 @@ from .landscape import _Measurement, _measuring
 from .packing import packed_size
 from .quant import LSQQuantizer, QuantConv2d, QuantLayerMixin, capture_quantized_weights, quantized_layers
 from .quant.convert import convert_layers, default_bits_overrides, name_matches
-from .sharpness import SharpnessPerturbation, adversarial_loss_increases
+from .sharpness import SharpnessPerturbation
 
 DEFAULT_CANDIDATES = (2, 3, 4, 8)
 MEASURES = ("sharpness", "hessian")
@@ -134,8 +135,9 @@ def allocate_bits(sensitivity: Mapping[str, Mapping[int, float]], weights: Mappi
     """``{layer: bits}`` minimising the summed ``sensitivity[layer][bits]`` under the budget (``scipy.optimize.milp``).
 
     ``target_bits``: ``Σ weights·bits <= target_bits · Σ weights``; ``target_bytes``: ``pinned_bytes + Σ
-    packed_size(weights, bits) <= target_bytes``. Among allocations of equal sensitivity the one with more bits
-    wins. ``ValueError`` when no allocation fits.
+    packed_size(weights, bits) <= target_bytes``. A layer's score at ``b`` bits counts as the least of its scores at
+    ``b`` or fewer bits (more bits never cost sensitivity), and among allocations of equal sensitivity the one with
+    more bits wins. ``ValueError`` when no allocation fits.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -143,7 +145,10 @@ def allocate_bits(sensitivity: Mapping[str, Mapping[int, float]], weights: Mappi
     names = list(weights)
     cost, budget = _budget(dict(weights), pinned_bytes, candidates, target_bits, target_bytes)
     pairs = [(name, bits) for name in names for bits in candidates]
-    scores = np.array([float(sensitivity[name][bits]) for name, bits in pairs])
+    # More bits are never scored worse than fewer: a measured inversion is noise, and would leave budget unused.
+    monotone = {name: dict(zip(candidates, np.minimum.accumulate([float(sensitivity[name][b]) for b in candidates])))
+                for name in names}
+    scores = np.array([monotone[name][bits] for name, bits in pairs])
     costs = np.array([float(cost(name, bits)) for name, bits in pairs])
     spread = max(float(np.ptp(scores)), 1e-12) if len(scores) else 1.0
     # The tie-break sums to under 1e-7 of the score range: equal scores use the budget, nothing else changes.
@@ -335,34 +340,37 @@ def check_budget(model: nn.Module, *, target_bits: float | None = None, target_b
 
 # ------------------------------------------------------------------------------------------------------ measures
 def _sharpness_sensitivity(work, measure: _Measurement, cands: _Candidates, candidates, rho: float) -> dict:
-    """``{layer: {bits: L(Q_b + ε) - L₀}}`` and ``{layer: {bits: L(Q_b) - L₀}}`` (the quantization part alone)."""
+    """``{layer: {bits: L(Q_b + ε) - L₀}}``, averaged over ``Q_b`` and its mirror (:class:`_MirroredQuantizer`).
+
+    With the relative radius SAQ's ε for one tensor is ``ρ·||Q(w_l)||·g_l/||g_l||``, whatever the other tensors do:
+    each layer alone gets exactly its training ε, built by :class:`SharpnessPerturbation`. Its direction ``g_l`` is
+    taken once per batch at the 8-bit point (one backward for all layers and bit-widths) and its length from the
+    layer's weight at ``b`` bits, so each (layer, bit-width) costs two forward passes per batch (``Q_b`` and its
+    mirror) instead of two ascent-descent steps.
+    """
     base = measure.loss()
-    params = [p for p in work.parameters() if p.requires_grad]
-    sharp, plain = {}, {}
+    frozen = [p for p in work.parameters() if p.requires_grad]
+    sharp = {name: {bits: -base for bits in candidates} for name in cands.layers}
     try:
-        for p in params:
+        for p in frozen:  # ε moves the searched layers' Q(w) only: θ and the pinned layers stay where they are
             p.requires_grad_(False)
-        for name, layer in cands.layers.items():
+        for layer in cands.layers.values():
             layer.weight.requires_grad_(True)
-            # Only this layer's Q(w) moves: the other layers and θ are frozen, so ε is SAQ's step for it alone.
-            perturbation = SharpnessPerturbation(work, case="saq", rho=rho, perturb="none", radius="relative")
-            sharp[name], plain[name] = {}, {}
-            for bits in candidates:
-                loss = increase = 0.0
-                for mirrored in (False, True):
-                    with cands.swapped(name, bits, mirrored):
-                        for weight, batch in zip(measure.weights, measure.batches):
-                            batch_loss, increases = adversarial_loss_increases(
-                                perturbation, lambda: measure.loss_fn(work, batch), grid=(rho,))
-                            loss += 0.5 * weight * float(batch_loss)
-                            increase += 0.5 * weight * float(increases[0])
-                plain[name][bits] = loss - base
-                sharp[name][bits] = loss + increase - base
-            layer.weight.requires_grad_(False)
+        perturbation = SharpnessPerturbation(work, case="saq", rho=rho, perturb="none", radius="relative")
+        index = {layer: i for i, layer in enumerate(perturbation.layers)}
+        for weight, batch in zip(measure.weights, measure.batches):
+            grads = perturbation.ascent_gradients(lambda: measure.loss_fn(work, batch))
+            for name, layer in cands.layers.items():
+                alone = [grad if i == index[layer] else None for i, grad in enumerate(grads)]
+                for bits in candidates:
+                    for mirrored in (False, True):
+                        with cands.swapped(name, bits, mirrored), torch.no_grad(), \
+                                perturbation.perturbed(perturbation.compute_epsilon(alone)):
+                            sharp[name][bits] += 0.5 * weight * float(measure.loss_fn(work, batch))
     finally:
-        for p in params:
+        for p in frozen:
             p.requires_grad_(True)
-    return {"sharpness": sharp, "quantization_loss": plain, "base_loss": base}
+    return {"sharpness": sharp, "base_loss": base}
 
 
 def hessian_traces(work: nn.Module, measure: _Measurement, layers: dict[str, QuantLayerMixin], n_samples: int,
@@ -467,31 +475,50 @@ def search_bits(model: nn.Module, batches: Iterable, *, target_bits: float | Non
             measured = _sharpness_sensitivity(work, measurement, cands, candidates, rho)
         else:
             measured = _hessian_sensitivity(work, measurement, cands, candidates, hutchinson_samples, seed)
-    chosen = allocate_bits(measured[measure], weights, candidates, target_bits=target_bits,
-                           target_bytes=target_bytes, pinned_bytes=pinned_bytes)
-
-    overrides, table = {}, []
+    table = []
     for name, layer in all_layers.items():
-        is_pinned = name in pinned
-        w_bits = layer.w_bits if is_pinned else chosen[name]
-        a_bits = layer.a_bits if is_pinned else w_bits if activations else None
-        # Weights only: the layer keeps the a_bits the training config gives it.
-        overrides[name] = {"w_bits": w_bits, "a_bits": a_bits} if a_bits is not None else {"w_bits": w_bits}
-        row = {"name": name, "weights": layer.weight.numel(), "w_bits": w_bits, "a_bits": a_bits,
-               "bytes": packed_size(layer.weight.numel(), w_bits), "pinned": is_pinned}
-        if not is_pinned:
+        row = {"name": name, "weights": layer.weight.numel(), "w_bits": layer.w_bits, "a_bits": layer.a_bits,
+               "bytes": packed_size(layer.weight.numel(), layer.w_bits), "pinned": name in pinned}
+        if name not in pinned:
             row["sensitivity"] = {bits: float(measured[measure][name][bits]) for bits in candidates}
         table.append(row)
-    total_weights = sum(weights.values())
-    plan = BitsPlan(bits_overrides=overrides, layers=table, measure=measure, candidates=candidates,
-                    activations=bool(activations), target_bits=float(target_bits) if target_bits is not None else None,
-                    target_bytes=target_bytes,
-                    average_bits=sum(weights[n] * chosen[n] for n in weights) / total_weights,
-                    weight_bytes=sum(row["bytes"] for row in table),
+    plan = BitsPlan(bits_overrides={}, layers=table, measure=measure, candidates=candidates,
+                    activations=bool(activations),
                     extra={"rho": float(rho)} if measure == "sharpness" else {"hutchinson_samples": hutchinson_samples})
     plan.extra["batches"] = len(measurement.batches)
+    plan = reallocate(plan, target_bits=target_bits, target_bytes=target_bytes)
     plan.search_seconds = time.perf_counter() - started
     return plan
+
+
+def reallocate(plan: BitsPlan, *, target_bits: float | None = None, target_bytes: int | None = None,
+               sensitivity: Mapping[str, Mapping[int, float]] | None = None) -> BitsPlan:
+    """The allocation of ``plan``'s layers under another budget, from the sensitivities it measured (no new
+    measurement), or from ``sensitivity`` (``{layer: {bits: score}}``, e.g. random scores for a random allocation
+    of the same size). Returns a new :class:`BitsPlan`."""
+    candidates = _check_choices(plan.candidates, target_bits, target_bytes)
+    searched = [row for row in plan.layers if not row["pinned"]]
+    weights = {row["name"]: row["weights"] for row in searched}
+    scores = sensitivity if sensitivity is not None else {row["name"]: row["sensitivity"] for row in searched}
+    pinned_bytes = sum(row["bytes"] for row in plan.layers if row["pinned"])
+    chosen = allocate_bits(scores, weights, candidates, target_bits=target_bits, target_bytes=target_bytes,
+                           pinned_bytes=pinned_bytes)
+    overrides, table = {}, []
+    for row in plan.layers:
+        row = dict(row)
+        if not row["pinned"]:
+            row["w_bits"] = chosen[row["name"]]
+            row["a_bits"] = row["w_bits"] if plan.activations else None
+            row["bytes"] = packed_size(row["weights"], row["w_bits"])
+        # Weights only: the layer keeps the a_bits the training config gives it.
+        overrides[row["name"]] = ({"w_bits": row["w_bits"], "a_bits": row["a_bits"]} if row["a_bits"] is not None
+                                  else {"w_bits": row["w_bits"]})
+        table.append(row)
+    return dataclasses.replace(
+        plan, bits_overrides=overrides, layers=table, extra=dict(plan.extra),
+        target_bits=float(target_bits) if target_bits is not None else None, target_bytes=target_bytes,
+        average_bits=sum(weights[n] * chosen[n] for n in weights) / sum(weights.values()),
+        weight_bytes=sum(row["bytes"] for row in table))
 
 
 # ------------------------------------------------------------------------------------------------------ plan I/O

@@ -13,7 +13,7 @@ from saq_hf import QuantConfig, calibrate, export_quantized, load_exported, quan
 from saq_hf.export import MANIFEST_FILE
 from saq_hf.packing import packed_size
 from saq_hf.quant import quantized_layer_bits
-from saq_hf.search import PlanError, allocate_bits, check_plan, read_plan
+from saq_hf.search import PlanError, allocate_bits, check_plan, read_plan, reallocate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -216,3 +216,20 @@ def test_bad_plans_are_one_line_that_says_what_to_change(tmp_path):
     missing = {**plan, "bits_overrides": {k: v for k, v in plan["bits_overrides"].items() if k != "classifier"}}
     with pytest.raises(PlanError, match="does not name layer 'classifier'"):
         check_plan(read_plan(write(tmp_path, missing)), tiny_vit())
+
+
+def test_reallocate_reuses_the_measured_sensitivities_at_another_budget():
+    model = tiny_vit()
+    plan = search_bits(model, self_labelled(model, n=1), target_bits=3, measure="hessian")
+    smaller = search_bits(model, self_labelled(model, n=1), target_bits=2.5, measure="hessian")
+    again = reallocate(plan, target_bits=2.5)
+    assert again.bits_overrides == smaller.bits_overrides and again.average_bits == smaller.average_bits
+    assert [row["sensitivity"] for row in again.layers if not row["pinned"]] == [
+        row["sensitivity"] for row in plan.layers if not row["pinned"]]
+    # Other scores (here: favour the last searched layer) give another allocation of the same budget.
+    names = [row["name"] for row in plan.layers if not row["pinned"]]
+    scores = {name: {b: (100.0 if name == names[-1] else 1.0) / b for b in plan.candidates} for name in names}
+    favoured = reallocate(plan, target_bits=2.5, sensitivity=scores)
+    # 8 bits on its 2,048 weights would leave the other 10,240 under 2 bits on average: 4 is the most it can get.
+    assert favoured.bits_overrides[names[-1]]["w_bits"] == 4 and favoured.average_bits <= 2.5
+    assert all(favoured.bits_overrides[name]["w_bits"] <= 4 for name in names)
