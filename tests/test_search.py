@@ -233,3 +233,20 @@ def test_reallocate_reuses_the_measured_sensitivities_at_another_budget():
     # 8 bits on its 2,048 weights would leave the other 10,240 under 2 bits on average: 4 is the most it can get.
     assert favoured.bits_overrides[names[-1]]["w_bits"] == 4 and favoured.average_bits <= 2.5
     assert all(favoured.bits_overrides[name]["w_bits"] <= 4 for name in names)
+
+
+def test_a_quantized_model_is_searched_around_its_latent_weights_and_left_unchanged():
+    model = tiny_vit()
+    batches = self_labelled(model, n=1)
+    from_fp = search_bits(model, batches, target_bits=3, measure="hessian")
+    quantized = quantize_model(tiny_vit(), QuantConfig(w_bits=2, a_bits=2))
+    calibrate(quantized, [batches[0][0]])
+    before = {k: v.clone() for k, v in quantized.state_dict().items()}
+    from_quantized = search_bits(quantized, batches, target_bits=3, measure="hessian")
+    assert from_quantized.bits_overrides == from_fp.bits_overrides
+    for mine, reference in zip(from_quantized.layers, from_fp.layers):
+        if not mine["pinned"]:
+            assert mine["sensitivity"] == pytest.approx(reference["sensitivity"], rel=1e-4)
+    after = quantized.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and set(before) == set(after)
+    assert set(quantized_layer_bits(quantized).values()) == {(2, 2), (8, 8)}
