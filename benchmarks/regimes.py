@@ -313,7 +313,9 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
             "noise": run.noise, "fp_seed": run.fp_seed if run.fp_path else None,
             "w_bits": run.bits, "a_bits": run.bits, "mode": run.mode, "saq_mode": fields["saq_mode"],
             "saq_strategy": fields.get("saq_strategy", "full"), "saq_radius": args.saq_radius,
-            "rho_setting": rho, "rho": trainer.rho if trainer.rho is not None else 0.0, "seed": run.seed,
+            # rho="auto": the mean of the radii the rule took over the run (rho_auto has the last one).
+            "rho_setting": rho, "rho": (trainer.rho_auto_measurement or {}).get("mean_rho") or trainer.rho or 0.0,
+            "seed": run.seed,
             "accuracy": accuracy(model, splits.test_x, splits.test_y),
             "val_accuracy": accuracy(model, splits.val_x, splits.val_y),
             "train_loss": logs[-1]["train_loss"] if logs else None, "train_seconds": seconds,

@@ -21,6 +21,7 @@ One step reads like ``sam.py``::
     optimizer.step()
 """
 
+import math
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 
@@ -336,38 +337,32 @@ def frozen_running_stats(model: nn.Module):
                 torch._foreach_copy_(buffers, saved)
 
 
-# Relative radii ``rho="auto"`` chooses from (fractions of each perturbed tensor's norm).
-AUTO_RHO_GRID = (0.0005, 0.001, 0.002, 0.005)  # capped at the top of the validated range (README Results)
+class LossDrivenRadius:
+    """``rho="auto"``: a relative radius that follows the training loss,
+    ``ρ = rho_max · min(1, L / (loss_share · ln C))`` with ``L`` a running mean of the unperturbed training loss
+    and ``C`` the number of classes.
 
-
-def adversarial_loss_increases(perturbation: SharpnessPerturbation, compute_loss: Callable[[], torch.Tensor],
-                               grid: tuple[float, ...] = AUTO_RHO_GRID,
-                               same_draws: Callable = torch.random.fork_rng) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, increases)`` on one batch: the loss at the current point and, for each radius in ``grid``,
-    ``L(at the perturbed point) - L`` with the step's own ε (its case, radius definition, ASAM setting).
-
-    ``compute_loss()`` runs one forward; each runs inside ``same_draws()`` so all see the same dropout masks.
-    Nothing is updated: ``.grad`` and batch-norm statistics are left as they were.
+    Where the model cannot fit its training labels (noisy labels: the loss stays near the labels' entropy),
+    sharpness-aware training pays most and large radii win; where it fits them, the loss falls and so does ρ,
+    toward plain QAT, where the radius matters little and large radii only cost. ``L`` is an exponential mean
+    over micro-batches (weight ``1 - decay`` for the newest), kept as a tensor so updating it never waits for
+    the device; each data-parallel worker follows its own micro-batches.
     """
-    saved_rho, saved_skipped = perturbation.rho, perturbation.skipped
-    increases = []
-    try:
-        with frozen_running_stats(perturbation.model):
-            with same_draws():
-                grads = perturbation.ascent_gradients(compute_loss)
-            loss = perturbation.last_loss
-            for rho in grid:
-                perturbation.rho = rho
-                eps = perturbation.compute_epsilon(grads)
-                with torch.no_grad(), same_draws(), perturbation.perturbed(eps):
-                    increases.append(compute_loss().detach() - loss)
-    finally:
-        perturbation.rho, perturbation.skipped = saved_rho, saved_skipped
-    return loss.float(), torch.stack(increases).float()
 
+    def __init__(self, num_classes: int, rho_max: float, loss_share: float, decay: float = 0.9):
+        if num_classes < 2:
+            raise ValueError(f"rho='auto' needs a classifier with >= 2 classes, got {num_classes}: set rho to a number")
+        self.num_classes, self.scale = num_classes, loss_share * math.log(num_classes)
+        self.rho_max, self.decay = rho_max, decay
+        self.mean_loss: torch.Tensor | None = None
 
-def choose_rho(loss: float, increases: list[float], share: float, grid: tuple[float, ...] = AUTO_RHO_GRID) -> float:
-    """The largest radius of ``grid`` whose adversarial loss increase stays within ``share`` of the loss
-    (the smallest radius when none does)."""
-    allowed = [rho for rho, increase in zip(grid, increases) if increase <= share * loss]
-    return max(allowed) if allowed else min(grid)
+    def observe(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self.mean_loss = loss if self.mean_loss is None else torch.lerp(self.mean_loss, loss, 1 - self.decay)
+
+    @property
+    def rho(self) -> torch.Tensor | float:
+        """The radius for the next step (0-dim tensor on the loss's device; ``rho_max`` before any loss)."""
+        if self.mean_loss is None:
+            return self.rho_max
+        return self.rho_max * torch.clamp(self.mean_loss / self.scale, max=1.0)

@@ -17,13 +17,11 @@ from transformers.utils import CONFIG_NAME, logging
 
 from .quant import LSQQuantizer, quantized_layers
 from .sharpness import (
-    AUTO_RHO_GRID,
     CASES,
+    LossDrivenRadius,
     PERTURB_CHOICES,
     RADII,
     SharpnessPerturbation,
-    adversarial_loss_increases,
-    choose_rho,
     frozen_running_stats,
 )
 from .strategies import STRATEGIES
@@ -36,6 +34,7 @@ SAQ_STRATEGIES = tuple(STRATEGIES)
 COMPILE_VERIFIED_TORCH = ("2.11", "2.12", "2.13")
 # A checkpoint's per-process file of what saq_strategy keeps between steps.
 SAQ_STATE_NAME = "saq_strategy_state"
+RULE_STATE_KEY = "rho_auto.mean_loss"  # rho="auto"'s running mean of the training loss, in that file
 
 
 @dataclass
@@ -59,10 +58,10 @@ class SAQTrainingArguments(TrainingArguments):
         metadata={
             "help": "Perturbation radius ρ, or 'auto'. With saq_radius='relative' (default) ρ is a fraction of "
             "each perturbed tensor's norm (0.002: every tensor moves by 0.2 % of its norm; chosen on validation "
-            "data); with 'absolute' it is the global L2 norm of ε (the paper's ρ). 'auto' "
-            "measures, before training, the adversarial loss increase of every radius on a log grid on "
-            "rho_auto_batches training batches and takes the largest whose increase stays within "
-            "rho_auto_share of the loss (conservative: it picked 0.0005-0.001 in our benchmarks)."
+            "data); with 'absolute' it is the global L2 norm of ε (the paper's ρ). 'auto' (relative only): ρ "
+            "follows the training loss L, ρ = rho_auto_max · min(1, L / (rho_auto_loss_share · ln(num_classes))), "
+            "large where the model cannot fit its labels (noisy labels, where SAQ gains most), small where it fits "
+            "them (docs/METHOD.md, \"The radius ρ\")."
         },
     )
     saq_radius: str = field(
@@ -74,12 +73,15 @@ class SAQTrainingArguments(TrainingArguments):
             "choices": list(RADII),
         },
     )
-    rho_auto_share: float = field(
-        default=0.05,
-        metadata={"help": "rho='auto': the adversarial loss increase allowed, as a share of the loss (0 < share)."},
+    rho_auto_max: float = field(
+        default=0.02,
+        metadata={"help": "rho='auto': the largest relative radius it takes (> 0; 0.02, the top of the radius grid "
+                          "validated in benchmarks/regimes.py)."},
     )
-    rho_auto_batches: int = field(
-        default=4, metadata={"help": "rho='auto': training batches the radius is measured on (>= 1)."}
+    rho_auto_loss_share: float = field(
+        default=0.5,
+        metadata={"help": "rho='auto': the training loss, as a share of ln(num_classes), at and above which ρ is "
+                          "rho_auto_max (> 0); below it ρ shrinks in proportion to the loss."},
     )
     saq_start_ratio: float | str | None = field(  # ``| None``: see rho
         default="auto",
@@ -158,14 +160,13 @@ class SAQTrainingArguments(TrainingArguments):
         self.rho = _parse_rho(self.rho)
         if self.saq_radius not in RADII:
             raise ValueError(f"saq_radius must be one of {RADII}, got {self.saq_radius!r} (field: saq_radius)")
-        if (isinstance(self.rho_auto_share, bool) or not isinstance(self.rho_auto_share, (int, float))
-                or not math.isfinite(self.rho_auto_share) or self.rho_auto_share <= 0):
-            raise ValueError(
-                f"rho_auto_share must be a number > 0, got {self.rho_auto_share!r} (field: rho_auto_share)")
-        if isinstance(self.rho_auto_batches, bool) or not isinstance(self.rho_auto_batches, int) \
-                or self.rho_auto_batches < 1:
-            raise ValueError(
-                f"rho_auto_batches must be an integer >= 1, got {self.rho_auto_batches!r} (field: rho_auto_batches)")
+        for name in ("rho_auto_max", "rho_auto_loss_share"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r} (field: {name})")
+        if self.rho == "auto" and self.saq_radius != "relative":
+            raise ValueError("rho='auto' sets a relative radius (a share of each tensor's norm): drop "
+                             "saq_radius='absolute', or give rho a number")
         self.saq_start_ratio = _parse_start_ratio(self.saq_start_ratio)
         if self.saq_perturb not in PERTURB_CHOICES:
             raise ValueError(
@@ -320,7 +321,19 @@ class SAQTrainer(Trainer):
         self.sharpness: SharpnessPerturbation | None = None
         self._lsq_step_sizes: list[torch.nn.Parameter] = []
         self._lsq_quantizers: list[LSQQuantizer] = []
+        # rho="auto": ``radius_rule`` sets the radius of every SAQ step from the training loss; ``rho`` is then its
+        # latest value (None before the first SAQ step).
         self.rho: float | None = None if self.args.rho == "auto" else self.args.rho
+        self.radius_rule: LossDrivenRadius | None = None
+        if self.args.rho == "auto" and self.args.saq_mode != "qat":
+            classes = getattr(getattr(self.model, "config", None), "num_labels", None)
+            if not isinstance(classes, int) or classes < 2:
+                raise ValueError(f"rho='auto' sets the radius from a classifier's loss and needs the model's "
+                                 f"config.num_labels >= 2 (got {classes!r}): give rho a number")
+            self.radius_rule = LossDrivenRadius(classes, self.args.rho_auto_max, self.args.rho_auto_loss_share)
+        # Sums of the radius over the SAQ steps since the last log (a tensor: no device sync per step) and over the run.
+        self._rho_sum, self._rho_count = 0.0, 0
+        self._loss_observed = False
         self.strategy = STRATEGIES[self.args.saq_strategy](self.args)
         self._saq_sums = self._empty_sums()
         self._guard_run, self._guard_warned, self._start_checked, self._untrained = 0, False, False, False
@@ -370,42 +383,9 @@ class SAQTrainer(Trainer):
             self._lsq_quantizers = [m for m in unwrapped.modules()
                                     if isinstance(m, LSQQuantizer) and m.step_size_parameter.requires_grad]
             self._lsq_step_sizes = [m.step_size_parameter for m in self._lsq_quantizers]
-        if self.rho is None:
-            self.rho = self._resolve_auto_rho(model, self.sharpness)
-        self.sharpness.rho = self.rho
+        if self.radius_rule is None:
+            self.sharpness.rho = self.rho
         return self.sharpness
-
-    def _resolve_auto_rho(self, model, sharpness: SharpnessPerturbation) -> float:
-        """``rho="auto"``: the value a resumed run logged before, else measured now on the first training
-        batches (averaged over data-parallel workers, so every worker takes the same ρ), and logged."""
-        for entry in self.state.log_history:
-            if "saq_rho" in entry:
-                return float(entry["saq_rho"])
-        args = self.args
-        losses, increases, untrained = [], [], []
-        # Draws for the measurement (sampler order, dropout) must not shift the training run's random stream.
-        with self._same_random_draws():
-            for index, batch in enumerate(self.get_train_dataloader()):
-                if index == args.rho_auto_batches:
-                    break
-                batch = self._prepare_inputs(batch)
-                untrained.append(_predicts_uniformly(self._look(model, batch)))
-                loss, increase = adversarial_loss_increases(
-                    sharpness, lambda b=batch: self._plain_loss(model, b), same_draws=self._same_random_draws)
-                losses.append(loss)
-                increases.append(increase)
-        loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
-        increase = self.accelerator.reduce(torch.stack(increases).mean(0), reduction="mean")
-        # An untrained model's landscape is flat at initialisation, so the rule would allow large radii that then
-        # stop it from learning (README Results): it gets the smallest radius instead.
-        is_untrained = bool(self.accelerator.reduce(torch.tensor(float(all(untrained)), device=loss.device),
-                                                    reduction="mean") == 1)
-        rho = min(AUTO_RHO_GRID) if is_untrained else choose_rho(float(loss), increase.tolist(), args.rho_auto_share)
-        self.rho_auto_measurement = {"loss": float(loss), "grid": list(AUTO_RHO_GRID),
-                                     "loss_increase": increase.tolist(), "share": args.rho_auto_share,
-                                     "untrained": is_untrained, "rho": rho}
-        self.log({"saq_rho": rho})
-        return rho
 
     def _look(self, model, inputs):
         """The model's outputs on prepared ``inputs`` with nothing changed: no gradients, batch-norm statistics
@@ -516,11 +496,16 @@ class SAQTrainer(Trainer):
             self.saq_start_step = self._resolve_start_step(model, inputs)
         if self._is_plain_step():
             loss = self.qat_step(model, inputs, num_items_in_batch)
+            self._observe_loss(loss, returned=True, num_items_in_batch=num_items_in_batch)
             if self.saq_start_step == WAITING:
                 self._watch_for_fit(loss, num_items_in_batch)
             return loss
         self._sharpness_for(model)
-        return self.strategy.training_step(self, model, inputs, num_items_in_batch)
+        self._loss_observed = False
+        loss = self.strategy.training_step(self, model, inputs, num_items_in_batch)
+        if not self._loss_observed:  # a step without an ascent pass: its own (perturbed or plain) loss
+            self._observe_loss(loss, returned=True, num_items_in_batch=num_items_in_batch)
+        return loss
 
     def qat_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The stock ``Trainer.training_step``: one forward-backward, gradients accumulated into ``.grad``."""
@@ -535,6 +520,8 @@ class SAQTrainer(Trainer):
             grads, clean = sharpness.ascent_gradients(
                 lambda: self._ascent_loss(model, inputs, num_items_in_batch), extra=step_sizes + compared)
         clean, plain = clean[:len(step_sizes)], clean[len(step_sizes):]
+        self._observe_loss(self._raw_ascent_loss, returned=False, num_items_in_batch=num_items_in_batch)
+        self._loss_observed = True
         eps = self.epsilon(grads)
         del grads
         with sharpness.perturbed(eps), frozen_running_stats(model), \
@@ -614,9 +601,36 @@ class SAQTrainer(Trainer):
         sums["descent_loss"] = sums["descent_loss"] + descent
         sums["loss_count"] += 1
 
+    def _observe_loss(self, loss: torch.Tensor, returned: bool, num_items_in_batch) -> None:
+        """Feed ``rho="auto"``'s rule one micro-batch's mean training loss: ``loss`` as ``compute_loss`` gave it
+        (``returned=False``) or as ``training_step`` returned it (divided for gradient accumulation)."""
+        if self.radius_rule is None:
+            return
+        if returned or self._loss_is_scaled_for_ga(num_items_in_batch):
+            loss = loss * self.current_gradient_accumulation_steps
+        self.radius_rule.observe(loss)
+
+    @property
+    def rho_auto_measurement(self) -> dict | None:
+        """``rho="auto"``: the rule's settings and the radius it took (mean of the logged radii, and the latest)."""
+        if self.radius_rule is None:
+            return None
+        logged = [entry["saq_rho"] for entry in self.state.log_history if "saq_rho" in entry]
+        if not logged and self._rho_count:
+            logged = [float(self._rho_sum) / self._rho_count]
+        rule = self.radius_rule
+        return {"rule": "rho = rho_auto_max * min(1, L / (rho_auto_loss_share * ln C))", "rho_auto_max": rule.rho_max,
+                "rho_auto_loss_share": self.args.rho_auto_loss_share, "num_classes": rule.num_classes,
+                "mean_rho": sum(logged) / len(logged) if logged else None,
+                "last_rho": float(rule.rho) if rule.mean_loss is not None else None,
+                "last_mean_loss": float(rule.mean_loss) if rule.mean_loss is not None else None}
+
     def epsilon(self, grads):
         """ε of ``self.sharpness`` for the ascent gradients ``grads`` (``None``: skipped), its norms summed for
-        the log."""
+        the log. Under ``rho="auto"`` the radius is set from the training loss first."""
+        if self.radius_rule is not None:
+            self.sharpness.rho = self.radius_rule.rho
+            self._rho_sum, self._rho_count = self._rho_sum + self.sharpness.rho, self._rho_count + 1
         eps = self.sharpness.compute_epsilon(grads)
         if eps is not None:
             sums = self._saq_sums
@@ -707,6 +721,8 @@ class SAQTrainer(Trainer):
         # so a resumed run takes exactly the steps the uninterrupted one would.
         super()._save_rng_state(output_dir)
         tensors, metadata = self.strategy.state_dict()
+        if self.radius_rule is not None and self.radius_rule.mean_loss is not None:
+            tensors = {**tensors, RULE_STATE_KEY: self.radius_rule.mean_loss.detach().reshape(1)}
         if tensors:
             os.makedirs(output_dir, exist_ok=True)
             save_file(tensors, self._strategy_state_file(output_dir), metadata=metadata)
@@ -721,7 +737,12 @@ class SAQTrainer(Trainer):
                                f"save_only_model): the first step after resuming is a {first_step} step.")
             return
         with safe_open(path, framework="pt", device=str(self.args.device)) as f:
-            self.strategy.load_state_dict({key: f.get_tensor(key) for key in f.keys()}, f.metadata())
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata()
+        mean_loss = tensors.pop(RULE_STATE_KEY, None)
+        if self.radius_rule is not None and mean_loss is not None:
+            self.radius_rule.mean_loss = mean_loss.reshape(())
+        self.strategy.load_state_dict(tensors, metadata)
 
     def _load_best_model(self) -> None:
         # The stock best-model reload is the same plain ``load_state_dict`` of renamed keys as the resume path
@@ -745,7 +766,11 @@ class SAQTrainer(Trainer):
                 logs["saq_ascent_loss"], logs["saq_descent_loss"] = ascent, descent
                 self._watch_for_collapse(ascent, descent, sums["loss_count"])
             logs["saq_skipped"] = self.sharpness.skipped if self.sharpness is not None else 0
-            if self.rho is not None:
+            if self.radius_rule is not None and self._rho_count:
+                logs["saq_rho"] = float(self._rho_sum) / self._rho_count  # the mean radius since the last log
+                self._rho_sum, self._rho_count = 0.0, 0
+                self.rho = float(self.radius_rule.rho)
+            elif self.rho is not None and self.radius_rule is None:
                 logs["saq_rho"] = self.rho
             self._saq_sums = self._empty_sums()
         super().log(logs, start_time)
@@ -759,9 +784,10 @@ class SAQTrainer(Trainer):
         self._guard_warned = True
         reason = (f"the perturbed loss has stayed above {GUARD_RATIO:g}x the unperturbed loss for "
                   f"{self._guard_run} steps ({descent:.3g} vs {ascent:.3g})")
-        warnings.warn(f"SAQ may be stopping this model from learning: {reason}. Use rho='auto' or a smaller rho "
-                      f"(now {self.rho:g}, saq_radius={self.args.saq_radius!r}), and keep "
-                      "saq_clean_step_sizes=True.", stacklevel=2)
+        now = f"rho='auto', now {float(self.radius_rule.rho):.3g}" if self.radius_rule is not None else \
+            f"now {self.rho:g}"
+        warnings.warn(f"SAQ may be stopping this model from learning: {reason}. Use a smaller rho ({now}, "
+                      f"saq_radius={self.args.saq_radius!r}), and keep saq_clean_step_sizes=True.", stacklevel=2)
 
     # LookSAM's state under the names it had before it moved to ``strategies.LookSAM``.
     @property

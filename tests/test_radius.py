@@ -12,7 +12,7 @@ import saq_hf.trainer as trainer_module
 from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model
 from saq_hf.trainer import FIT_SHARE, FIT_WINDOW, WAITING
 from saq_hf.quant import LSQQuantizer
-from saq_hf.sharpness import AUTO_RHO_GRID, SharpnessPerturbation, choose_rho
+from saq_hf.sharpness import LossDrivenRadius, SharpnessPerturbation
 
 FAST = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
 
@@ -67,11 +67,26 @@ def test_relative_radius_leaves_zero_initialised_biases_alone_where_absolute_pil
     assert shares["absolute"] > 0.05
 
 
-def test_choose_rho_takes_the_largest_radius_within_the_share():
-    grid = (0.001, 0.01, 0.1)
-    assert choose_rho(2.0, [0.01, 0.09, 0.5], share=0.05, grid=grid) == 0.01
-    assert choose_rho(2.0, [0.01, 0.09, 0.1], share=0.05, grid=grid) == 0.1
-    assert choose_rho(2.0, [0.5, 0.6, 0.7], share=0.05, grid=grid) == 0.001  # none fits: the smallest
+def test_loss_driven_radius_is_proportional_to_the_loss_up_to_its_cap():
+    rule = LossDrivenRadius(num_classes=10, rho_max=0.02, loss_share=0.5)
+    rule.observe(torch.tensor(0.5))
+    assert float(rule.rho) == pytest.approx(0.02 * 0.5 / (0.5 * math.log(10)))
+    capped = LossDrivenRadius(num_classes=10, rho_max=0.02, loss_share=0.5)
+    capped.observe(torch.tensor(3.0))  # above half of ln 10: the cap
+    assert float(capped.rho) == pytest.approx(0.02)
+
+
+def test_loss_driven_radius_follows_a_running_mean_of_the_loss():
+    rule = LossDrivenRadius(num_classes=2, rho_max=1.0, loss_share=1.0, decay=0.9)
+    rule.observe(torch.tensor(0.6))
+    rule.observe(torch.tensor(0.0))
+    assert float(rule.mean_loss) == pytest.approx(0.54)
+    assert float(rule.rho) == pytest.approx(0.54 / math.log(2))
+
+
+def test_loss_driven_radius_needs_a_classifier():
+    with pytest.raises(ValueError, match="set rho to a number"):
+        LossDrivenRadius(num_classes=1, rho_max=0.02, loss_share=0.5)
 
 
 def args(tmp_path, **overrides):
@@ -87,24 +102,35 @@ def trained_tiny_vit(tmp_path):
     return model
 
 
-def test_rho_auto_is_measured_once_logged_and_on_the_grid(tmp_path):
-    trainer = SAQTrainer(model=trained_tiny_vit(tmp_path), args=args(tmp_path, rho="auto"), train_dataset=ToyImages())
+def test_rho_auto_takes_the_rule_radius_of_the_running_loss_and_logs_it(tmp_path):
+    trainer = SAQTrainer(model=trained_tiny_vit(tmp_path), args=args(tmp_path, rho="auto", max_steps=4),
+                         train_dataset=ToyImages())
     trainer.train()
     measured = trainer.rho_auto_measurement
-    assert trainer.rho in AUTO_RHO_GRID and not measured["untrained"]
-    assert trainer.rho == choose_rho(measured["loss"], measured["loss_increase"], 0.05)
-    increases = measured["loss_increase"]
-    assert increases[-1] > increases[0]  # a larger radius costs more loss
+    expected = 0.02 * min(1.0, measured["last_mean_loss"] / (0.5 * math.log(NUM_LABELS)))
+    assert measured["last_rho"] == pytest.approx(expected) and trainer.rho == pytest.approx(expected)
     logged = [h["saq_rho"] for h in trainer.state.log_history if "saq_rho" in h]
-    assert logged and set(logged) == {trainer.rho}
+    assert len(logged) == 4 and all(0 < r <= 0.02 for r in logged)
+    assert measured["mean_rho"] == pytest.approx(sum(logged) / 4)
 
 
-def test_rho_auto_does_not_change_the_training_random_stream(tmp_path):
-    # Measuring draws no random numbers the run would see: an auto run that lands on a fixed radius trains
-    # exactly like a run given that radius.
-    auto = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "a", rho="auto"), train_dataset=ToyImages())
+def test_rho_auto_gives_a_model_that_fits_its_labels_a_smaller_radius(tmp_path):
+    # A trained model's loss is low: a small radius. An unfit one (loss near ln C): rho_auto_max.
+    fitted = SAQTrainer(model=trained_tiny_vit(tmp_path), args=args(tmp_path / "fit", rho="auto"),
+                        train_dataset=ToyImages())
+    fitted.train()
+    unfit = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "unfit", rho="auto"), train_dataset=ToyImages())
+    unfit.train()
+    assert unfit.rho == pytest.approx(0.02)
+    assert fitted.rho < 0.5 * unfit.rho
+
+
+def test_rho_auto_at_its_cap_trains_exactly_like_that_fixed_radius(tmp_path):
+    # The rule only sets the radius: no extra random draws, no other change to the step.
+    auto = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "a", rho="auto", rho_auto_loss_share=1e-6),
+                      train_dataset=ToyImages())
     auto.train()
-    fixed = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "f", rho=auto.rho), train_dataset=ToyImages())
+    fixed = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path / "f", rho=0.02), train_dataset=ToyImages())
     fixed.train()
     for (name, a), b in zip(auto.model.named_parameters(), fixed.model.parameters()):
         assert torch.equal(a, b), name
@@ -116,8 +142,8 @@ def test_rho_accepts_auto_or_a_number(tmp_path, value, parsed):
 
 
 @pytest.mark.parametrize("field, value", [("rho", "big"), ("rho", -1.0), ("rho", float("nan")),
-                                          ("saq_radius", "global"), ("rho_auto_share", 0.0),
-                                          ("rho_auto_batches", 0)])
+                                          ("saq_radius", "global"), ("rho_auto_max", 0.0),
+                                          ("rho_auto_loss_share", -1.0)])
 def test_bad_radius_settings_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         SAQTrainingArguments(output_dir=str(tmp_path), **{field: value})
@@ -193,10 +219,9 @@ def test_saq_on_an_untrained_model_says_to_train_it_first(tmp_path):
         trainer.train()
 
 
-def test_rho_auto_gives_an_untrained_model_the_smallest_radius(tmp_path):
-    trainer = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path, rho="auto"), train_dataset=ToyImages())
-    trainer.train()
-    assert trainer.rho_auto_measurement["untrained"] and trainer.rho == min(AUTO_RHO_GRID)
+def test_rho_auto_refuses_an_absolute_radius(tmp_path):
+    with pytest.raises(ValueError, match="relative radius"):
+        SAQTrainingArguments(output_dir=str(tmp_path), rho="auto", saq_radius="absolute")
 
 
 def test_saq_on_a_trained_model_does_not_warn(tmp_path, recwarn):

@@ -309,7 +309,7 @@ class StopAt(TrainerCallback):
 @pytest.mark.parametrize("radius", [PAPER, dict(rho="auto")], ids=["paper", "defaults-auto"])
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, radius):
     # Interval 3: steps 0 and 3 are SAQ steps, so the resumed half has a plain and a full SAQ step. With
-    # rho="auto" the resumed run reuses the radius measured before step 0 (from the checkpoint's log history).
+    # rho="auto" the resumed run restores the rule's running mean of the loss (the SAQ step 3 reads it).
     common = dict(max_steps=4, saq_strategy="every_k", saq_interval=3, logging_steps=1,
                   **{**PAPER, **radius, "saq_radius": "relative" if radius is not PAPER else "absolute",
                      "saq_clean_step_sizes": radius is not PAPER})
@@ -323,8 +323,6 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, radius):
     second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
     assert second.state.global_step == 4
     assert_same(uninterrupted, params(second.model))
-    if radius is not PAPER:
-        assert second.rho == first.rho and not hasattr(second, "rho_auto_measurement")  # reused, not re-measured
 
 
 def test_bf16_autocast_trains_and_restores(tmp_path):
