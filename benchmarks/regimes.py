@@ -217,7 +217,10 @@ def fp_model(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: in
     shutil.rmtree(path / "trainer", ignore_errors=True)
     staging = path.with_name(path.name + ".partial")
     model.save_pretrained(staging)
-    staging.rename(path)
+    if (path / "model.safetensors").exists():  # another process trained the same model meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        staging.rename(path)
     return path
 
 
