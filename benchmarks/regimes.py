@@ -77,7 +77,8 @@ from common import (  # noqa: E402
 BASELINE = "qat"
 SAQ_DEFAULT_RHO = 0.002  # SAQTrainingArguments' default (relative radius)
 # The efficient strategy is measured where SAQ's gain is largest (W2A2): the CPU budget does not cover every cell.
-EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_looksam_k10": (2,), "saq_reuse_grad": (2,)}
+EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_looksam_k10": (2,), "saq_reuse_grad": (2,),
+                     "auto_looksam_k10": (2,), "auto_reuse_grad": (2,)}
 # saq_at_once differs from saq only on a model that starts untrained.
 ONLY_IN_REGIMES = {"saq_at_once": ("scratch",)}
 LOOKSAM_ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0 is every_k
@@ -101,6 +102,9 @@ MODES = {
     **{f"saq_looksam_a{alpha:g}": {"saq_mode": "saq", "saq_strategy": "looksam", "saq_interval": 5,
                                    "saq_looksam_alpha": alpha} for alpha in LOOKSAM_ALPHA_GRID},
     "saq_reuse_grad": {"saq_mode": "saq", "saq_strategy": "reuse_grad"},  # 1 pass per step
+    # The efficient strategies within the 1.2x-QAT step-time budget (docs/SPEED.md), at rho="auto"'s radius.
+    "auto_looksam_k10": {"saq_mode": "saq", "rho": "auto", "saq_strategy": "looksam", "saq_interval": 10},
+    "auto_reuse_grad": {"saq_mode": "saq", "rho": "auto", "saq_strategy": "reuse_grad"},
     # The defaults without the plain-QAT start an untrained model gets (saq_start_ratio="auto"): the previous default.
     "saq_at_once": {"saq_mode": "saq", "saq_start_ratio": 0.0},
     "saq_paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False,
@@ -346,8 +350,7 @@ class Plan:
     regimes: tuple = ("scratch", "long_qat", "transfer")
     archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
     bits: tuple = (2, 3, 4)
-    modes: tuple = ("qat", "saq", "saq_at_once", "saq_val", "saq_auto", "saq_every_k", "saq_looksam", "saq_looksam_k10",
-                    "saq_reuse_grad")
+    modes: tuple = ("qat", "saq", "saq_at_once", "saq_val", "saq_auto", "auto_looksam_k10", "auto_reuse_grad")
     seeds: tuple = (0, 1, 2, 3, 4)
     val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)  # relative radii for saq_val
     sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
@@ -368,7 +371,8 @@ class Plan:
     # --part noisy: long QAT from a per-seed FP model trained on the same noisy labels
     noise_rates: tuple = (0.2, 0.4)
     noisy_bits: tuple = (2, 3)
-    noisy_modes: tuple = ("qat", "case1_val", "case2_val", "saq", "saq_val", "saq_auto", "saq_looksam")
+    noisy_modes: tuple = ("qat", "case1_val", "case2_val", "saq", "saq_val", "saq_auto", "auto_looksam_k10",
+                          "auto_reuse_grad")
     noisy_val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)
     noisy_sweep_seeds: tuple = (100, 101)
     limit: int | None = None
