@@ -9,6 +9,9 @@ steps where fp16's grad scaler overflowed (a step whose ascent gradients overflo
 Compiled against eager: the LSQ op alone (its gradients, with and without the step size's, to 1e-4), and
 ``torch_compile=True`` (qat and saq, bf16 and fp32, the ViT): the first step's loss
 must agree to 1e-3 relative (bf16: 1e-2), the others to 5e-2 (a quantization rounding can flip).
+CUDA graphs (``torch_compile_mode="reduce-overhead"``, bf16, the ViT, every mode and strategy above, drop_last): the
+losses as eager's (first to 1e-2, the others to 5e-2), no graph break, no skipped CUDA graph (``--checks cudagraphs``
+alone: about a minute; ``--dry-run``: the same on a CPU, qat only, where Inductor skips CUDA graphs by design).
 Writes every number to the JSON and exits 1 if a check fails. The fused LSQ op's bit-identity on the GPU
 is checked by ``pytest tests/test_fused_quant.py`` (``gpu_check.sh`` runs both).
 """
@@ -52,7 +55,8 @@ class Images(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
-def train(arch: str, precision: str, mode: str, strategy: str, compiled: bool = False) -> dict:
+def train(arch: str, precision: str, mode: str, strategy: str, compiled: bool = False, compile_mode: str | None = None,
+          device: str = "cuda") -> dict:
     torch.manual_seed(0)
     model = quantize_model(MODELS[arch](), QuantConfig(w_bits=4, a_bits=4))
     with tempfile.TemporaryDirectory() as out:
@@ -60,7 +64,8 @@ def train(arch: str, precision: str, mode: str, strategy: str, compiled: bool = 
                                     saq_radius="absolute", saq_start_ratio=0.0, max_steps=STEPS, learning_rate=1e-3,
                                     per_device_train_batch_size=16, logging_steps=1, report_to=[], seed=0,
                                     save_strategy="no", disable_tqdm=True, bf16=precision == "bf16",
-                                    fp16=precision == "fp16", torch_compile=compiled)
+                                    fp16=precision == "fp16", torch_compile=compiled, torch_compile_mode=compile_mode,
+                                    dataloader_drop_last=True, use_cpu=device == "cpu")
         trainer = SAQTrainer(model=model, args=args, train_dataset=Images())
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -73,14 +78,43 @@ def train(arch: str, precision: str, mode: str, strategy: str, compiled: bool = 
             "scaler_overflows": overflows}
 
 
+def cuda_graph_runs(device: str, precision: str, modes: list[tuple[str, str]]) -> dict:
+    """``torch_compile_mode="reduce-overhead"`` (Inductor's CUDA graphs) against eager, per mode: the losses, and how
+    many times Inductor skipped CUDA graphs (with the reasons it logged; on a CPU it always does)."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for mode, strategy in modes:
+        eager = train("vit", precision, mode, strategy, device=device)
+        torch._dynamo.reset()
+        counters.clear()
+        graphs = train("vit", precision, mode, strategy, compiled=True, compile_mode="reduce-overhead", device=device)
+        skips = dict(counters["inductor"]) if "inductor" in counters else {}
+        runs[f"{mode}/{strategy}"] = {"eager": eager["losses"], "cudagraphs": graphs["losses"],
+                                      "cudagraph_skips": skips.get("cudagraph_skips", 0),
+                                      "graph_breaks": sum(counters["graph_break"].values())}
+    return runs
+
+
+CHECKS = ("op", "numerics", "compiled", "cudagraphs")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu_checks.json")
+    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, fp32, the cudagraphs check on qat only: tries this script where there is no GPU")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_checks.py needs a CUDA device")
+    wanted = args.checks.split(",")
+    if unknown := [c for c in wanted if c not in CHECKS]:
+        parser.error(f"unknown check(s) {unknown}; choose from {list(CHECKS)}")
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_checks.py needs a CUDA device (or --dry-run)")
         return 2
-    checks = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": {}, "failures": []}
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
+    checks = {"device": name, "torch": torch.__version__, "runs": {}, "failures": []}
 
     def check(name: str, ok: bool, detail) -> None:
         checks["runs"][name] = {"ok": ok, **detail}
@@ -90,10 +124,24 @@ def main(argv=None) -> int:
 
     # The op alone, compiled against eager: a compiled model trains only if these agree (torch 2.11's dynamo
     # once zeroed them, through a backward that read ctx.needs_input_grad).
+    if args.dry_run:
+        wanted = ["cudagraphs"]
+    if "cudagraphs" in wanted:
+        # Every mode and strategy under CUDA graphs: the first loss as eager's to 1e-2 (bf16), the others to 5e-2, no
+        # graph break, and on a GPU no skipped CUDA graph.
+        modes = [("qat", "full")] if args.dry_run else MODES
+        precision = "fp32" if args.dry_run else "bf16"
+        for key, run in cuda_graph_runs(device, precision, modes).items():
+            ok = (math.isclose(run["eager"][0], run["cudagraphs"][0], rel_tol=1e-2)
+                  and all(math.isclose(a, b, rel_tol=5e-2) for a, b in zip(run["eager"], run["cudagraphs"]))
+                  and run["graph_breaks"] == 0 and (device == "cpu" or run["cudagraph_skips"] == 0))
+            check(f"cudagraphs_vs_eager/{precision}/vit/{key}", ok, run)
     for step_grad in (True, False):
+        if "op" not in wanted:
+            break
         ok, errors = check_op("cuda", "inductor", step_grad)
         check(f"compiled_vs_eager/op/step_grad={step_grad}", ok, {"errors": errors})
-    for precision in ("bf16", "fp16"):
+    for precision in ("bf16", "fp16") if "numerics" in wanted else ():
         for arch in MODELS:
             for mode, strategy in MODES:
                 run = train(arch, precision, mode, strategy)
@@ -102,7 +150,7 @@ def main(argv=None) -> int:
                     ok = ok and run["skipped"] <= run["scaler_overflows"] and all(
                         e is None or abs(e - 0.05) < 1e-3 for e in run["eps_norm"])
                 check(f"{precision}/{arch}/{mode}/{strategy}", ok, run)
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16") if "compiled" in wanted else ():
         for mode in ("qat", "saq"):
             eager, compiled = train("vit", precision, mode, "full"), train("vit", precision, mode, "full", compiled=True)
             first = 1e-2 if precision == "bf16" else 1e-3

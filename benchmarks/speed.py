@@ -12,7 +12,9 @@ synchronised around each step. ``time`` is the median over the timed steps after
 and ``looksam`` it is the amortised ``(median full step + (k-1) · median step in between) / k``.
 
 Modes: ``fp``, ``qat`` (W4A4 LSQ), ``saq``, ``every_k``, ``looksam``, ``reuse_grad``; ``*_compiled``: the same with
-``SAQTrainingArguments(torch_compile=True)`` (Inductor; compiled during warm-up); peers, on the same model,
+``SAQTrainingArguments(torch_compile=True)`` (Inductor; compiled during warm-up; ``looksam_compiled`` only when named
+in ``--modes``); ``*_cudagraphs`` (``fp``, ``qat``, ``saq``, ``looksam``; only when named): compiled with
+``torch_compile_mode="reduce-overhead"``, Inductor's CUDA graphs (on a CPU the same as compiled); peers, on the same model,
 batch and training step: ``torchao_qat`` (torchao's ``QATConfig`` prepare, int8 per-token asymmetric
 activations and int4 weights in groups of 32; torchao only fake-quantizes ``nn.Linear``, so ConvNeXt's
 convolutions stay in float there) and ``torch_lsq`` (our quantizers with PyTorch's learnable fake-quant ops,
@@ -91,11 +93,21 @@ MODES = {
     "fp_compiled": ("fp", {"saq_mode": "qat", "torch_compile": True}),
     "qat_compiled": ("lsq", {"saq_mode": "qat", "torch_compile": True}),
     "saq_compiled": ("lsq", {"saq_mode": "saq", "torch_compile": True}),
+    "looksam_compiled": ("lsq", {"saq_mode": "saq", "saq_strategy": "looksam", "torch_compile": True}),
+    # CUDA graphs (Inductor's reduce-overhead mode); on a CPU the same as *_compiled, so not run there by default.
+    "fp_cudagraphs": ("fp", {"saq_mode": "qat", "torch_compile": True, "torch_compile_mode": "reduce-overhead"}),
+    "qat_cudagraphs": ("lsq", {"saq_mode": "qat", "torch_compile": True, "torch_compile_mode": "reduce-overhead"}),
+    "saq_cudagraphs": ("lsq", {"saq_mode": "saq", "torch_compile": True, "torch_compile_mode": "reduce-overhead"}),
+    "looksam_cudagraphs": ("lsq", {"saq_mode": "saq", "saq_strategy": "looksam", "torch_compile": True,
+                                   "torch_compile_mode": "reduce-overhead"}),
     "torchao_qat": ("torchao", {"saq_mode": "qat"}),
     "torch_lsq": ("torch_lsq", {"saq_mode": "qat"}),
 }
-AMORTISED = ("every_k", "looksam")  # a full SAQ step every k-th step, a cheaper one in between
+# A full SAQ step every k-th step, a cheaper one in between.
+AMORTISED = tuple(mode for mode, (_, fields) in MODES.items() if fields.get("saq_strategy") in ("every_k", "looksam"))
 COMPILED_MODES = [mode for mode, (_, fields) in MODES.items() if fields.get("torch_compile")]
+# Run only when named in --modes: the compiled LookSAM step and the CUDA-graph modes.
+OPT_IN_MODES = ["looksam_compiled"] + [mode for mode in MODES if mode.endswith("_cudagraphs")]
 
 
 def peer_unavailable(mode: str) -> str | None:
@@ -255,8 +267,12 @@ class ModeRun:
 
 def run_config(config: tuple, modes: list[str], device: torch.device, warmup: int, steps: int, interval: int,
                bf16: bool, checkpointing: bool = False) -> dict:
-    # Each config compiles its own graphs; dynamo's per-function cache would otherwise fill up across configs.
+    # Each config compiles its own graphs; dynamo's per-function cache would otherwise fill up across configs. Within
+    # a config every compiled mode adds graphs of the same forward code (fp, qat, SAQ's ascent and descent): room for
+    # all of them, so none falls back to eager at dynamo's default limit of 8.
     torch._dynamo.reset()
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
     with tempfile.TemporaryDirectory() as out:
         runs, failed = [], {}
         for mode in modes:
@@ -293,6 +309,10 @@ RATIOS = {  # name -> (numerator mode, denominator mode, time or memory)
     "qat_over_torchao_qat_time": ("qat", "torchao_qat", "step_ms"),
     "qat_compiled_over_torchao_qat_time": ("qat_compiled", "torchao_qat", "step_ms"),
     "qat_over_torch_lsq_time": ("qat", "torch_lsq", "step_ms"),
+    "looksam_compiled_over_qat_compiled_time": ("looksam_compiled", "qat_compiled", "step_ms"),
+    "qat_cudagraphs_over_fp_cudagraphs_time": ("qat_cudagraphs", "fp_cudagraphs", "step_ms"),
+    "saq_cudagraphs_over_qat_cudagraphs_time": ("saq_cudagraphs", "qat_cudagraphs", "step_ms"),
+    "looksam_cudagraphs_over_qat_cudagraphs_time": ("looksam_cudagraphs", "qat_cudagraphs", "step_ms"),
 }
 
 
@@ -312,9 +332,19 @@ GOALS = {  # ratio -> (upper bound, configs it applies to: None = all) (issue 11
 }
 
 
-def goal_report(results: dict) -> dict:
+GPU_GOALS = {  # the GPU targets (bf16, 224x224, batch 64): ratio -> (upper bound, None = all configs)
+    "qat_over_fp_time": (1.5, None),
+    "qat_compiled_over_fp_compiled_time": (1.15, None),
+    "saq_compiled_over_qat_compiled_time": (2.05, None),
+    "looksam_over_qat_time": (1.2, None),
+    "qat_over_torchao_qat_time": (0.7, None),
+    "qat_over_torch_lsq_time": (1.0, None),
+}
+
+
+def goal_report(results: dict, goals: dict = GOALS) -> dict:
     report = {}
-    for key, (bound, scope) in GOALS.items():
+    for key, (bound, scope) in goals.items():
         values = {name: entry["ratios"][key] for name, entry in results.items() if key in entry["ratios"]
                   and (scope is None or entry["batch_size"] >= 32)}
         if values:
@@ -336,6 +366,10 @@ TABLE = [  # (header, mode (its step ms) or ratio, format)
     ("qat/torchao", "qat_over_torchao_qat_time", "{:.2f}"),
     ("c.qat/torchao", "qat_compiled_over_torchao_qat_time", "{:.2f}"),
     ("qat/torch_lsq", "qat_over_torch_lsq_time", "{:.2f}"),
+    ("c.look/c.qat", "looksam_compiled_over_qat_compiled_time", "{:.2f}"),
+    ("g.qat/g.fp", "qat_cudagraphs_over_fp_cudagraphs_time", "{:.2f}"),
+    ("g.saq/g.qat", "saq_cudagraphs_over_qat_cudagraphs_time", "{:.2f}"),
+    ("g.look/g.qat", "looksam_cudagraphs_over_qat_cudagraphs_time", "{:.2f}"),
 ]
 
 
@@ -401,7 +435,8 @@ def main(argv=None) -> dict:
     configs = CONFIGS["cuda" if device.type == "cuda" else "cpu"]
     if args.configs:
         configs = {name: configs[name] for name in args.configs.split(",")}
-    modes = args.modes.split(",") if args.modes else [m for m in MODES if not (args.quick and m in COMPILED_MODES)]
+    modes = args.modes.split(",") if args.modes else [m for m in MODES if m not in OPT_IN_MODES
+                                                      and not (args.quick and m in COMPILED_MODES)]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
@@ -430,7 +465,7 @@ def main(argv=None) -> dict:
           f"{'bf16 autocast' if args.bf16 else 'fp32'}{', gradient checkpointing' if args.gradient_checkpointing else ''}, AdamW, every_k/looksam k={args.interval}, {steps} timed steps (median)"
           + (f"  |  load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}" if load else "") + "\n")
     print_table(results)
-    goals = goal_report(results)
+    goals = goal_report(results, GPU_GOALS if device.type == "cuda" else GOALS)
     print("\ngoals (worst config): " + ", ".join(
         f"{k} {v['worst']:.2f} {'<=' if v['met'] else '>'} {v['goal']}" for k, v in goals.items()))
 

@@ -217,3 +217,36 @@ def test_a_compiled_backward_that_drops_the_weight_gradients_fails_the_first_ste
     monkeypatch.setattr(lsq._LSQFakeQuantize, "backward", staticmethod(dropped))
     with pytest.raises(RuntimeError, match="zero gradient.*torch_compile=False"):
         train(tmp_path, "vit", True, backend="aot_eager", saq_mode="qat")
+
+
+def test_every_pass_of_a_quantized_model_compiles_as_one_graph_without_host_syncs():
+    # CUDA graphs (torch_compile_mode="reduce-overhead") capture one graph per pass and no host sync may sit inside it:
+    # fullgraph=True raises on any graph break, and a host sync (a tensor read as a Python number or bool) is one.
+    # The passes a SAQ step runs: plain (QAT, and the steps between LookSAM's full ones), the ascent with a Q(w)
+    # probe per layer, the descent with ε per layer.
+    from saq_hf.quant import capture_quantized_weights, perturb_quantized_weights, quantized_layers
+
+    for make in MODELS.values():
+        model = quantize_model(make(), QuantConfig(w_bits=4, a_bits=4))
+        pixels = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            model(pixel_values=pixels)  # LSQ initialisation, eager (the trainer does it before compiling)
+        layers = [layer for _, layer in quantized_layers(model)]
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        compiled(pixel_values=pixels).logits.sum().backward()
+        with capture_quantized_weights(layers) as probes:
+            compiled(pixel_values=pixels).logits.sum().backward()
+        assert all(probe.grad is not None for probe in probes.values())
+        with perturb_quantized_weights({layer: torch.full_like(layer.weight, 1e-3) for layer in layers}):
+            compiled(pixel_values=pixels).logits.sum().backward()
+        assert dict(counters["graph_break"]) == {}
+        torch._dynamo.reset()
+
+
+def test_reduce_overhead_mode_trains_as_eager_where_cuda_graphs_do_not_apply(tmp_path):
+    # torch_compile_mode="reduce-overhead" asks Inductor for CUDA graphs; on a CPU it compiles without them and must
+    # give eager's numbers, SAQ's two graphs included (with a GPU: benchmarks/gpu_checks.py, CUDA graphs on).
+    assert_compiled_run_matches_eager(tmp_path, "vit", "inductor", saq_mode="saq", torch_compile_mode="reduce-overhead",
+                                      dataloader_drop_last=True)

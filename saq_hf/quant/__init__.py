@@ -8,6 +8,7 @@ from .layers import (
     capture_quantized_weights,
     is_quantized,
     perturb_quantized_weights,
+    quantize_weights_together,
     quantized_layers,
     recomputes_activations,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "is_quantized",
     "perturb_quantized_weights",
     "quant_range",
+    "quantize_weights_together",
     "quantized_layer_bits",
     "quantized_layers",
     "recomputes_activations",

@@ -6,7 +6,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from .layers import QuantConv2d, QuantLayerMixin, QuantLinear, quantized_layers
+from .layers import QuantConv2d, QuantLayerMixin, QuantLinear, quantize_weights_together, quantized_layers
 
 # The paper's ViT setting (and the authors' CNN code) keeps the patch embedding / first layer and the
 # classifier head at 8 bits; these are the module names of those layers in transformers' models.
@@ -110,6 +110,7 @@ def convert_layers(model: nn.Module, config) -> dict[str, tuple[int, int | None]
             layer.weight_quantizer.initialize_from(layer.weight)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    quantize_weights_together(model)
     return converted
 
 

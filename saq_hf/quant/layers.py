@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lsq import LSQQuantizer
+from .lsq import LSQQuantizer, lsq_fake_quantize_many
 
 
 class QuantLayerMixin:
@@ -41,6 +41,8 @@ class QuantLayerMixin:
         # ||Q(w)|| as the last captured forward computed it, with the versions of w and its step size then.
         self._record_weight_norm = False
         self._weight_norm_record: tuple[torch.Tensor, int, int] | None = None
+        # Q(w) computed for this forward pass together with the model's other weights (quantize_weights_together).
+        self._pass_quantized_weight: torch.Tensor | None = None
 
     @property
     def w_bits(self) -> int:
@@ -52,6 +54,9 @@ class QuantLayerMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         """The differentiable fake-quantized weight ``Q(w)``, exactly as forward uses it (before any ε)."""
+        weight = self.__dict__.get("_pass_quantized_weight")
+        if weight is not None and not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
+            return weight
         return self.weight_quantizer(self.weight)
 
     @torch.no_grad()
@@ -125,12 +130,75 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are installed: non-reentrant activation checkpointing (``torch.utils.checkpoint``)
+    runs a region's forward under them and checks that its recompute saves the same tensors, which a layer reading
+    ``Q(w)`` computed outside the region would break (its recompute quantizes the weight itself)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _checkpointed(module: nn.Module) -> bool:
+    return getattr(module, "gradient_checkpointing", False) is True or type(module).__name__ == "CheckpointWrapper"
+
+
+def _layers_outside_checkpointing(model: nn.Module):
+    """The quantized layers of ``model`` not inside a module marked as recomputed during backward (such a layer
+    quantizes its own weight: a recompute reruns its forward when the pass is over)."""
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, QuantLayerMixin):
+            yield module
+        elif module is model or not _checkpointed(module):
+            stack.extend(child for child in reversed(module._modules.values()) if child is not None)
+
+
+def _quantize_weights_of_pass(model: nn.Module, args) -> None:
+    """Forward pre-hook: ``Q(w)`` of every quantized layer in ``model`` at once (:func:`lsq_fake_quantize_many`, one
+    autograd node per device and dtype), for the layers' forwards of this pass to read. Compiled code and tracers see
+    each layer quantize its own weight (a graph fuses that itself)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _checkpointed(model):
+        return
+    groups: dict[tuple, list] = {}
+    for module in _layers_outside_checkpointing(model):
+        spec = module.weight_quantizer.multi_tensor_spec(module.weight)
+        if spec is not None:
+            groups.setdefault((module.weight.device, module.weight.dtype), []).append((module, spec))
+    layers = []
+    for members in groups.values():
+        quantized = lsq_fake_quantize_many([m.weight for m, _ in members],
+                                           [m.weight_quantizer.step_size_parameter for m, _ in members],
+                                           [spec for _, spec in members])
+        for (module, _), weight in zip(members, quantized):
+            module._pass_quantized_weight = weight
+            layers.append(module)
+    model.__dict__["_layers_with_pass_weights"] = layers
+
+
+def _release_weights_of_pass(model: nn.Module, args, output) -> None:
+    """Forward hook (also after an exception): the pass is over; later calls (activation checkpointing's recompute
+    during backward, ``quantized_weight()`` between passes) quantize the current weights themselves, to the same bits."""
+    for module in model.__dict__.pop("_layers_with_pass_weights", ()):
+        module._pass_quantized_weight = None
+
+
+def quantize_weights_together(model: nn.Module) -> None:
+    """From now on each forward call of ``model`` fake-quantizes all its layers' weights at once, before the layers
+    run (they do not depend on the batch): a few multi-tensor kernel calls instead of an autograd function and its
+    kernel calls per layer, with the same outputs and gradients, bit for bit. ``convert_layers`` sets this up."""
+    if model.__dict__.get("_weights_quantized_together"):
+        return
+    model.register_forward_pre_hook(_quantize_weights_of_pass)
+    model.register_forward_hook(_release_weights_of_pass, always_call=True)
+    model.__dict__["_weights_quantized_together"] = True
+
+
 def recomputes_activations(model: nn.Module) -> bool:
     """Whether ``model`` reruns (part of) its forward during backward: transformers' gradient (activation)
     checkpointing marks the modules it checkpoints with ``gradient_checkpointing = True``; torch's
     ``checkpoint_wrapper`` wraps them in a ``CheckpointWrapper``."""
-    return any(getattr(module, "gradient_checkpointing", False) is True or type(module).__name__ == "CheckpointWrapper"
-               for module in model.modules())
+    return any(_checkpointed(module) for module in model.modules())
 
 
 def quantized_layers(model: nn.Module):

@@ -120,8 +120,9 @@ def _run(fn, step_size: torch.Tensor, qn: int, qp: int, *tensors: torch.Tensor):
     """``fn(*tensors, step_size, qn, qp)`` as a fused kernel where one can run, else as plain torch ops."""
     x = tensors[-1]
     per_channel = step_size.dim() > 0
-    plain = (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled() or _compiler_failed
-             or x.numel() < _FUSED_MIN_NUMEL[fn.__name__] or x.device.type not in ("cpu", "cuda")
+    # The size first: it decides for the small tensors, where this function's own cost matters.
+    plain = (x.numel() < _FUSED_MIN_NUMEL[fn.__name__] or torch.compiler.is_compiling() or torch.jit.is_tracing()
+             or torch.is_grad_enabled() or _compiler_failed or x.device.type not in ("cpu", "cuda")
              or not all(t.is_contiguous() for t in tensors)
              or (per_channel and (x.dim() == 0 or step_size.numel() != x.shape[0])))
     if plain:
@@ -147,6 +148,20 @@ def _run(fn, step_size: torch.Tensor, qn: int, qp: int, *tensors: torch.Tensor):
     return out.view(x.shape) if isinstance(out, torch.Tensor) else tuple(o.view(x.shape) for o in out)
 
 
+def _lsq_grads(grad_output: torch.Tensor, x: torch.Tensor, step_size: torch.Tensor, qn: int, qp: int,
+               grad_scale: float, step_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSQ op's gradients w.r.t. ``x`` and its step size (zeros without computing them for ``step_grad=False``)."""
+    if not step_grad:
+        return _run(_fake_quantize_grad_x, step_size, qn, qp, grad_output, x), torch.zeros_like(step_size)
+    grad_x, grad_s = _run(_fake_quantize_grads, step_size, qn, qp, grad_output, x)
+    if step_size.dim() == 0:
+        grad_s = grad_s.sum()
+    else:
+        dims = [d for d in range(grad_s.dim()) if step_size.shape[d] == 1]
+        grad_s = grad_s.sum(dim=dims, keepdim=True)
+    return grad_x, (grad_s * grad_scale).to(step_size.dtype)
+
+
 class _LSQFakeQuantize(torch.autograd.Function):
     """``round(clamp(x / s, qn, qp)) * s`` with the LSQ gradients, as one fused op.
 
@@ -164,16 +179,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, step_size = ctx.saved_tensors
-        if not ctx.step_grad:
-            grad_x = _run(_fake_quantize_grad_x, step_size, ctx.qn, ctx.qp, grad_output, x)
-            return grad_x, torch.zeros_like(step_size), None, None, None, None
-        grad_x, grad_s = _run(_fake_quantize_grads, step_size, ctx.qn, ctx.qp, grad_output, x)
-        if step_size.dim() == 0:
-            grad_s = grad_s.sum()
-        else:
-            dims = [d for d in range(grad_s.dim()) if step_size.shape[d] == 1]
-            grad_s = grad_s.sum(dim=dims, keepdim=True)
-        return grad_x, (grad_s * ctx.grad_scale).to(step_size.dtype), None, None, None, None
+        grad_x, grad_s = _lsq_grads(grad_output, x, step_size, ctx.qn, ctx.qp, ctx.grad_scale, ctx.step_grad)
+        return grad_x, grad_s, None, None, None, None
 
 
 def lsq_fake_quantize(x: torch.Tensor, step_size: torch.Tensor, qn: int, qp: int, grad_scale: float,
@@ -183,6 +190,130 @@ def lsq_fake_quantize(x: torch.Tensor, step_size: torch.Tensor, qn: int, qp: int
     ``step_grad=False``: the step size's gradient is zero (not computed), ``x``'s is unchanged.
     """
     return _LSQFakeQuantize.apply(x, step_size, qn, qp, grad_scale, step_grad)
+
+
+# Many tensors at once (a model's weights, which do not depend on the batch): the same arithmetic as the op above,
+# one torch._foreach_* call per elementwise step for all of them instead of a Python-level autograd function and
+# its few kernel calls per tensor. On a CPU, tensors that large that a fused kernel beats the plain passes
+# (``_FUSED_MIN_NUMEL``) still get their fused kernel, one call each; on CUDA the host's per-call cost dominates
+# every weight of ViT-B/16 (benchmarks/profile_step.py), so all of them take the multi-tensor ops.
+def _one_at_a_time(fn_name: str, x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() >= _FUSED_MIN_NUMEL[fn_name]
+
+
+def _foreach_fake_quantize(xs, steps, qns, qps):
+    """``[(x / s).clamp_(qn, qp).round_().mul_(s)]`` (the eager forward above) for every tensor of ``xs``."""
+    out = torch._foreach_div(xs, steps)
+    torch._foreach_clamp_min_(out, qns)
+    torch._foreach_clamp_max_(out, qps)
+    torch._foreach_round_(out)
+    torch._foreach_mul_(out, steps)
+    return out
+
+
+def _foreach_fake_quantize_grads(grads, xs, steps, qns, qps, step_grad: bool):
+    """``_fake_quantize_grads`` (``_fake_quantize_grad_x`` for ``step_grad=False``) for every tensor, bit for bit."""
+    scaled = torch._foreach_div(xs, steps)
+    clipped = torch._foreach_clamp_min(scaled, qns)
+    torch._foreach_clamp_max_(clipped, qps)
+    # (clipped == scaled) as 0/1 in x's dtype; there is no multi-tensor comparison: 1 - sign(|clipped - scaled|), which
+    # gives the same +0.0 and 1.0 (a - b == 0 exactly when a == b, denormals included).
+    inside = torch._foreach_sub(clipped, scaled)
+    torch._foreach_abs_(inside)
+    torch._foreach_sign_(inside)
+    torch._foreach_neg_(inside)
+    torch._foreach_add_(inside, 1)
+    grad_x = torch._foreach_mul(grads, inside)
+    if not step_grad:
+        return grad_x, None
+    torch._foreach_round_(clipped)
+    torch._foreach_mul_(scaled, inside)
+    torch._foreach_sub_(clipped, scaled)
+    torch._foreach_mul_(clipped, grads)
+    return grad_x, clipped
+
+
+class _LSQFakeQuantizeMany(torch.autograd.Function):
+    """``_LSQFakeQuantize`` over many tensors in one autograd node, bit for bit: ``apply(specs, *xs, *step_params)``
+    with one ``(qn, qp, grad_scale, step_grad, log_step)`` per tensor, where ``log_step`` says the step-size parameter
+    holds ``log(s)`` (``s = exp`` of it, differentiated as ``exp``'s own backward does: ``grad * s``).
+
+    Outputs nobody used get no gradient (``None``), and neither do their inputs."""
+
+    @staticmethod
+    def forward(ctx, specs, *tensors):
+        n = len(specs)
+        xs, params = list(tensors[:n]), list(tensors[n:])
+        logs = [i for i, spec in enumerate(specs) if spec[4]]
+        steps = list(params)
+        if logs:
+            for i, s in zip(logs, torch._foreach_exp([params[i] for i in logs])):
+                steps[i] = s
+        ctx.save_for_backward(*xs, *steps)
+        ctx.specs = specs
+        ctx.set_materialize_grads(False)
+        out: list = [None] * n
+        together = [i for i in range(n) if not _one_at_a_time("_fake_quantize", xs[i])]
+        for i in range(n):
+            if out[i] is None and i not in together:
+                out[i] = _run(_fake_quantize, steps[i], specs[i][0], specs[i][1], xs[i])
+        if together:
+            results = _foreach_fake_quantize([xs[i] for i in together], [steps[i] for i in together],
+                                             [specs[i][0] for i in together], [specs[i][1] for i in together])
+            for i, q in zip(together, results):
+                out[i] = q
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        specs, n = ctx.specs, len(ctx.specs)
+        saved = ctx.saved_tensors
+        xs, steps = saved[:n], saved[n:]
+        grad_x: list = [None] * n
+        grad_s: list = [None] * n
+        used = [i for i in range(n) if grads[i] is not None]
+        # Double backward (create_graph) needs differentiable ops: the single-tensor path's plain ones.
+        single = torch.is_grad_enabled()
+        for step_grad in (True, False):
+            group = [i for i in used if specs[i][3] == step_grad]
+            together = [] if single else [i for i in group if not _one_at_a_time(
+                "_fake_quantize_grads" if step_grad else "_fake_quantize_grad_x", xs[i])]
+            for i in group:
+                if i not in together:
+                    qn, qp, grad_scale = specs[i][:3]
+                    grad_x[i], grad_s[i] = _lsq_grads(grads[i], xs[i], steps[i], qn, qp, grad_scale, step_grad)
+            if not together:
+                continue
+            gx, per_element = _foreach_fake_quantize_grads(
+                [grads[i] for i in together], [xs[i] for i in together], [steps[i] for i in together],
+                [specs[i][0] for i in together], [specs[i][1] for i in together], step_grad)
+            if step_grad:
+                sums = []
+                for i, g in zip(together, per_element):
+                    if steps[i].dim() == 0:
+                        sums.append(g.sum())
+                    else:
+                        sums.append(g.sum(dim=[d for d in range(g.dim()) if steps[i].shape[d] == 1], keepdim=True))
+                gs = torch._foreach_mul(sums, [specs[i][2] for i in together])
+            else:
+                gs = [torch.zeros_like(steps[i]) for i in together]
+            for i, a, b in zip(together, gx, gs):
+                grad_x[i], grad_s[i] = a, b
+        logs = [i for i in used if specs[i][4]]
+        if logs:
+            for i, g in zip(logs, torch._foreach_mul([grad_s[i] for i in logs], [steps[i] for i in logs])):
+                grad_s[i] = g
+        return (None, *grad_x, *grad_s)
+
+
+def lsq_fake_quantize_many(xs: list[torch.Tensor], step_params: list[torch.Tensor],
+                           specs: list[tuple[int, int, float, bool, bool]]) -> tuple[torch.Tensor, ...]:
+    """``lsq_fake_quantize`` of each ``xs[i]`` (the step size ``exp(step_params[i])`` when ``specs[i][4]``, else
+    ``step_params[i]``; same dtype and device as ``xs[i]``) in one autograd node: outputs and gradients are those of
+    the single-tensor op, bit for bit. ``specs[i] = (qn, qp, grad_scale, step_grad, log_step)``."""
+    if not xs:
+        return ()
+    return _LSQFakeQuantizeMany.apply(tuple(specs), *xs, *step_params)
 
 
 class LSQQuantizer(nn.Module):
@@ -380,10 +511,26 @@ class LSQQuantizer(nn.Module):
             self._calibration_estimates.append(self._estimate_step_size(x))
             return x
         qn, qp = self._known_range or self._initialize_or_read(x)
+        return lsq_fake_quantize(x, self.step_size.to(x.dtype), qn, qp, self._grad_scale(x, qp), self.step_size_grad)
+
+    def _grad_scale(self, x: torch.Tensor, qp: int) -> float:
         # LSQ's gradient scale counts the elements sharing one step size: per sample for activations.
-        group_numel = x[0].numel() if self.is_activation and x.dim() > 1 else x.numel() // self.step_size_parameter.numel()
-        grad_scale = 1.0 / math.sqrt(max(group_numel, 1) * qp)
-        return lsq_fake_quantize(x, self.step_size.to(x.dtype), qn, qp, grad_scale, self.step_size_grad)
+        group_numel = (x.numel() // max(x.shape[0], 1) if self.is_activation and x.dim() > 1
+                       else x.numel() // self.step_size_parameter.numel())
+        return 1.0 / math.sqrt(max(group_numel, 1) * qp)
+
+    def multi_tensor_spec(self, x: torch.Tensor) -> tuple[int, int, float, bool, bool] | None:
+        """The ``specs`` entry of :func:`lsq_fake_quantize_many` that computes ``self(x)``, or ``None`` where only
+        :meth:`forward` can: before initialisation, while calibrating, with hooks or a replaced forward on this
+        module, or a step size of another dtype or device than ``x``."""
+        if (self._known_range is None or self._calibration_estimates is not None or "forward" in self.__dict__
+                or self._forward_hooks or self._forward_pre_hooks):
+            return None
+        param = self.step_size_parameter
+        if param.dtype != x.dtype or param.device != x.device:
+            return None
+        qn, qp = self._known_range
+        return qn, qp, self._grad_scale(x, qp), self.step_size_grad, self.step_size_format == "log"
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
