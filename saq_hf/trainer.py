@@ -788,15 +788,3 @@ class SAQTrainer(Trainer):
             f"now {self.rho:g}"
         warnings.warn(f"SAQ may be stopping this model from learning: {reason}. Use a smaller rho ({now}, "
                       f"saq_radius={self.args.saq_radius!r}), and keep saq_clean_step_sizes=True.", stacklevel=2)
-
-    # LookSAM's state under the names it had before it moved to ``strategies.LookSAM``.
-    @property
-    def _looksam_params(self) -> list[torch.nn.Parameter]:
-        return self.strategy.params
-
-    @property
-    def _looksam_dirs(self) -> list | None:
-        return self.strategy.directions
-
-    def _is_full_looksam_step(self) -> bool:
-        return self.strategy.is_full_step(self.state.global_step)

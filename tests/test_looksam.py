@@ -61,7 +61,7 @@ def test_the_formula_by_hand(tmp_path, alpha):
     model.zero_grad(set_to_none=True)
     trainer.training_step(model, image_batch(0))  # step 0: full
     g_s = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    kept = {names[id(p)]: v for p, v in zip(trainer._looksam_params, trainer._looksam_dirs) if v is not None}
+    kept = {names[id(p)]: v for p, v in zip(trainer.strategy.params, trainer.strategy.directions) if v is not None}
     step_size_names = {names[id(p)] for p in trainer._lsq_step_sizes}
     assert kept and not (kept.keys() & step_size_names)  # clean step sizes: nothing to correct
     assert len(kept) == len(g.keys() - step_size_names)
@@ -89,7 +89,7 @@ def test_a_resumed_run_rebuilds_the_directions_with_a_full_step(tmp_path):
     trainer = SAQTrainer(model=quantized(tiny_vit), train_dataset=ToyImages(),
                          args=saq_args(tmp_path, saq_strategy="looksam", saq_interval=4))
     trainer.state.global_step = 3  # a step in between, right after a resume: no kept directions yet
-    assert trainer._looksam_dirs is None and trainer._is_full_looksam_step()
+    assert trainer.strategy.directions is None and trainer.strategy.is_full_step(trainer.state.global_step)
 
 
 def test_gradient_accumulation_runs_every_micro_batch_of_a_full_step_fully(tmp_path):
