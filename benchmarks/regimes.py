@@ -682,6 +682,8 @@ def parse_args(argv=None):
                              "runs with scratch")
     parser.add_argument("--modes", default=None,
                         help="comma-separated subset of the modes to run (regime map and noisy part); default all")
+    parser.add_argument("--noise_rates", default=None,
+                        help="comma-separated label-noise rates of the noisy part (default 0.2,0.4)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--report", action="store_true",
@@ -742,6 +744,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"regimes.py: unknown regime(s) {sorted(unknown)}; choose from {list(plan.regimes)}")
         plan = replace(plan, regimes=regimes,
                        long_scratch_modes=plan.long_scratch_modes if "scratch" in regimes else ())
+    if args.noise_rates is not None:
+        plan = replace(plan, noise_rates=tuple(float(r) for r in args.noise_rates.split(",")))
     if args.modes is not None:
         modes = tuple(args.modes.split(","))
         unknown = set(modes) - set(plan.modes) - set(plan.noisy_modes)
