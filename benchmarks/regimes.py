@@ -527,13 +527,14 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path) 
                     for bits in plan.noisy_bits for seed in plan.seeds], jobs, threads, journal, scratch)
     # Each sweep radius on the sweep seeds, as a row per radius: how far the radius a user gets is from the best.
     summary = summarize(rows, ("regime", "noise", "model", "w_bits"))
+    goal = radius_goal(rows, ("regime", "noise", "model", "w_bits"))
     print_table(summary, ("regime", "noise", "model", "w_bits"), plan.noisy_modes,
                 "Noisy labels: long QAT from an FP model trained on the same noisy labels (test labels clean)")
     radius_table = {f"{n}/{a}/W{b}": {str(rho): float(np.mean([r["val_accuracy"] for r in sweep_rows
                                                               if r["noise"] == n and f"{r['model']}-{r['width']}" == a
                                                               and r["w_bits"] == b and r["rho"] == rho]))
                                       for rho in plan.noisy_val_grid} for (n, a, b) in chosen}
-    return {"val_chosen_rho": {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()},
+    return {"radius_goal": goal, "val_chosen_rho": {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()},
             "sweep_val_accuracy_by_rho": radius_table, "sweep_rows": sweep_rows, "rows": rows, "summary": summary}
 
 
@@ -573,6 +574,43 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
         return mean, mean, mean
     half = float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
     return mean, mean - half, mean + half
+
+
+def paired_deltas(rows: list[dict], group_keys: tuple, mode: str, baseline: str) -> dict:
+    """``{cell: (mean, low, high)}``: seed-paired test-accuracy difference ``mode - baseline`` per cell, 95 % CI."""
+    by = defaultdict(dict)
+    for r in rows:
+        by[(tuple(r[k] for k in group_keys), r["mode"])][r["seed"]] = r["accuracy"]
+    out = {}
+    for (cell, m), runs in by.items():
+        base = by.get((cell, baseline))
+        if m == mode and base:
+            paired = [runs[seed] - base[seed] for seed in runs if seed in base]
+            if paired:
+                out[cell] = t_interval(paired)
+    return out
+
+
+def radius_goal(rows: list[dict], group_keys: tuple, user: str = "saq_auto") -> list[dict]:
+    """Per cell: the radius a user gets without tuning (``user``) against the validation-chosen radius of the grid
+    (``saq_val``) and against plain QAT, seed-paired. Met where the first is > -1 pt and the second > -1 pt."""
+    vs_best, vs_qat = paired_deltas(rows, group_keys, user, "saq_val"), paired_deltas(rows, group_keys, user, BASELINE)
+    table = []
+    for cell in sorted(set(vs_best) & set(vs_qat)):
+        (best, best_lo, best_hi), (qat, qat_lo, qat_hi) = vs_best[cell], vs_qat[cell]
+        table.append({**dict(zip(group_keys, cell)), "user_mode": user, "vs_val_best": best,
+                      "vs_val_best_ci95": [best_lo, best_hi], "vs_qat": qat, "vs_qat_ci95": [qat_lo, qat_hi],
+                      "met": best > -1 and qat > -1})
+    if table:
+        print(f"\nRadius goal: {user} vs the validation-chosen radius (saq_val) and vs QAT (pt, seed-paired, 95 % CI)")
+        print("| " + " | ".join(group_keys) + " | vs best radius | vs QAT | within 1 pt of both |")
+        print("|" + "---|" * (len(group_keys) + 3))
+        for t in table:
+            print("| " + " | ".join(str(t[k]) for k in group_keys) +
+                  f" | {t['vs_val_best']:+.1f} [{t['vs_val_best_ci95'][0]:+.1f}, {t['vs_val_best_ci95'][1]:+.1f}]"
+                  f" | {t['vs_qat']:+.1f} [{t['vs_qat_ci95'][0]:+.1f}, {t['vs_qat_ci95'][1]:+.1f}]"
+                  f" | {'yes' if t['met'] else 'no'} |")
+    return table
 
 
 def summarize(rows: list[dict], group_keys: tuple) -> list[dict]:
@@ -779,7 +817,7 @@ def main(argv=None) -> dict:
         summary = summarize(rows, ("regime", "model", "w_bits"))
         print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
         plot_map(summary, plan, args.results / f"regime_map{suffix}.png")
-        out.update({"val_chosen_rho": {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()}, "sweep_rows": sweep_rows,
+        out.update({"radius_goal": radius_goal(rows, ("regime", "model", "w_bits")),"val_chosen_rho": {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()}, "sweep_rows": sweep_rows,
                     "rows": rows, "summary": summary})
     if args.part in ("all", "safety"):
         rows = run_all(safety_runs(plan), args.jobs, args.threads, journal, scratch)
