@@ -72,7 +72,8 @@ def check_same_bits(paths: dict, quantizers, tensors, grads) -> None:
 
 def time_paths(paths: dict, quantizers, tensors, grads, repeats: int) -> dict:
     """Median microseconds per tensor of each path, the paths alternating within each repeat."""
-    check_same_bits(paths, quantizers, tensors, grads)
+    if len(paths) > 1:
+        check_same_bits(paths, quantizers, tensors, grads)
     samples = {name: [] for name in paths}
     for repeat in range(repeats + 5):
         order = list(paths.items()) if repeat % 2 == 0 else list(reversed(paths.items()))

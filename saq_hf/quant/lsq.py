@@ -253,10 +253,12 @@ class _LSQFakeQuantizeMany(torch.autograd.Function):
         ctx.specs = specs
         ctx.set_materialize_grads(False)
         out: list = [None] * n
-        together = [i for i in range(n) if not _one_at_a_time("_fake_quantize", xs[i])]
+        together = []
         for i in range(n):
-            if out[i] is None and i not in together:
+            if _one_at_a_time("_fake_quantize", xs[i]):
                 out[i] = _run(_fake_quantize, steps[i], specs[i][0], specs[i][1], xs[i])
+            else:
+                together.append(i)
         if together:
             results = _foreach_fake_quantize([xs[i] for i in together], [steps[i] for i in together],
                                              [specs[i][0] for i in together], [specs[i][1] for i in together])
@@ -275,13 +277,16 @@ class _LSQFakeQuantizeMany(torch.autograd.Function):
         # Double backward (create_graph) needs differentiable ops: the single-tensor path's plain ones.
         single = torch.is_grad_enabled()
         for step_grad in (True, False):
-            group = [i for i in used if specs[i][3] == step_grad]
-            together = [] if single else [i for i in group if not _one_at_a_time(
-                "_fake_quantize_grads" if step_grad else "_fake_quantize_grad_x", xs[i])]
-            for i in group:
-                if i not in together:
+            kernel = "_fake_quantize_grads" if step_grad else "_fake_quantize_grad_x"
+            together = []
+            for i in used:
+                if specs[i][3] != step_grad:
+                    continue
+                if single or _one_at_a_time(kernel, xs[i]):
                     qn, qp, grad_scale = specs[i][:3]
                     grad_x[i], grad_s[i] = _lsq_grads(grads[i], xs[i], steps[i], qn, qp, grad_scale, step_grad)
+                else:
+                    together.append(i)
             if not together:
                 continue
             gx, per_element = _foreach_fake_quantize_grads(
