@@ -399,6 +399,8 @@ def plot(results: dict, path: Path, title: str) -> None:
         ("saq/qat memory", "saq_over_qat_memory"), ("compiled qat/fp time", "qat_compiled_over_fp_compiled_time"),
         ("compiled saq/eager saq", "saq_compiled_over_saq_time"), ("qat/torchao time", "qat_over_torchao_qat_time")]
         if all(key in results[n]["ratios"] for n in results)]
+    if not series:  # a run of one mode (or of modes without a ratio between them) has nothing to plot
+        return
     fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / len(series)
     for i, (label, key) in enumerate(series):
