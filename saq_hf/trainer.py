@@ -75,8 +75,8 @@ class SAQTrainingArguments(TrainingArguments):
     )
     rho_auto_max: float = field(
         default=0.02,
-        metadata={"help": "rho='auto': the largest relative radius it takes (> 0; 0.02, the top of the radius grid "
-                          "validated in benchmarks/regimes.py)."},
+        metadata={"help": "rho='auto': the largest relative radius it takes (> 0; 0.02, the largest radius of the "
+                          "grid the results were validated on)."},
     )
     rho_auto_loss_share: float = field(
         default=0.5,
@@ -355,6 +355,10 @@ class SAQTrainer(Trainer):
         if args.torch_compile and ".".join(torch.__version__.split(".")[:2]) not in COMPILE_VERIFIED_TORCH:
             logger.warning(f"compiled training is verified on torch {', '.join(COMPILE_VERIFIED_TORCH)} and this is "
                            f"{torch.__version__}: run benchmarks/compile_check.py here first, or train eagerly")
+        if args.torch_compile and args.torch_compile_mode in ("reduce-overhead", "max-autotune") and \
+                not args.dataloader_drop_last:
+            logger.warning(f"torch_compile_mode={args.torch_compile_mode!r} records a CUDA graph per input shape: set "
+                           "dataloader_drop_last=True so the last, smaller batch of each epoch does not record another")
         if args.saq_mode == "qat":
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:

@@ -317,6 +317,10 @@ def test_descent_pass_skips_only_the_step_size_gradients_it_replaces(tmp_path, m
     calls = []
     run = lsq._run
     monkeypatch.setattr(lsq, "_run", lambda fn, *a: calls.append(fn.__name__) or run(fn, *a))
+    # The weights' calls, made together once per pass: one entry per weight, named as the single-tensor call.
+    many = lsq._foreach_fake_quantize_grads
+    monkeypatch.setattr(lsq, "_foreach_fake_quantize_grads", lambda grads, xs, *a: calls.extend(
+        ["_fake_quantize_grads" if a[-1] else "_fake_quantize_grad_x"] * len(xs)) or many(grads, xs, *a))
     for clean in (True, False):
         model = quantized(tiny_vit())
         model(**batch())

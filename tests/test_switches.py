@@ -226,3 +226,15 @@ def test_resume_mid_run_matches_the_uninterrupted_run_for_every_strategy(tmp_pat
     second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
     assert second.state.global_step == 5
     assert_same(uninterrupted, params(second.model))
+
+
+@pytest.mark.parametrize("drop_last, warned", [(False, True), (True, False)])
+def test_cuda_graph_compile_mode_asks_for_static_batch_shapes(tmp_path, drop_last, warned):
+    from transformers.testing_utils import CaptureLogger
+
+    import saq_hf.trainer as trainer_module
+
+    args = saq_args(tmp_path, torch_compile=True, torch_compile_mode="reduce-overhead", dataloader_drop_last=drop_last)
+    with CaptureLogger(trainer_module.logger) as captured:
+        SAQTrainer(model=quantized(tiny_vit), args=args, train_dataset=ToyImages())
+    assert ("dataloader_drop_last=True" in captured.out) == warned
