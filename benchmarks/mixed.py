@@ -11,8 +11,8 @@ training batches of that seed's FP model, with both measures (``sharpness``: los
 moved by SAQ's ε at the training radius; ``hessian``: Hutchinson trace × quantization error), and allocates at an
 average of 2.5 and of 3 weight bits over the searched layers. ``random`` is the same solver on random scores (the
 seed's own draw): a random allocation that fills the same budget. Every allocation and the uniform W2A2, W3A3 and
-W4A4 models then get the same QAT schedule (``--modes qat,saq`` adds the same SAQ schedule at the library's
-defaults). The patch embedding and classifier stay at 8 bits in every model (the architecture rule).
+W4A4 models then get the same QAT schedule; ``--modes qat,saq`` adds the same schedule with SAQ (the library's
+defaults) for uniform W3A3 and the allocations at 3 bits. The patch embedding and classifier stay at 8 bits in every model (the architecture rule).
 
 Reported: test top-1 with the validation top-1 beside it; no choice is made on test (the search sees training
 batches only, and nothing is tuned). Differences are seed-paired with 95 % t-intervals. Bytes are the packed weight
@@ -67,6 +67,8 @@ class Plan:
     search_batches: int = 2
     search_batch_size: int = 64
     modes: tuple = ("qat",)
+    # With --modes qat,saq: the allocations that also get the SAQ schedule (the 2-core budget covers these).
+    saq_labels: tuple = ("uniform_W3", "sharpness@3", "hessian@3", "random@3")
     limit: int | None = None
 
 
@@ -216,7 +218,7 @@ def runs_for(plan: Plan, searches: dict, fp: dict) -> list[Run]:
                     overrides = tuple(sorted((n, b["w_bits"], b["a_bits"]) for n, b in p["bits_overrides"].items()))
                     runs.append(Run(label=label, mode=mode, overrides=overrides, average_bits=p["average_bits"],
                                     weight_bytes=p["weight_bytes"], **common))
-    return runs
+    return [r for r in runs if r.mode == "qat" or r.label in plan.saq_labels]
 
 
 # ---------------------------------------------------------------------------------------------------- report
