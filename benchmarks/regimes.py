@@ -810,7 +810,9 @@ def main(argv=None) -> dict:
         out.update(looksam_sweep(plan, fp, args.cache, args.jobs, args.threads, scratch))
     if args.part in ("all", "regimes"):
         fp = fp_paths(plan, args.cache, args.jobs, args.threads, plan.seeds + plan.sweep_seeds)
-        chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch)
+        # The sweep only decides saq_val's radius: a run without that mode skips it.
+        chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch) \
+            if "saq_val" in plan.modes else ({}, [])
         print("\nrelative rho chosen on validation:", {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()})
         rows = with_val_rows(run_all(main_runs(plan, fp, chosen) + long_scratch_runs(plan), args.jobs, args.threads,
                                      journal, scratch), plan, chosen)
