@@ -136,8 +136,8 @@ def allocate_bits(sensitivity: Mapping[str, Mapping[int, float]], weights: Mappi
 
     ``target_bits``: ``Σ weights·bits <= target_bits · Σ weights``; ``target_bytes``: ``pinned_bytes + Σ
     packed_size(weights, bits) <= target_bytes``. A layer's score at ``b`` bits counts as the least of its scores at
-    ``b`` or fewer bits (more bits never cost sensitivity), and among allocations of equal sensitivity the one with
-    more bits wins. ``ValueError`` when no allocation fits.
+    ``b`` or fewer bits (more bits never cost sensitivity), and among allocations of equal sensitivity the one that
+    uses more of the budget wins. ``ValueError`` when no allocation fits.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -150,9 +150,13 @@ def allocate_bits(sensitivity: Mapping[str, Mapping[int, float]], weights: Mappi
                 for name in names}
     scores = np.array([monotone[name][bits] for name, bits in pairs])
     costs = np.array([float(cost(name, bits)) for name, bits in pairs])
-    spread = max(float(np.ptp(scores)), 1e-12) if len(scores) else 1.0
-    # The tie-break sums to under 1e-7 of the score range: equal scores use the budget, nothing else changes.
-    objective = scores - 1e-7 * spread * np.array([bits for _, bits in pairs]) / (max(candidates) * len(names))
+    # Scaled to a range of 1, so the solver's absolute tolerances mean the same for any loss scale; the tie-break,
+    # the share of the largest possible size an allocation uses, sums to at most 1e-3 of that range: among equal
+    # scores the allocation that uses the most budget wins, nothing else changes.
+    spread = float(np.ptp(scores)) if len(scores) else 0.0
+    scaled = (scores - scores.min()) / spread if spread > 0 else np.zeros_like(scores)
+    largest = sum(max(cost(name, bits) for bits in candidates) for name in names)
+    objective = scaled - 1e-3 * costs / largest
     one_each = np.zeros((len(names), len(pairs)))
     for i, (name, _) in enumerate(pairs):
         one_each[names.index(name), i] = 1

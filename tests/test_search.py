@@ -250,3 +250,14 @@ def test_a_quantized_model_is_searched_around_its_latent_weights_and_left_unchan
     after = quantized.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and set(before) == set(after)
     assert set(quantized_layer_bits(quantized).values()) == {(2, 2), (8, 8)}
+
+
+def test_equal_sensitivities_use_the_budget_whatever_their_scale():
+    weights = {f"layer{i}": 1024 * (1 + i % 2) for i in range(12)}
+    for scale in (0.0, 1e-12, 1e3):
+        flat = {name: {b: scale for b in (2, 3, 4, 8)} for name in weights}
+        chosen = allocate_bits(flat, weights, (2, 3, 4, 8), target_bits=3)
+        assert sum(weights[n] * b for n, b in chosen.items()) == 3 * sum(weights.values()), scale
+        tiny = {name: {2: scale, 3: scale / 2, 4: scale / 3, 8: 0.0} for name in weights}
+        chosen = allocate_bits(tiny, weights, (2, 3, 4, 8), target_bits=3)
+        assert sum(weights[n] * b for n, b in chosen.items()) == 3 * sum(weights.values()), scale
