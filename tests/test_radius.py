@@ -373,3 +373,15 @@ def test_captured_gradient_is_the_gradient_at_qw_also_for_a_layer_used_twice():
                                       .pow(2).sum(), free)
     torch.testing.assert_close(grad, expected)
     assert layer.weight_perturbation is None
+
+
+@pytest.mark.parametrize("strategy", ["full", "every_k", "looksam", "reuse_grad"])
+def test_rho_auto_sets_the_radius_of_every_strategy_from_every_micro_batch(tmp_path, strategy):
+    trainer = SAQTrainer(model=trained_tiny_vit(tmp_path), train_dataset=ToyImages(),
+                         args=args(tmp_path / strategy, rho="auto", saq_strategy=strategy, saq_interval=2, max_steps=4,
+                                   gradient_accumulation_steps=2))
+    trainer.train()
+    measured = trainer.rho_auto_measurement
+    # The trained model's losses reached the rule (before any loss it would take the cap, 0.02).
+    assert 0 < measured["last_rho"] < 0.02 and 0 < measured["mean_rho"] < 0.02
+    assert measured["last_rho"] == pytest.approx(0.02 * measured["last_mean_loss"] / (0.5 * math.log(NUM_LABELS)))
