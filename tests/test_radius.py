@@ -385,3 +385,10 @@ def test_rho_auto_sets_the_radius_of_every_strategy_from_every_micro_batch(tmp_p
     # The trained model's losses reached the rule (before any loss it would take the cap, 0.02).
     assert 0 < measured["last_rho"] < 0.02 and 0 < measured["mean_rho"] < 0.02
     assert measured["last_rho"] == pytest.approx(0.02 * measured["last_mean_loss"] / (0.5 * math.log(NUM_LABELS)))
+
+
+def test_rho_auto_refuses_a_model_without_classes_before_training(tmp_path):
+    from conftest import OneLayerRegression
+
+    with pytest.raises(ValueError, match="num_labels >= 2"):
+        SAQTrainer(model=OneLayerRegression(), args=args(tmp_path, rho="auto"), train_dataset=ToyImages())
