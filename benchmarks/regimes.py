@@ -374,7 +374,7 @@ class Plan:
     safety_schedule: Schedule = Schedule(5, 1e-3, 64)
     # --part noisy: long QAT from a per-seed FP model trained on the same noisy labels
     noise_rates: tuple = (0.2, 0.4)
-    noisy_bits: tuple = (2, 3)
+    noisy_bits: tuple = (2, 3, 4)
     noisy_modes: tuple = ("qat", "case1_val", "case2_val", "saq", "saq_val", "saq_auto", "auto_looksam_k10",
                           "auto_reuse_grad")
     noisy_val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)
@@ -498,48 +498,63 @@ def safety_runs(plan: Plan) -> list[Run]:
             for seed in plan.safety_seeds]
 
 
-def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path) -> dict:
-    """The noisy-label long-QAT cells: per-seed FP models, the validation sweep of the radius, then every mode."""
+def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path, journal_only: bool = False) -> dict:
+    """The noisy-label long-QAT cells: per-seed FP models, the validation sweep of the radius, then every mode.
+    ``journal_only``: no runs, the rows already journaled (a cell whose sweep is incomplete has no ``*_val`` rows)."""
     schedule = schedule_of(plan, "long_qat")
-    seeds = plan.seeds + plan.noisy_sweep_seeds
-    calls = [(arch, "digits", plan.fp_schedule, cache, plan.limit, threads, seed, noise)
-             for arch in plan.archs for seed in seeds for noise in plan.noise_rates]
-    for _ in in_parallel(fp_model, calls, jobs, threads):
-        pass
+    journal = cache / "regimes_journal.jsonl"
+    if journal_only:
+        done = read_journal(journal)
+        missing = []
+
+        def runner(runs):
+            missing.extend(r for r in runs if r.key() not in done)
+            return [done[r.key()] for r in runs if r.key() in done]
+    else:
+        seeds = plan.seeds + plan.noisy_sweep_seeds
+        calls = [(arch, "digits", plan.fp_schedule, cache, plan.limit, threads, seed, noise)
+                 for arch in plan.archs for seed in seeds for noise in plan.noise_rates]
+        for _ in in_parallel(fp_model, calls, jobs, threads):
+            pass
+        missing = []
+
+        def runner(runs):
+            return run_all(runs, jobs, threads, journal, scratch)
 
     def run(arch, bits, mode, seed, noise, rho=None):
         path = fp_dir(arch, "digits", plan.fp_schedule, cache, plan.limit, seed, noise)
         return Run("noisy_long_qat", arch, bits, mode, seed, schedule, rho=rho, fp_path=str(path), limit=plan.limit,
                    noise=noise, fp_seed=seed)
 
-    journal = cache / "regimes_journal.jsonl"
-    sweep_rows = run_all([run(arch, bits, "saq_val", seed, noise, rho) for noise in plan.noise_rates
-                          for arch in plan.archs for bits in plan.noisy_bits for seed in plan.noisy_sweep_seeds
-                          for rho in plan.noisy_val_grid], jobs, threads, journal, scratch)
-    chosen = {}
+    sweep_rows = runner([run(arch, bits, "saq_val", seed, noise, rho) for noise in plan.noise_rates
+                         for arch in plan.archs for bits in plan.noisy_bits for seed in plan.noisy_sweep_seeds
+                         for rho in plan.noisy_val_grid])
+    chosen, radius_table = {}, {}
     for noise in plan.noise_rates:
         for arch in plan.archs:
             for bits in plan.noisy_bits:
-                scores = {rho: np.mean([r["val_accuracy"] for r in sweep_rows if r["noise"] == noise and
-                                        r["model"] == arch.kind and r["w_bits"] == bits and r["rho"] == rho])
-                          for rho in plan.noisy_val_grid}
-                chosen[(noise, arch.name, bits)] = max(scores, key=lambda rho: (scores[rho], -rho))
+                scores = {rho: [r["val_accuracy"] for r in sweep_rows if r["noise"] == noise and
+                                r["model"] == arch.kind and r["width"] == arch.width and r["w_bits"] == bits
+                                and r["rho"] == rho] for rho in plan.noisy_val_grid}
+                if all(len(v) == len(plan.noisy_sweep_seeds) for v in scores.values()):
+                    means = {rho: float(np.mean(v)) for rho, v in scores.items()}
+                    chosen[(noise, arch.name, bits)] = max(means, key=lambda rho: (means[rho], -rho))
+                    radius_table[f"{noise}/{arch.name}/W{bits}"] = {str(rho): v for rho, v in means.items()}
     print("\nrelative rho chosen on (noisy) validation:", {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()})
-    rows = run_all([run(arch, bits, mode, seed, noise,
-                        chosen[(noise, arch.name, bits)] if MODES[mode].get("rho", "") is None else None)
-                    for mode in plan.noisy_modes for noise in plan.noise_rates for arch in plan.archs
-                    for bits in plan.noisy_bits for seed in plan.seeds], jobs, threads, journal, scratch)
-    # Each sweep radius on the sweep seeds, as a row per radius: how far the radius a user gets is from the best.
+    rows = runner([run(arch, bits, mode, seed, noise,
+                       chosen[(noise, arch.name, bits)] if MODES[mode].get("rho", "") is None else None)
+                   for mode in plan.noisy_modes for noise in plan.noise_rates for arch in plan.archs
+                   for bits in plan.noisy_bits for seed in plan.seeds
+                   if MODES[mode].get("rho", "") is not None or (noise, arch.name, bits) in chosen])
+    if journal_only:
+        print(f"noisy cells: {len(rows)} rows from the journal, {len(missing)} runs missing")
     summary = summarize(rows, ("regime", "noise", "model", "w_bits"))
     goal = radius_goal(rows, ("regime", "noise", "model", "w_bits"))
     print_table(summary, ("regime", "noise", "model", "w_bits"), plan.noisy_modes,
                 "Noisy labels: long QAT from an FP model trained on the same noisy labels (test labels clean)")
-    radius_table = {f"{n}/{a}/W{b}": {str(rho): float(np.mean([r["val_accuracy"] for r in sweep_rows
-                                                              if r["noise"] == n and f"{r['model']}-{r['width']}" == a
-                                                              and r["w_bits"] == b and r["rho"] == rho]))
-                                      for rho in plan.noisy_val_grid} for (n, a, b) in chosen}
     return {"radius_goal": goal, "val_chosen_rho": {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()},
-            "sweep_val_accuracy_by_rho": radius_table, "sweep_rows": sweep_rows, "rows": rows, "summary": summary}
+            "sweep_val_accuracy_by_rho": radius_table, "missing_runs": len(missing), "sweep_rows": sweep_rows,
+            "rows": rows, "summary": summary}
 
 
 def plot_noisy(summary: list[dict], plan: Plan, path: Path) -> None:
@@ -726,10 +741,12 @@ def parse_args(argv=None):
                         help="comma-separated subset of the modes to run (regime map and noisy part); default all")
     parser.add_argument("--noise_rates", default=None,
                         help="comma-separated label-noise rates of the noisy part (default 0.2,0.4)")
+    parser.add_argument("--noisy_bits", default=None,
+                        help="comma-separated weight/activation bits of the noisy part (default 2,3,4)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--report", action="store_true",
-                        help="print the tables and redraw the figures from the JSON already in --results; no runs")
+                        help="no runs: the tables, figures and JSON from the runs already journaled in --cache (says how many are missing)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     return parser.parse_args(argv)
@@ -788,6 +805,8 @@ def main(argv=None) -> dict:
                        long_scratch_modes=plan.long_scratch_modes if "scratch" in regimes else ())
     if args.noise_rates is not None:
         plan = replace(plan, noise_rates=tuple(float(r) for r in args.noise_rates.split(",")))
+    if args.noisy_bits is not None:
+        plan = replace(plan, noisy_bits=tuple(int(b) for b in args.noisy_bits.split(",")))
     if args.modes is not None:
         modes = tuple(args.modes.split(","))
         unknown = set(modes) - set(plan.modes) - set(plan.noisy_modes)
@@ -796,7 +815,7 @@ def main(argv=None) -> dict:
                              f"{sorted(set(plan.modes) | set(plan.noisy_modes))}")
         plan = replace(plan, modes=tuple(m for m in plan.modes if m in modes),
                        noisy_modes=tuple(m for m in plan.noisy_modes if m in modes))
-    if args.report:
+    if args.report and args.part != "noisy":
         report(plan, args.cache, args.results, "_quick" if args.quick else "", args.part)
         return {}
     args.results.mkdir(parents=True, exist_ok=True)
@@ -807,7 +826,7 @@ def main(argv=None) -> dict:
     out = {"machine": machine(), "plan": json.loads(json.dumps(asdict(plan), default=str)),
            "command": "python benchmarks/regimes.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.part == "noisy":
-        out.update(noisy_runs(plan, args.cache, args.jobs, args.threads, scratch))
+        out.update(noisy_runs(plan, args.cache, args.jobs, args.threads, scratch, journal_only=args.report))
         plot_noisy(out["summary"], plan, args.results / f"noisy_map{suffix}.png")
     if args.part == "looksam_sweep":
         fp = fp_paths(plan, args.cache, args.jobs, args.threads, plan.looksam_sweep_seeds)

@@ -104,3 +104,26 @@ def test_a_rerun_resumes_from_the_journal_and_reproduces_the_rows(quick):
     assert "[  1/" not in stdout  # no run was trained again
     rerun = json.loads((out / "accuracy.json").read_text())
     assert rerun["rows"] == quick["accuracy"]["rows"]
+
+
+def test_the_noisy_cells_report_from_the_journal_alone_and_count_what_is_missing(tmp_path):
+    cache = tmp_path / "cache"
+    run("regimes.py", "--quick", "--part", "noisy", "--jobs", "1", "--cache", cache, "--results", tmp_path / "ran")
+    ran = json.loads((tmp_path / "ran" / "noisy_quick.json").read_text())
+    assert ran["missing_runs"] == 0 and {r["mode"] for r in ran["rows"]} == {"qat", "saq", "saq_val"}
+
+    run("regimes.py", "--quick", "--part", "noisy", "--report", "--cache", cache, "--results", tmp_path / "report")
+    report = json.loads((tmp_path / "report" / "noisy_quick.json").read_text())
+    assert report["rows"] == ran["rows"] and report["val_chosen_rho"] == ran["val_chosen_rho"]
+    assert (tmp_path / "report" / "noisy_map_quick.png").read_bytes()[:8] == PNG_MAGIC
+
+    # One mode's row gone from the journal: the report leaves it out and says so, it does not run it.
+    journal = cache / "regimes_journal.jsonl"
+    lines = journal.read_text().splitlines()
+    kept = [line for line in lines if not (json.loads(line)["mode"] == "qat" and json.loads(line)["model"] == "vit")]
+    assert len(kept) == len(lines) - 1
+    journal.write_text("\n".join(kept) + "\n")
+    run("regimes.py", "--quick", "--part", "noisy", "--report", "--cache", cache, "--results", tmp_path / "partial")
+    partial = json.loads((tmp_path / "partial" / "noisy_quick.json").read_text())
+    assert partial["missing_runs"] == 1 and len(partial["rows"]) == len(ran["rows"]) - 1
+    assert len(journal.read_text().splitlines()) == len(lines) - 1

@@ -2,13 +2,14 @@
 and gradients of one LSQ op call per weight, and a quantized model's forward uses that path for its weights."""
 
 import copy
+import weakref
 
 import pytest
 import torch
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
 from saq_hf import QuantConfig, quantize_model
-from saq_hf.quant import lsq, quantized_layers
+from saq_hf.quant import lsq, perturb_quantized_weights, quantized_layers
 from saq_hf.quant.lsq import lsq_fake_quantize, lsq_fake_quantize_many, quant_range
 from test_fused_quant import CASES, LAYOUTS, inputs, same_bits
 
@@ -208,6 +209,48 @@ def test_layers_under_activation_checkpointing_quantize_their_own_weights(reentr
     reference = without_weights_together(model)
     results = []
     for m in (model, reference):
+        out = m(x)
+        out.square().sum().backward()
+        results.append([out.detach()] + [p.grad for p in m.parameters()])
+    assert all(same_bits(a, b) for a, b in zip(*results))
+
+
+def test_a_perturbed_pass_frees_each_quantized_weight_once_its_layer_ran():
+    # Q(w) + ε is what the layer saves for backward; Q(w) itself must not stay alive to the end of the pass (that was a
+    # second copy of every weight at SAQ's peak). Checked from inside the pass, in the last layer's forward.
+    model = quantize_model(tiny_vit(), QuantConfig(w_bits=4, a_bits=4))
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(pixel_values=pixels)
+    layers = [layer for _, layer in quantized_layers(model)]
+    refs = {}
+    model.register_forward_pre_hook(
+        lambda module, args: refs.update({layer: weakref.ref(layer._pass_quantized_weight) for layer in layers}))
+    alive_in_last_layer = []
+    layers[-1].register_forward_hook(
+        lambda *args: alive_in_last_layer.extend(layer for layer in layers[:-1] if refs[layer]() is not None))
+    epsilons = {layer: torch.full_like(layer.weight, 1e-3) for layer in layers}
+    with perturb_quantized_weights(epsilons):
+        model(pixel_values=pixels).logits.sum().backward()
+    assert len(refs) == len(layers) and not alive_in_last_layer
+
+
+def test_a_layer_run_twice_in_one_pass_gets_the_same_bits_as_without_the_multi_tensor_path():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.shared, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+    model = quantize_model(Twice(), QuantConfig(w_bits=3, a_bits=4, bits_overrides={}))
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(x)
+    results = []
+    for m in (model, without_weights_together(model)):
         out = m(x)
         out.square().sum().backward()
         results.append([out.detach()] + [p.grad for p in m.parameters()])

@@ -59,6 +59,14 @@ class QuantLayerMixin:
             return weight
         return self.weight_quantizer(self.weight)
 
+    def _take_pass_quantized_weight(self) -> torch.Tensor:
+        """``quantized_weight()`` for this layer's forward, which takes ``Q(w)`` out of the pass: from then on only the
+        tensors autograd saves hold it, so ``Q(w) + ε`` does not keep a second copy of every weight alive to the end of
+        the pass (a second forward of the layer in the same pass quantizes the weight itself, to the same values)."""
+        weight = self.quantized_weight()
+        self._pass_quantized_weight = None
+        return weight
+
     @torch.no_grad()
     def quantized_weight_norm(self) -> torch.Tensor:
         """``||Q(w)||₂`` now: the value the last captured forward recorded while ``w`` and its step size are unchanged
@@ -72,7 +80,7 @@ class QuantLayerMixin:
     def _forward_weight_and_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        weight = self.quantized_weight()
+        weight = self._take_pass_quantized_weight()
         if self._record_weight_norm and not torch.compiler.is_compiling():
             # One reduction here saves recomputing Q(w) for the relative radius (eager only: no side outputs in a graph).
             self._weight_norm_record = (torch.linalg.vector_norm(weight.detach()), self.weight._version,
