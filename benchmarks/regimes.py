@@ -673,38 +673,54 @@ def print_table(summary: list[dict], group_keys: tuple, modes: tuple, title: str
         print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells) + " |")
 
 
+MAP_COLOURS = {"saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_at_once": "tab:olive",
+               "case1_val": "tab:blue", "case2_val": "tab:orange", "auto_looksam_k10": "tab:brown",
+               "auto_reuse_grad": "tab:pink"}
+
+
+def map_columns(summary: list[dict], plan: Plan) -> list[tuple]:
+    """The map's ``(regime, noise)`` columns: the noisy-label cells first (most noise first), then the clean regimes
+    in the plan's order."""
+    present = {(s["regime"], s.get("noise", 0.0)) for s in summary}
+    noisy = sorted((c for c in present if c[1]), key=lambda c: -c[1])
+    clean = [c for c in ((r, 0.0) for r in plan.regimes) if c in present]
+    return noisy + clean + sorted(present - set(noisy) - set(clean))
+
+
 def plot_map(summary: list[dict], plan: Plan, path: Path) -> None:
     plt = pyplot()
-    modes = [m for m in plan.modes if m != BASELINE]
-    regimes = plan.regimes + tuple(sorted({s["regime"] for s in summary} - set(plan.regimes)))
-    fig, axes = plt.subplots(len(plan.archs), len(regimes), figsize=(4.2 * len(regimes),
-                             3.2 * len(plan.archs)), squeeze=False, sharey=True)
-    index = {(s["regime"], s["model"], s["w_bits"], s["mode"]): s for s in summary}
-    colours = {"saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_every_k": "tab:orange",
-               "saq_looksam": "tab:brown", "saq_looksam_k10": "tab:pink", "saq_reuse_grad": "tab:gray", "saq_at_once": "tab:olive"}
+    present = {s["mode"] for s in summary}
+    modes = [m for m in dict.fromkeys(plan.modes + plan.noisy_modes) if m != BASELINE and m in present]
+    columns = map_columns(summary, plan)
+    bits = sorted({s["w_bits"] for s in summary})
+    fig, axes = plt.subplots(len(plan.archs), len(columns), figsize=(3.6 * len(columns) + 0.6,
+                             3.2 * len(plan.archs) + 0.4), squeeze=False, sharey=True)
+    index = {(s["regime"], s.get("noise", 0.0), s["model"], s["w_bits"], s["mode"]): s for s in summary}
     for i, arch in enumerate(plan.archs):
-        for j, regime in enumerate(regimes):
+        for j, (regime, noise) in enumerate(columns):
             ax = axes[i][j]
             for k, mode in enumerate(modes):
                 xs, ys, lo, hi = [], [], [], []
-                for b in plan.bits:
-                    s = index.get((regime, arch.kind, b, mode))
+                for b in bits:
+                    s = index.get((regime, noise, arch.kind, b, mode))
                     if s and s["delta_vs_qat"] is not None:
-                        xs.append(b + (k - len(modes) / 2) * 0.12)
+                        xs.append(b + (k - len(modes) / 2) * 0.1)
                         ys.append(s["delta_vs_qat"])
                         lo.append(s["delta_vs_qat"] - s["delta_ci95"][0])
                         hi.append(s["delta_ci95"][1] - s["delta_vs_qat"])
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, color=colours.get(mode), label=mode)
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=2, color=MAP_COLOURS.get(mode), label=mode)
             ax.axhline(0, color="black", lw=0.8)
             ax.axhline(-1, color="black", lw=0.6, ls=":")
-            ax.set_xticks(list(plan.bits), [f"W{b}A{b}" for b in plan.bits])
-            ax.set_title(f"{arch.kind}: {regime}", fontsize=10)
+            ax.set_xticks(bits, [f"W{b}A{b}" for b in bits])
+            where = f"{regime}, {noise:.0%} label noise" if noise else regime
+            ax.set_title(f"{arch.kind}: {where}", fontsize=9)
             if j == 0:
                 ax.set_ylabel("SAQ − QAT, test top-1 (pt)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Regime map: seed-paired difference to plain QAT (95 % CI); dotted: −1 pt safety bound")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(modes), fontsize=8)
+    fig.suptitle("Regime map: seed-paired difference to plain QAT (95 % CI); dotted: −1 pt", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -768,15 +784,28 @@ def report(plan: Plan, cache: Path, results: Path, suffix: str, part: str = "all
     if wanted:
         wanted += long_scratch_runs(plan)
     rows = with_val_rows([done[r.key()] for r in wanted if r.key() in done], plan, chosen)
+    missing = len([r for r in wanted if r.key() not in done])
     if wanted:
-        print(f"regime map: {len(rows)} rows ({len([r for r in wanted if r.key() not in done])} runs missing)")
+        print(f"regime map: {len(rows)} rows ({missing} runs missing)")
+    # The whole map: the noisy-label cells (also written on their own, with the paper's comparison) and the clean ones.
+    noisy = noisy_runs(plan, cache, 1, 1, cache / "regimes_scratch", journal_only=True) if part == "all" else None
+    if noisy and noisy["rows"]:
+        (results / f"noisy{suffix}.json").write_text(json.dumps(
+            {"command": "python benchmarks/regimes.py --report", "machine": machine(), **noisy}, indent=1, default=str))
+        plot_noisy(noisy["summary"], plan, results / f"noisy_map{suffix}.png")
     if rows:
-        summary = summarize(rows, ("regime", "model", "w_bits"))
-        print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
+        print_table(summarize(rows, ("regime", "model", "w_bits")), ("regime", "model", "w_bits"), plan.modes,
+                    "Regime map")
+        cells = ("regime", "noise", "model", "w_bits")
+        rows += noisy["rows"] if noisy else []
+        summary = summarize(rows, cells)
         plot_map(summary, plan, results / f"regime_map{suffix}.png")
         out = {"command": "python benchmarks/regimes.py --report", "machine": machine(),
-               "plan": json.loads(json.dumps(asdict(plan), default=str)), "missing_runs": len(wanted) - len(rows),
-               "val_chosen_rho": {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()}, "sweep_rows": sweep_rows,
+               "plan": json.loads(json.dumps(asdict(plan), default=str)),
+               "missing_runs": missing + (noisy["missing_runs"] if noisy else 0),
+               "val_chosen_rho": {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()}
+               | (noisy["val_chosen_rho"] if noisy else {}),
+               "radius_goal": radius_goal(rows, cells), "sweep_rows": sweep_rows + (noisy["sweep_rows"] if noisy else []),
                "rows": rows, "summary": summary}
         (results / f"transfer{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
     safety = [done[r.key()] for r in safety_runs(plan) if r.key() in done] if part in ("all", "safety") else []
