@@ -324,9 +324,25 @@ class RunSpec:
         return settings_key(fields)
 
 
+def train_timed(model, args, splits) -> tuple:
+    """``SAQTrainer(model, args)`` trained on ``splits``' training images without the console printer, its output
+    folder removed after; returns the trainer and the training time in seconds."""
+    from saq_hf import SAQTrainer
+    from transformers import PrinterCallback
+
+    trainer = SAQTrainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
+                         data_collator=collate)
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    return trainer, seconds
+
+
 def qat_run(spec: RunSpec, threads: int, scratch: Path) -> dict:
     """Quantize the FP model, calibrate on the first fit batches, train with SAQTrainer, test once."""
-    from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, calibrate, quantize_model
+    from saq_hf import QuantConfig, SAQTrainingArguments, calibrate, quantize_model
 
     quiet()
     torch.set_num_threads(threads)
@@ -344,13 +360,7 @@ def qat_run(spec: RunSpec, threads: int, scratch: Path) -> dict:
                                 learning_rate=recipe.lr, weight_decay=recipe.weight_decay,
                                 per_device_train_batch_size=recipe.batch_size,
                                 **_common_args(output_dir, spec.seed, threads))
-    trainer = SAQTrainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
-                         data_collator=collate)
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    shutil.rmtree(output_dir, ignore_errors=True)
+    trainer, seconds = train_timed(model, args, splits)
     if spec.save_to:
         model.save_pretrained(spec.save_to)
     return {"model": spec.model, "dataset": spec.dataset, "w_bits": spec.w_bits, "a_bits": spec.a_bits,

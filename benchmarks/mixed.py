@@ -34,11 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DEFAULT_CACHE,
     DEFAULT_RESULTS,
-    ImageTensors,
     _common_args,
     accuracy,
     batches_of,
-    collate,
     in_parallel,
     journaled,
     machine,
@@ -47,6 +45,7 @@ from common import (  # noqa: E402
     quiet,
     read_journal,
     settings_key,
+    train_timed,
 )
 from regimes import SAQ_DEFAULT_RHO, Arch, Schedule, data_for, fp_dir, fp_model, t_interval  # noqa: E402
 
@@ -159,10 +158,8 @@ class Run:
 
 
 def run_one(run: Run, threads: int, scratch: Path) -> dict:
-    import shutil
-
-    from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, calibrate, quantize_model
-    from transformers import AutoModelForImageClassification, PrinterCallback
+    from saq_hf import QuantConfig, SAQTrainingArguments, calibrate, quantize_model
+    from transformers import AutoModelForImageClassification
 
     quiet()
     torch.set_num_threads(threads)
@@ -183,13 +180,7 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
                                 num_train_epochs=sched.epochs, learning_rate=sched.lr, weight_decay=sched.weight_decay,
                                 per_device_train_batch_size=sched.batch_size, **fields,
                                 **_common_args(output_dir, run.seed, threads))
-    trainer = SAQTrainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
-                         data_collator=collate)
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    shutil.rmtree(output_dir, ignore_errors=True)
+    trainer, seconds = train_timed(model, args, splits)
     return {"key": run.key(), "model": run.arch.kind, "seed": run.seed, "label": run.label, "mode": run.mode,
             "weight_bytes": run.weight_bytes, "average_bits": run.average_bits,
             "accuracy": accuracy(model, splits.test_x, splits.test_y),

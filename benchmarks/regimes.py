@@ -63,7 +63,6 @@ from common import (  # noqa: E402
     ImageTensors,
     Splits,
     _common_args,
-    _stratified_split,
     accuracy,
     batches_of,
     collate,
@@ -76,6 +75,7 @@ from common import (  # noqa: E402
     quiet,
     read_journal,
     settings_key,
+    train_timed,
 )
 
 BASELINE = "qat"
@@ -290,8 +290,8 @@ def effective_settings(mode: str) -> dict:
 
 
 def run_one(run: Run, threads: int, scratch: Path) -> dict:
-    from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, calibrate, quantize_model
-    from transformers import AutoModelForImageClassification, PrinterCallback
+    from saq_hf import QuantConfig, SAQTrainingArguments, calibrate, quantize_model
+    from transformers import AutoModelForImageClassification
 
     quiet()
     torch.set_num_threads(threads)
@@ -312,13 +312,7 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
     args = SAQTrainingArguments(rho=rho, num_train_epochs=sched.epochs, learning_rate=sched.lr,
                                 weight_decay=sched.weight_decay, per_device_train_batch_size=sched.batch_size,
                                 **fields, **_common_args(output_dir, run.seed, threads))
-    trainer = SAQTrainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
-                         data_collator=collate)
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    shutil.rmtree(output_dir, ignore_errors=True)
+    trainer, seconds = train_timed(model, args, splits)
     logs = [h for h in trainer.state.log_history if "train_loss" in h]
     return {"model": run.arch.kind, "width": run.arch.width, "dataset": "digits", "regime": run.regime,
             "noise": run.noise, "fp_seed": run.fp_seed if run.fp_path else None,

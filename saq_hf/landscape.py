@@ -65,7 +65,7 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
-class _Measurement:
+class Measurement:
     """A model, its quantized layers and a fixed list of batches; the loss is the sample-weighted mean."""
 
     def __init__(self, model: nn.Module, batches: Iterable, loss_fn: LossFn | None, max_batches: int | None):
@@ -154,7 +154,7 @@ def _gaussian(layers: list[nn.Module], generator: torch.Generator) -> Direction:
 
 
 @contextmanager
-def _measuring(model: nn.Module):
+def measuring(model: nn.Module):
     """Eval mode (no dropout, batch-norm statistics frozen), gradients on for every quantized weight (so a
     frozen layer's ``Q(w)`` is still in the graph), the math attention kernel (the fused CPU/GPU kernels have
     no double backward); everything restored on exit, flags module by module."""
@@ -191,7 +191,7 @@ def filter_normalized_direction(model: nn.Module, seed: int = 0) -> Direction:
     return direction
 
 
-def _power_iteration(measure: _Measurement, n_iter: int, tol: float, seed: int) -> tuple[float, int]:
+def _power_iteration(measure: Measurement, n_iter: int, tol: float, seed: int) -> tuple[float, int]:
     generator = torch.Generator().manual_seed(seed)
     vector = _gaussian(measure.layers, generator)
     vector = _scaled(vector, 1.0 / _norm(vector))
@@ -217,12 +217,12 @@ def top_hessian_eigenvalue(model: nn.Module, batches: Iterable, *, n_iter: int =
     once the estimate changes by less than ``tol`` (relative). A batch is a dict of model inputs with
     ``labels`` or an ``(inputs, labels)`` pair; ``loss_fn(model, batch)`` overrides the loss.
     """
-    measure = _Measurement(model, batches, loss_fn, max_batches)
-    with _measuring(model):
+    measure = Measurement(model, batches, loss_fn, max_batches)
+    with measuring(model):
         return _power_iteration(measure, n_iter, tol, seed)[0]
 
 
-def _loss_increases(measure: _Measurement, rho: float, n_random: int, seed: int) -> tuple[float, float, float]:
+def _loss_increases(measure: Measurement, rho: float, n_random: int, seed: int) -> tuple[float, float, float]:
     base = measure.loss()
     if rho == 0:
         return base, 0.0, 0.0
@@ -249,8 +249,8 @@ def loss_increase(model: nn.Module, batches: Iterable, rho: float, *, direction:
         raise ValueError(f"direction must be 'adversarial' or 'random', got {direction!r}")
     if rho < 0:
         raise ValueError(f"rho must be >= 0, got {rho!r}")
-    measure = _Measurement(model, batches, loss_fn, max_batches)
-    with _measuring(model):
+    measure = Measurement(model, batches, loss_fn, max_batches)
+    with measuring(model):
         _, random_increase, adversarial_increase = _loss_increases(
             measure, rho, n_random if direction == "random" else 0, seed)
     return adversarial_increase if direction == "adversarial" else random_increase
@@ -260,10 +260,10 @@ def loss_curve(model: nn.Module, batches: Iterable, *, alphas: Iterable[float] |
                max_batches: int | None = None, loss_fn: LossFn | None = None) -> dict[str, list[float]]:
     """Loss along ``Q(w) + α·d`` with ``d`` from :func:`filter_normalized_direction` (``seed``): α = ±1
     moves every filter by its own norm. Default ``alphas``: 21 points in [-1, 1]."""
-    measure = _Measurement(model, batches, loss_fn, max_batches)
+    measure = Measurement(model, batches, loss_fn, max_batches)
     alphas = [float(a) for a in alphas] if alphas is not None else [round(-1 + i / 10, 6) for i in range(21)]
     direction = filter_normalized_direction(model, seed)
-    with _measuring(model):
+    with measuring(model):
         losses = [measure.loss(_scaled(direction, alpha)) for alpha in alphas]
     return {"alphas": alphas, "losses": losses}
 
@@ -280,8 +280,8 @@ def sharpness_report(model: nn.Module, batches: Iterable, *, rho: float = 0.05, 
     """
     if rho < 0:
         raise ValueError(f"rho must be >= 0, got {rho!r}")
-    measure = _Measurement(model, batches, loss_fn, max_batches)
-    with _measuring(model):
+    measure = Measurement(model, batches, loss_fn, max_batches)
+    with measuring(model):
         base, random_increase, adversarial_increase = _loss_increases(measure, rho, n_random, seed)
         eigenvalue, iterations = _power_iteration(measure, n_iter, tol, seed)
     return {

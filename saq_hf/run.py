@@ -46,7 +46,7 @@ from .hub import (
 from .metrics import compute_metrics_fn, evaluate_classifier, load_metric
 from .progress import forward_pass_bar, read_train_log, sharpness_passes, show_stage_progress
 from .landscape import sharpness_report
-from .quant import calibrate, is_quantized, quantized_layers
+from .quant import calibrate, is_quantized
 from .quant.convert import planned_layers
 from .quantize import quantize_model
 from .trainer import WAITING, SAQTrainer, SAQTrainingArguments

@@ -37,7 +37,7 @@ import yaml
 from torch import nn
 
 from .config import QuantConfig
-from .landscape import _Measurement, _measuring
+from .landscape import Measurement, measuring
 from .packing import packed_size
 from .quant import LSQQuantizer, QuantConv2d, QuantLayerMixin, capture_quantized_weights, quantized_layers
 from .quant.convert import convert_layers, default_bits_overrides, name_matches
@@ -343,7 +343,7 @@ def check_budget(model: nn.Module, *, target_bits: float | None = None, target_b
 
 
 # ------------------------------------------------------------------------------------------------------ measures
-def _sharpness_sensitivity(work, measure: _Measurement, cands: _Candidates, candidates, rho: float) -> dict:
+def _sharpness_sensitivity(work, measure: Measurement, cands: _Candidates, candidates, rho: float) -> dict:
     """``{layer: {bits: L(Q_b + ε) - L₀}}``, averaged over ``Q_b`` and its mirror (:class:`_MirroredQuantizer`).
 
     With the relative radius SAQ's ε for one tensor is ``ρ·||Q(w_l)||·g_l/||g_l||``, whatever the other tensors do:
@@ -377,7 +377,7 @@ def _sharpness_sensitivity(work, measure: _Measurement, cands: _Candidates, cand
     return {"sharpness": sharp, "base_loss": base}
 
 
-def hessian_traces(work: nn.Module, measure: _Measurement, layers: dict[str, QuantLayerMixin], n_samples: int,
+def hessian_traces(work: nn.Module, measure: Measurement, layers: dict[str, QuantLayerMixin], n_samples: int,
                    seed: int, inputs: bool) -> dict[str, dict[str, float]]:
     """Mean Hessian diagonal ``Tr(H)/n`` of the loss w.r.t. each layer's ``Q(w)`` and (``inputs``) its input,
     by Hutchinson's estimator: ``E[vᵀHv]`` over Rademacher ``v``, ``n_samples`` per batch, one double backward
@@ -472,8 +472,8 @@ def search_bits(model: nn.Module, batches: Iterable, *, target_bits: float | Non
     pinned_bytes = sum(packed_size(all_layers[n].weight.numel(), all_layers[n].w_bits) for n in pinned)
     _budget(weights, pinned_bytes, candidates, target_bits, target_bytes)  # infeasible: one line, before any work
 
-    measurement = _Measurement(work, batches, loss_fn, max_batches)
-    with _measuring(work):
+    measurement = Measurement(work, batches, loss_fn, max_batches)
+    with measuring(work):
         cands = _Candidates(work, layers, candidates, activations, measurement.batches, measurement.loss_fn)
         if measure == "sharpness":
             measured = _sharpness_sensitivity(work, measurement, cands, candidates, rho)

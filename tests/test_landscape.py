@@ -147,13 +147,13 @@ def test_measuring_leaves_parameters_gradients_and_modes_unchanged(arch):
 
 
 def test_top_eigenvalue_of_a_tiny_vit_bounds_the_curvature_along_random_directions():
-    from saq_hf.landscape import _Measurement, _measuring, _norm, _dot, _scaled, _gaussian
+    from saq_hf.landscape import Measurement, measuring, _norm, _dot, _scaled, _gaussian
 
     model, batches = quantized_tiny("vit", bits=8)
     eigenvalue = top_hessian_eigenvalue(model, batches, n_iter=50, tol=1e-4)
-    measure = _Measurement(model, batches, None, None)
+    measure = Measurement(model, batches, None, None)
     generator = torch.Generator().manual_seed(7)
-    with _measuring(model):
+    with measuring(model):
         for _ in range(3):
             v = _gaussian(measure.layers, generator)
             v = _scaled(v, 1 / _norm(v))
