@@ -3,10 +3,10 @@
 #
 #     bash benchmarks/gpu_check.sh [RESULTS_DIR]                  # default: benchmarks/results/gpu
 #     WHEELS=/path/to/wheels bash benchmarks/gpu_check.sh         # default: benchmarks/wheels
-#     GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/dry   # no GPU: every step on the CPU at toy sizes
+#     GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh            # no GPU: every step on the CPU at toy sizes (a temp dir)
 #
-# 1. installs any missing Python package from the wheels in one folder ($WHEELS), never from an index: transformers
-#    (and what it needs) is required; torchao is optional (without it the torchao column is skipped);
+# 1. installs any missing Python package, and a newer transformers over an older one, from the wheels in one folder
+#    ($WHEELS), never from an index: transformers is required; torchao is optional (without it its column is skipped);
 # 2. then, most wanted first, each step only if its estimated time still fits the budget (GPU_CHECK_BUDGET_S,
 #    default 330 s, so that the whole script stays under 6 minutes on an H200; a step that does not fit is listed
 #    as SKIPPED, one that runs out of budget is stopped):
@@ -24,10 +24,11 @@
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(dirname "$HERE")"
-RESULTS="${1:-$REPO/benchmarks/results/gpu}"
+DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
+# A dry run's toy figures never land in the GPU results by default.
+if [ "$DRY_RUN" = 1 ]; then RESULTS="${1:-$(mktemp -d -t gpu_check_dry.XXXXXX)}"; else RESULTS="${1:-$REPO/benchmarks/results/gpu}"; fi
 WHEELS="${WHEELS:-$HERE/wheels}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-330}"
-DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
 PYTHON="${PYTHON:-$(command -v python >/dev/null && echo python || echo python3)}"
 mkdir -p "$RESULTS"
 SUMMARY="$RESULTS/summary.txt"
@@ -39,7 +40,7 @@ log() { echo "[gpu_check ${SECONDS}s] $*" | tee -a "$SUMMARY"; }
 
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then log "$PYTHON cannot import torch (set PYTHON=...)"; exit 2; fi
 if [ "$DRY_RUN" = 1 ]; then
-    log "DRY RUN: CPU, toy sizes; the figures mean nothing, the steps and their outputs are what is checked"
+    log "DRY RUN: CPU, toy sizes; the figures mean nothing, the steps and their outputs are what is checked (in $RESULTS)"
 elif ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     log "no CUDA device visible to torch: nothing to check (GPU_CHECK_DRY_RUN=1 tries the script on a CPU)"; exit 2
 else
@@ -63,6 +64,11 @@ for pair in transformers:transformers accelerate:accelerate safetensors:safetens
         fi
     fi
 done
+# A newer transformers wheel in $WHEELS replaces an older installed one (an image's may predate saq-hf's tested one).
+if compgen -G "$WHEELS/transformers-*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --upgrade --find-links "$WHEELS" transformers 2>/dev/null \
+        || log "could not install the transformers wheel from $WHEELS"
+fi
 if ! "$PYTHON" -c "import transformers" 2>/dev/null; then log "transformers is required: put its wheel in $WHEELS"; exit 2; fi
 log "$("$PYTHON" -c "import transformers; print('transformers', transformers.__version__)")"
 
