@@ -552,28 +552,35 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path, 
 
 
 def plot_noisy(summary: list[dict], plan: Plan, path: Path) -> None:
+    """One row of panels per noise rate; in each, every (model, bits) cell with its modes side by side."""
     plt = pyplot()
-    modes = [m for m in plan.noisy_modes if m != BASELINE]
-    cells = sorted({(s["noise"], s["model"], s["w_bits"]) for s in summary})
+    present = {s["mode"] for s in summary}
+    modes = [m for m in plan.noisy_modes if m != BASELINE and m in present]
+    rates = sorted({s["noise"] for s in summary}, reverse=True)
+    cells = sorted({(s["model"], s["w_bits"]) for s in summary})
     index = {(s["noise"], s["model"], s["w_bits"], s["mode"]): s for s in summary}
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cells) * len(modes) / 3, 3.6))
-    for k, mode in enumerate(modes):
-        xs, ys, lo, hi = [], [], [], []
-        for i, cell in enumerate(cells):
-            s = index.get(cell + (mode,))
-            if s and s["delta_vs_qat"] is not None:
-                xs.append(i + (k - len(modes) / 2) * 0.1)
-                ys.append(s["delta_vs_qat"])
-                lo.append(s["delta_vs_qat"] - s["delta_ci95"][0])
-                hi.append(s["delta_ci95"][1] - s["delta_vs_qat"])
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=mode)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(cells)), [f"{m} W{b}A{b}\n{int(100 * n)} % noise" for n, m, b in cells], fontsize=8)
-    ax.set_ylabel("Δ to plain QAT, test top-1 (pt)")
-    ax.set_title("Noisy labels, long QAT: seed-paired difference to QAT (95 % CI)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(len(rates), 1, figsize=(min(16, 1.5 + 0.22 * len(cells) * len(modes)), 3.0 * len(rates)),
+                             squeeze=False, sharey=True)
+    for row, noise in enumerate(rates):
+        ax = axes[row][0]
+        for k, mode in enumerate(modes):
+            xs, ys, lo, hi = [], [], [], []
+            for i, cell in enumerate(cells):
+                s = index.get((noise,) + cell + (mode,))
+                if s and s["delta_vs_qat"] is not None:
+                    xs.append(i + (k - (len(modes) - 1) / 2) * 0.1)
+                    ys.append(s["delta_vs_qat"])
+                    lo.append(s["delta_vs_qat"] - s["delta_ci95"][0])
+                    hi.append(s["delta_ci95"][1] - s["delta_vs_qat"])
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=2, color=MAP_COLOURS.get(mode), label=mode)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(cells)), [f"{m} W{b}A{b}" for m, b in cells], fontsize=8)
+        ax.set_ylabel("Δ to QAT, test top-1 (pt)", fontsize=8)
+        ax.set_title(f"{noise:.0%} of the training and validation labels wrong (test labels clean)", fontsize=9)
+    axes[-1][0].legend(fontsize=7, ncol=4, loc="upper right")
+    fig.suptitle("Noisy labels, long QAT: seed-paired difference to plain QAT (95 % CI)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
