@@ -424,6 +424,12 @@ def sweep(plan: Plan, fp: dict, cache: Path, jobs: int, threads: int, scratch: P
     return choose_radii(rows, plan), rows
 
 
+def best_radius(means: dict) -> float:
+    """The radius of the best mean validation accuracy, the smaller one on a tie. Means of the same counts summed in
+    another order differ in their last bits, so they are compared to 1e-9 pt."""
+    return max(means, key=lambda rho: (round(means[rho], 9), -rho))
+
+
 def choose_radii(sweep_rows: list[dict], plan: Plan) -> dict:
     """``{(regime, arch name, bits): rho}`` for every cell whose sweep runs are all there."""
     chosen = {}
@@ -435,7 +441,7 @@ def choose_radii(sweep_rows: list[dict], plan: Plan) -> dict:
                                 and r["rho"] == rho] for rho in plan.val_grid}
                 if all(len(v) == len(plan.sweep_seeds) for v in scores.values()):
                     means = {rho: float(np.mean(v)) for rho, v in scores.items()}
-                    chosen[(regime, arch.name, bits)] = max(means, key=lambda rho: (means[rho], -rho))
+                    chosen[(regime, arch.name, bits)] = best_radius(means)
     return chosen
 
 
@@ -532,7 +538,7 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path, 
                                 and r["rho"] == rho] for rho in plan.noisy_val_grid}
                 if all(len(v) == len(plan.noisy_sweep_seeds) for v in scores.values()):
                     means = {rho: float(np.mean(v)) for rho, v in scores.items()}
-                    chosen[(noise, arch.name, bits)] = max(means, key=lambda rho: (means[rho], -rho))
+                    chosen[(noise, arch.name, bits)] = best_radius(means)
                     radius_table[f"{noise}/{arch.name}/W{bits}"] = {str(rho): v for rho, v in means.items()}
     print("\nrelative rho chosen on (noisy) validation:", {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()})
     rows = runner([run(arch, bits, mode, seed, noise,

@@ -56,3 +56,10 @@ def test_validation_rows_reuse_the_default_runs_only_where_validation_chose_the_
     relabelled = [r for r in regimes.with_val_rows(saq_rows, plan, chosen) if r["mode"] == "saq_val"]
     assert {(r["regime"], r["w_bits"]) for r in relabelled} == \
         {("scratch", 2), ("scratch", 3), ("long_qat", 2), ("long_qat", 3), ("transfer", 2)}
+
+
+def test_a_validation_tie_goes_to_the_smaller_radius_even_when_float_sums_differ_in_the_last_bit():
+    # The same number of correct validation images, averaged over seeds in another order: equal, not 1e-14 apart.
+    assert regimes.best_radius({0.005: 74.3, 0.01: 75.41899441340782, 0.02: 75.41899441340783}) == 0.01
+    assert regimes.best_radius({0.01: 50.837988826815646, 0.02: 50.83798882681564}) == 0.01
+    assert regimes.best_radius({0.01: 75.4, 0.02: 75.6}) == 0.02
