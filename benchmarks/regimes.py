@@ -430,17 +430,25 @@ def best_radius(means: dict) -> float:
     return max(means, key=lambda rho: (round(means[rho], 9), -rho))
 
 
+def sweep_means(sweep_rows: list[dict], cell: dict, arch: Arch, grid: tuple, seeds: int) -> dict | None:
+    """``{rho: mean validation accuracy}`` of one cell's sweep (rows whose fields match ``cell``, of ``arch``);
+    ``None`` until every run of it is there."""
+    scores = {rho: [r["val_accuracy"] for r in sweep_rows if r["rho"] == rho and r["model"] == arch.kind
+                    and r["width"] == arch.width and all(r[k] == v for k, v in cell.items())] for rho in grid}
+    if all(len(v) == seeds for v in scores.values()):
+        return {rho: float(np.mean(v)) for rho, v in scores.items()}
+    return None
+
+
 def choose_radii(sweep_rows: list[dict], plan: Plan) -> dict:
     """``{(regime, arch name, bits): rho}`` for every cell whose sweep runs are all there."""
     chosen = {}
     for regime in plan.regimes:
         for arch in plan.archs:
             for bits in plan.sweep_bits:
-                scores = {rho: [r["val_accuracy"] for r in sweep_rows if r["regime"] == regime and
-                                r["model"] == arch.kind and r["width"] == arch.width and r["w_bits"] == bits
-                                and r["rho"] == rho] for rho in plan.val_grid}
-                if all(len(v) == len(plan.sweep_seeds) for v in scores.values()):
-                    means = {rho: float(np.mean(v)) for rho, v in scores.items()}
+                means = sweep_means(sweep_rows, {"regime": regime, "w_bits": bits}, arch, plan.val_grid,
+                                    len(plan.sweep_seeds))
+                if means:
                     chosen[(regime, arch.name, bits)] = best_radius(means)
     return chosen
 
@@ -533,11 +541,9 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path, 
     for noise in plan.noise_rates:
         for arch in plan.archs:
             for bits in plan.noisy_bits:
-                scores = {rho: [r["val_accuracy"] for r in sweep_rows if r["noise"] == noise and
-                                r["model"] == arch.kind and r["width"] == arch.width and r["w_bits"] == bits
-                                and r["rho"] == rho] for rho in plan.noisy_val_grid}
-                if all(len(v) == len(plan.noisy_sweep_seeds) for v in scores.values()):
-                    means = {rho: float(np.mean(v)) for rho, v in scores.items()}
+                means = sweep_means(sweep_rows, {"noise": noise, "w_bits": bits}, arch, plan.noisy_val_grid,
+                                    len(plan.noisy_sweep_seeds))
+                if means:
                     chosen[(noise, arch.name, bits)] = best_radius(means)
                     radius_table[f"{noise}/{arch.name}/W{bits}"] = {str(rho): v for rho, v in means.items()}
     print("\nrelative rho chosen on (noisy) validation:", {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()})
@@ -851,10 +857,10 @@ def main(argv=None) -> dict:
                              f"{sorted(set(plan.modes) | set(plan.noisy_modes))}")
         plan = replace(plan, modes=tuple(m for m in plan.modes if m in modes),
                        noisy_modes=tuple(m for m in plan.noisy_modes if m in modes))
+    args.results.mkdir(parents=True, exist_ok=True)
     if args.report and args.part != "noisy":
         report(plan, args.cache, args.results, "_quick" if args.quick else "", args.part)
         return {}
-    args.results.mkdir(parents=True, exist_ok=True)
     scratch = args.cache / "regimes_scratch"
     journal = args.cache / "regimes_journal.jsonl"
     suffix = "_quick" if args.quick else ""
