@@ -781,6 +781,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def number_list(text: str, flag: str, kind, low, high) -> tuple:
+    """``"0.2,0.4"`` as a tuple of ``kind``, each in [low, high]; else one line naming the flag (``SystemExit``)."""
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(low <= v <= high for v in values):
+        raise SystemExit(f"regimes.py: {flag} takes comma-separated {kind.__name__}s from {low} to {high}, got {text!r}")
+    return values
+
+
 def report(plan: Plan, cache: Path, results: Path, suffix: str, part: str = "all") -> None:
     """Tables, figures and JSON from the runs already journaled (no new runs); says which are missing."""
     done = read_journal(cache / "regimes_journal.jsonl")
@@ -846,9 +857,9 @@ def main(argv=None) -> dict:
         plan = replace(plan, regimes=regimes,
                        long_scratch_modes=plan.long_scratch_modes if "scratch" in regimes else ())
     if args.noise_rates is not None:
-        plan = replace(plan, noise_rates=tuple(float(r) for r in args.noise_rates.split(",")))
+        plan = replace(plan, noise_rates=number_list(args.noise_rates, "--noise_rates", float, 0.0, 0.9))
     if args.noisy_bits is not None:
-        plan = replace(plan, noisy_bits=tuple(int(b) for b in args.noisy_bits.split(",")))
+        plan = replace(plan, noisy_bits=number_list(args.noisy_bits, "--noisy_bits", int, 2, 8))
     if args.modes is not None:
         modes = tuple(args.modes.split(","))
         unknown = set(modes) - set(plan.modes) - set(plan.noisy_modes)

@@ -63,3 +63,10 @@ def test_a_validation_tie_goes_to_the_smaller_radius_even_when_float_sums_differ
     assert regimes.best_radius({0.005: 74.3, 0.01: 75.41899441340782, 0.02: 75.41899441340783}) == 0.01
     assert regimes.best_radius({0.01: 50.837988826815646, 0.02: 50.83798882681564}) == 0.01
     assert regimes.best_radius({0.01: 75.4, 0.02: 75.6}) == 0.02
+
+
+@pytest.mark.parametrize("flag, value", [("--noisy_bits", "3,x"), ("--noisy_bits", "1"), ("--noise_rates", "0.2,abc")])
+def test_a_bad_noisy_cell_list_is_one_line_before_any_run(flag, value, tmp_path):
+    with pytest.raises(SystemExit, match=f"regimes.py: {flag} takes comma-separated"):
+        regimes.main(["--part", "noisy", flag, value, "--cache", str(tmp_path / "c"), "--results", str(tmp_path / "r")])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
