@@ -357,6 +357,26 @@ def test_recorded_weight_norm_is_used_only_while_the_weight_and_step_size_are_un
     assert layer._weight_norm_record[0] is record
 
 
+def test_recorded_weight_norm_is_not_used_for_a_quantizer_swapped_in_at_the_same_version():
+    # A bit-width search swaps other quantizers into a layer between the ascent (which records ||Q(w)||) and ε.
+    # Fresh quantizers initialised once sit at the same version counter as the recorded one: the record must not
+    # pass for theirs, or ε gets the 8-bit weight's length at every bit-width.
+    from saq_hf.quant import LSQQuantizer, QuantLinear, capture_quantized_weights
+    torch.manual_seed(0)
+    layer = QuantLinear(16, 8, w_bits=8, a_bits=None)
+    with capture_quantized_weights([layer]):
+        layer(torch.randn(4, 16))
+    recorded = layer._weight_norm_record[0]
+    other = LSQQuantizer(2, signed=True, channel_shape=(8, 1), step_size_format=layer.weight_quantizer.step_size_format)
+    other.initialize_from(layer.weight.detach())
+    step = layer.weight_quantizer.step_size_parameter
+    assert other.step_size_parameter._version == step._version  # what made the old key match
+    layer.weight_quantizer = other
+    expected = torch.linalg.vector_norm(layer.quantized_weight().detach())
+    assert abs(float(expected) - float(recorded)) > 1e-3 * float(recorded)
+    assert torch.equal(layer.quantized_weight_norm(), expected)
+
+
 def test_captured_gradient_is_the_gradient_at_qw_also_for_a_layer_used_twice():
     import torch.nn.functional as F
     from saq_hf.quant import QuantLinear, capture_quantized_weights

@@ -40,7 +40,7 @@ class QuantLayerMixin:
         self._perturbation_released = False
         # ||Q(w)|| as the last captured forward computed it, with the versions of w and its step size then.
         self._record_weight_norm = False
-        self._weight_norm_record: tuple[torch.Tensor, int, int] | None = None
+        self._weight_norm_record: tuple | None = None  # (norm, weight, its version, step size, its version)
         # Q(w) computed for this forward pass together with the model's other weights (quantize_weights_together).
         self._pass_quantized_weight: torch.Tensor | None = None
 
@@ -70,11 +70,17 @@ class QuantLayerMixin:
     @torch.no_grad()
     def quantized_weight_norm(self) -> torch.Tensor:
         """``||Q(w)||₂`` now: the value the last captured forward recorded while ``w`` and its step size are unchanged
-        since (their in-place version counters), else computed. A fused optimizer step does not bump version counters:
-        a record that an optimizer step may outlive must be cleared (``_weight_norm_record = None``)."""
+        since (the same tensors, by identity, at the same in-place version counters), else computed. A quantizer or
+        weight swapped in since (e.g. a bit-width search trying another quantizer) is another tensor, whatever its
+        version counter says. A fused optimizer step does not bump version counters: a record that an optimizer step
+        may outlive must be cleared (``_weight_norm_record = None``)."""
         record = self._weight_norm_record
-        if record is not None and record[1:] == (self.weight._version, self.weight_quantizer.step_size_parameter._version):
-            return record[0]
+        if record is not None:
+            norm, weight, weight_version, step, step_version = record
+            current = self.weight_quantizer.step_size_parameter
+            if weight is self.weight and step is current and (weight_version, step_version) == (
+                    weight._version, step._version):
+                return norm
         return torch.linalg.vector_norm(self.quantized_weight())
 
     def _forward_weight_and_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +89,9 @@ class QuantLayerMixin:
         weight = self._take_pass_quantized_weight()
         if self._record_weight_norm and not torch.compiler.is_compiling():
             # One reduction here saves recomputing Q(w) for the relative radius (eager only: no side outputs in a graph).
-            self._weight_norm_record = (torch.linalg.vector_norm(weight.detach()), self.weight._version,
-                                        self.weight_quantizer.step_size_parameter._version)
+            step = self.weight_quantizer.step_size_parameter
+            self._weight_norm_record = (torch.linalg.vector_norm(weight.detach()), self.weight, self.weight._version,
+                                        step, step._version)
         if self.weight_perturbation is not None:
             weight = weight + self.weight_perturbation
             # A graph's inputs stay alive while it runs anyway, so compiled code keeps ε to the end of the pass.
