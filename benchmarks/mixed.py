@@ -7,9 +7,9 @@
 The regime map's long-QAT setting (``benchmarks/regimes.py``): 8x8 digits, a ViT (width 64, 2 layers) and a
 ConvNeXt (width 64), each seed with its own FP model trained to a plateau (40 epochs), then 20 epochs of QAT. Per
 seed, ``saq_hf.search_bits`` measures every layer's sensitivity at 2, 3, 4 and 8 bits (``a_bits = w_bits``) on two
-training batches of that seed's FP model, with both measures (``sharpness``: loss with the layer alone quantized and
-moved by SAQ's ε at the training radius; ``hessian``: Hutchinson trace × quantization error), and allocates at an
-average of 2.5 and of 3 weight bits over the searched layers. ``random`` is the same solver on random scores (the
+batches of 32 training images (``saq-hf search``'s default) of that seed's FP model, with both measures
+(``sharpness``: loss with the layer alone quantized and moved by SAQ's ε at the training radius; ``hessian``:
+Hutchinson trace × quantization error), and allocates at an average of 2.5 and of 3 weight bits over the searched layers. ``random`` is the same solver on random scores (the
 seed's own draw): a random allocation that fills the same budget. Every allocation and the uniform W2A2, W3A3 and
 W4A4 models then get the same QAT schedule; ``--modes qat,saq`` adds the same schedule with SAQ (the library's
 defaults) for uniform W3A3 and the allocations at 3 bits. The patch embedding and classifier stay at 8 bits in every model (the architecture rule).
@@ -64,7 +64,7 @@ class Plan:
     uniform_bits: tuple = (2, 3, 4)
     candidates: tuple = (2, 3, 4, 8)
     search_batches: int = 2
-    search_batch_size: int = 64
+    search_batch_size: int = 32  # 64 images: what `saq-hf search` measures on by default
     modes: tuple = ("qat",)
     # With --modes qat,saq: the allocations that also get the SAQ schedule (the 2-core budget covers these).
     saq_labels: tuple = ("uniform_W3", "sharpness@3", "hessian@3", "random@3")
@@ -265,13 +265,21 @@ def search_cost(searches: list[dict], rows: list[dict]) -> list[dict]:
 
 def vit_b16_estimate(plan: Plan) -> dict:
     """Forward-pass equivalents of the sharpness search and of QAT at ViT-B/16 size (the repository's
-    vit_b16_pets_w4a4 recipe), counting a backward as two forwards: the search makes one ascent step per batch and
-    two forwards (``Q_b`` and its mirror) per searched layer, candidate and batch."""
-    layers, candidates, batches, batch_size = 72, len(plan.candidates), 4, 32  # 12 blocks x 6 linear layers
-    search_images = (3 + 2 * layers * candidates) * batches * batch_size
+    vit_b16_pets_w4a4 recipe), counting a backward as two forwards and only the linear layers' work (96 % of a
+    ViT-B/16 forward at 197 tokens): per batch the search makes one calibration forward and one ascent step, then two
+    forwards (``Q_b`` and its mirror) per searched layer and candidate, each starting at that layer (the layers before
+    it return their recorded outputs)."""
+    blocks, candidates = 12, len(plan.candidates)
+    block = [1, 1, 1, 1, 4, 4]  # q, k, v, o, fc1, fc2: multiply-adds in units of d² per token, in forward order
+    flops = block * blocks
+    total = sum(flops)
+    from_layer = [sum(flops[i:]) / total for i in range(len(flops))]  # share of a forward from layer i on
+    batches, batch_size = plan.search_batches, plan.search_batch_size
+    per_image = 1 + 3 + 2 * candidates * sum(from_layer)
+    search_images = per_image * batches * batch_size
     qat_images = 10 * 3680 * 3  # 10 epochs of Oxford-IIIT Pet trainval (3,680 images), forward + backward
-    return {"searched_layers": layers, "candidates": candidates, "search_batches": batches,
-            "search_batch_size": batch_size, "search_image_forwards": search_images,
+    return {"searched_layers": len(flops), "candidates": candidates, "search_batches": batches,
+            "search_batch_size": batch_size, "search_image_forwards": round(search_images),
             "qat_image_forwards_pets_10_epochs": qat_images, "share_of_qat": search_images / qat_images,
             "share_of_saq": search_images / (2 * qat_images)}
 

@@ -289,7 +289,7 @@ def _add_search(commands) -> None:
     parser.add_argument("--dataset", help="dataset to measure on (default: the run's): Hub id, 'imagefolder' or "
                                           "'demo_digits'")
     parser.add_argument("--data_dir", help="imagefolder root (implies --dataset imagefolder)")
-    parser.add_argument("--batches", type=int, default=4, help="training batches measured on (default 4)")
+    parser.add_argument("--batches", type=int, default=2, help="training batches measured on (default 2)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rho", type=float, default=0.002, help="relative training radius of the sharpness measure")
     parser.add_argument("--weights_only", action="store_true",

@@ -19,7 +19,7 @@ and bit-width, and read the numbers next to ``quantized_weight_norm``.
 """
 
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -154,17 +154,17 @@ def _gaussian(layers: list[nn.Module], generator: torch.Generator) -> Direction:
 
 
 @contextmanager
-def measuring(model: nn.Module):
+def measuring(model: nn.Module, double_backward: bool = True):
     """Eval mode (no dropout, batch-norm statistics frozen), gradients on for every quantized weight (so a
-    frozen layer's ``Q(w)`` is still in the graph), the math attention kernel (the fused CPU/GPU kernels have
-    no double backward); everything restored on exit, flags module by module."""
+    frozen layer's ``Q(w)`` is still in the graph), with ``double_backward`` the math attention kernel (the fused
+    CPU/GPU kernels have no double backward); everything restored on exit, flags module by module."""
     modes = {module: module.training for module in model.modules()}
     flags = {layer.weight: layer.weight.requires_grad for _, layer in quantized_layers(model)}
     try:
         model.eval()
         for weight in flags:
             weight.requires_grad_(True)
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH) if double_backward else nullcontext():
             yield
     finally:
         for module, training in modes.items():

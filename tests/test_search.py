@@ -261,3 +261,55 @@ def test_equal_sensitivities_use_the_budget_whatever_their_scale():
         tiny = {name: {2: scale, 3: scale / 2, 4: scale / 3, 8: 0.0} for name in weights}
         chosen = allocate_bits(tiny, weights, (2, 3, 4, 8), target_bits=3)
         assert sum(weights[n] * b for n, b in chosen.items()) == 3 * sum(weights.values()), scale
+
+
+def test_grid_step_sizes_for_every_bit_width_at_once_match_the_quantizers_own_initialisation():
+    from saq_hf.quant import LSQQuantizer
+    from saq_hf.quant.lsq import mse_step_sizes
+    torch.manual_seed(0)
+    weight, inputs = torch.randn(24, 40) * 0.05, torch.randn(16, 9, 40).relu()
+    for x, per_channel, signed in ((weight, True, True), (inputs, False, False)):
+        quantizers = [LSQQuantizer(b, signed=signed, channel_shape=(24, 1) if per_channel else None)
+                      for b in (2, 3, 4, 8)]
+        # max_elements small enough that the grid is split: the chunks must add up to the same choice.
+        steps = mse_step_sizes(x, [q.qrange() for q in quantizers], per_channel, max_elements=3000)
+        for quantizer, step in zip(quantizers, steps):
+            torch.testing.assert_close(step, quantizer._estimate_step_size(x).reshape(step.shape), rtol=0, atol=0)
+
+
+class InPlaceAfterLayer(nn.Module):
+    """A model that changes a layer's output in place and, with ``share``, calls its first layer twice."""
+
+    def __init__(self, share=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.mid2, self.out = (nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16),
+                                                   nn.Linear(16, 8))
+        self.share = share
+
+    def forward(self, x):
+        h = self.inp(x)
+        h.mul_(1.5)  # in place on the layer's output: a reused output must be a copy
+        h = torch.relu(self.mid(h))
+        h = self.mid2(h) + (self.inp(h) if self.share else 0)  # inp: kept at 8 bits, so never perturbed
+        return self.out(h)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_measuring_forwards_that_reuse_the_earlier_layers_outputs_give_the_same_sensitivities(monkeypatch, share):
+    import contextlib
+
+    from saq_hf import search as search_module
+    model = InPlaceAfterLayer(share)
+    batches = residual_batches(model)
+    reused = search_bits(model, batches, target_bits=3, candidates=(2, 3, 8))
+    calls = []
+    monkeypatch.setattr(search_module._LayerOutputs, "reused_before",
+                        lambda self, layer: calls.append(len(self.order)) or contextlib.nullcontext())
+    fresh = search_bits(model, batches, target_bits=3, candidates=(2, 3, 8))
+    assert calls and all(n == (0 if share else 4) for n in calls)  # a layer called twice: nothing recorded
+    for a, b in zip(reused.layers, fresh.layers):
+        if not a["pinned"]:
+            for bits in (2, 3, 8):
+                assert a["sensitivity"][bits] == pytest.approx(b["sensitivity"][bits], rel=1e-5, abs=1e-9)
+    assert reused.bits_overrides == fresh.bits_overrides

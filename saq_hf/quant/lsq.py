@@ -32,6 +32,29 @@ STEP_SIZE_FORMATS = ("log", "linear")
 STEP_SEARCH_FRACTIONS = torch.logspace(-2, 0, 40)
 
 
+@torch.no_grad()
+def mse_step_sizes(x: torch.Tensor, ranges: list[tuple[int, int]], per_channel: bool,
+                   max_elements: int = 1 << 24) -> list[torch.Tensor]:
+    """For each integer range ``(Qn, Qp)`` of ``ranges``: the step size of ``x`` (one per output channel, dim 0, with
+    ``per_channel``; else one) that minimises the quantization MSE on the grid :class:`LSQQuantizer` initialises
+    from (``max|x| · f / Qp``, ``f`` in :data:`STEP_SEARCH_FRACTIONS`, the first minimum). Several bit-widths and
+    the whole grid in a few broadcast ops (at most ``max_elements`` at a time) instead of a loop per grid point;
+    shaped ``(C,)`` or ``()``. Sums may round differently from the loop's in the last bit."""
+    x = x.detach().float()
+    rows = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+    max_abs = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)  # (C, 1)
+    fractions = STEP_SEARCH_FRACTIONS.to(x.device)
+    chunk = max(1, max_elements // rows.numel())
+    steps = []
+    for qn, qp in ranges:
+        grid = max_abs[None] * (fractions / qp)[:, None, None]  # (F, C, 1)
+        errors = torch.cat([(torch.clamp(rows / g, qn, qp).round() * g - rows).pow(2).mean(dim=2)
+                            for g in grid.split(chunk)])  # (F, C)
+        best = grid[errors.argmin(dim=0), torch.arange(rows.shape[0], device=x.device), 0]
+        steps.append(best if per_channel else best[0])
+    return steps
+
+
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     """Integer range ``(Qn, Qp)`` of a ``bits``-bit code."""
     if signed:
@@ -481,6 +504,18 @@ class LSQQuantizer(nn.Module):
             self.set_step_size(estimate.reshape(self.step_size_parameter.shape))
             self.initialized.fill_(True)
         self._known_range = None
+
+    @torch.no_grad()
+    def initialize_to(self, step_size: torch.Tensor, signed: bool | None = None) -> None:
+        """Mark the quantizer initialised with ``step_size`` (and, for an auto-signed one, ``signed``): a step size
+        estimated elsewhere, e.g. for many bit-widths at once by :func:`mse_step_sizes`."""
+        if signed is not None:
+            if not self.auto_signed and bool(signed) != bool(self.signed):
+                raise ValueError(f"this quantizer is {'signed' if bool(self.signed) else 'unsigned'}; "
+                                 f"cannot initialise it as {'signed' if signed else 'unsigned'}")
+            self.signed.fill_(bool(signed))
+            self._known_range = None
+        self._set_step_size(step_size)
 
     @torch.no_grad()
     def initialize_from(self, x: torch.Tensor) -> None:
