@@ -218,6 +218,7 @@ COMPARISONS = [  # (label, baseline): seed-paired label - baseline
     ("sharpness@3", "random@3"), ("hessian@3", "random@3"), ("sharpness@3", "hessian@3"),
     ("sharpness@2.5", "uniform_W3"), ("hessian@2.5", "uniform_W3"), ("sharpness@2.5", "random@2.5"),
     ("hessian@2.5", "random@2.5"), ("sharpness@2.5", "hessian@2.5"), ("random@2.5", "uniform_W2"),
+    ("uniform_W4", "uniform_W3"),  # the room a 3-bit allocation has: what a third more bytes buy
 ]
 
 
@@ -247,6 +248,17 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[dict]]:
                     deltas.append({"model": model, "mode": mode, "comparison": f"{label} - {base}",
                                    "n_seeds": len(seeds), "delta": delta, "ci95": [low, high],
                                    "val_delta": float(np.mean(val))})
+        # What SAQ adds to the same allocation (trained from the same FP model and plan).
+        by_mode = {(r["label"], r["mode"], r["seed"]): r for r in rows if r["model"] == model}
+        for label in sorted({label for label, mode, _ in by_mode if mode == "saq"}):
+            seeds = sorted(seed for lab, mode, seed in by_mode if lab == label and mode == "saq"
+                           and (label, "qat", seed) in by_mode)
+            if seeds:
+                pairs = [(by_mode[(label, "saq", s)], by_mode[(label, "qat", s)]) for s in seeds]
+                delta, low, high = t_interval([a["accuracy"] - b["accuracy"] for a, b in pairs])
+                deltas.append({"model": model, "mode": "saq-qat", "comparison": f"{label}: SAQ - QAT",
+                               "n_seeds": len(seeds), "delta": delta, "ci95": [low, high],
+                               "val_delta": float(np.mean([a["val_accuracy"] - b["val_accuracy"] for a, b in pairs]))})
     return cells, deltas
 
 
@@ -307,25 +319,29 @@ def print_tables(cells, deltas, costs, estimate) -> None:
           f"epochs on Pets ({100 * estimate['share_of_saq']:.0f} % of SAQ)")
 
 
-def plot(cells: list[dict], path: Path) -> None:
+def plot(cells: list[dict], path: Path, qat_epochs: int) -> None:
     plt = pyplot()
     models = sorted({c["model"] for c in cells})
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
     styles = {"uniform": ("tab:blue", "o"), "sharpness": ("tab:red", "s"), "hessian": ("tab:green", "^"),
               "random": ("tab:gray", "x")}
     for ax, model in zip(axes[0], models):
-        for kind, (colour, marker) in styles.items():
-            mine = sorted((c for c in cells if c["model"] == model and c["label"].startswith(kind)
-                           and c["mode"] == "qat"), key=lambda c: c["weight_bytes_mean"])
-            if mine:
+        for mode in MODES:  # QAT filled; the same allocations trained with SAQ hollow
+            for kind, (colour, marker) in styles.items():
+                mine = sorted((c for c in cells if c["model"] == model and c["label"].startswith(kind)
+                               and c["mode"] == mode), key=lambda c: c["weight_bytes_mean"])
+                if not mine:
+                    continue
                 ax.errorbar([c["weight_bytes_mean"] for c in mine], [c["accuracy_mean"] for c in mine],
                             yerr=[c["accuracy_std"] for c in mine], marker=marker, color=colour, capsize=3,
-                            ls="-" if kind == "uniform" else "none", label=kind)
+                            ls=("-" if mode == "qat" else ":") if kind == "uniform" else "none",
+                            mfc=colour if mode == "qat" else "none", label=f"{kind} ({mode.upper()})")
                 for c in mine:
-                    ax.annotate(c["label"].replace("uniform_", ""), (c["weight_bytes_mean"], c["accuracy_mean"]),
-                                fontsize=6, textcoords="offset points", xytext=(3, 3))
+                    if mode == "qat":
+                        ax.annotate(c["label"].replace("uniform_", ""), (c["weight_bytes_mean"], c["accuracy_mean"]),
+                                    fontsize=6, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel("packed weight bytes (as saq-hf export writes them)")
-        ax.set_title(f"{model}: long QAT on 8x8 digits", fontsize=10)
+        ax.set_title(f"{model}: {qat_epochs} epochs of training on 8x8 digits", fontsize=10)
     axes[0][0].set_ylabel("test top-1 (%), mean ± std over seeds")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Mixed precision: accuracy vs size (a_bits = w_bits; 8-bit patch embedding and classifier)",
@@ -341,6 +357,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny models, 256 images, 1 seed: a smoke run")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5)")
     parser.add_argument("--modes", default="qat", help="comma-separated training schedules: qat, saq (default qat)")
+    parser.add_argument("--qat_epochs", type=int, default=None,
+                        help="epochs of the training every allocation gets (default 20, the long QAT); another value "
+                             "writes mixed_qat<N>ep.json/.png")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--report", action="store_true", help="tables and figure from the journal only, no runs")
@@ -360,7 +379,12 @@ def main(argv=None) -> dict:
     if args.seeds is not None:
         plan = replace(plan, seeds=tuple(range(args.seeds)))
     suffix = "_quick" if args.quick else ""
-    journal = args.cache / f"mixed_journal{suffix}.jsonl"
+    journal = args.cache / f"mixed_journal{suffix}.jsonl"  # shared: the searches do not depend on the QAT epochs
+    if args.qat_epochs is not None and args.qat_epochs != plan.qat_schedule.epochs:
+        if args.qat_epochs < 1:
+            raise SystemExit(f"mixed.py: --qat_epochs must be >= 1, got {args.qat_epochs}")
+        plan = replace(plan, qat_schedule=replace(plan.qat_schedule, epochs=args.qat_epochs))
+        suffix += f"_qat{args.qat_epochs}ep"
     scratch = args.cache / "mixed_scratch"
     start = time.perf_counter()
     fp = {(arch, seed): str(fp_dir(arch, "digits", plan.fp_schedule, args.cache, plan.limit, seed))
@@ -395,7 +419,7 @@ def main(argv=None) -> dict:
     estimate = vit_b16_estimate(plan)
     print_tables(cells, deltas, costs, estimate)
     args.results.mkdir(parents=True, exist_ok=True)
-    plot(cells, args.results / f"mixed{suffix}.png")
+    plot(cells, args.results / f"mixed{suffix}.png", plan.qat_schedule.epochs)
     command = "python benchmarks/mixed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = {"command": command.strip(), "machine": machine(), "plan": json.loads(json.dumps(asdict(plan), default=str)),
            "wall_seconds": time.perf_counter() - start, "missing_runs": len(runs) - len(rows),

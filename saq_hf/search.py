@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import time
@@ -336,6 +337,39 @@ class _MirroredQuantizer(LSQQuantizer):
         return None
 
 
+class _FixedQuantizer(LSQQuantizer):
+    """A weight's quantizer while the search measures, where that weight does not move: ``Q(w)`` computed once, not
+    in every measuring forward."""
+
+    def __init__(self, source: LSQQuantizer, weight: torch.Tensor):
+        step = source.step_size_parameter
+        super().__init__(source.bits, signed=None if source.auto_signed else bool(source.signed),
+                         channel_shape=tuple(step.shape) or None, is_activation=source.is_activation,
+                         device=step.device, dtype=step.dtype, step_size_format=source.step_size_format)
+        self.load_state_dict(source.state_dict())
+        with torch.no_grad():
+            self.value = source(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+    def multi_tensor_spec(self, x: torch.Tensor):
+        return None
+
+
+@contextlib.contextmanager
+def _weights_quantized_once(model: nn.Module):
+    layers = [layer for _, layer in quantized_layers(model)]
+    originals = [layer.weight_quantizer for layer in layers]
+    try:
+        for layer, quantizer in zip(layers, originals):
+            layer.weight_quantizer = _FixedQuantizer(quantizer, layer.weight)
+        yield
+    finally:
+        for layer, quantizer in zip(layers, originals):
+            layer.weight_quantizer = quantizer
+
+
 class _Swap:
     def __init__(self, layer, weight_quantizer, input_quantizer):
         self.layer, self.new = layer, (weight_quantizer, input_quantizer)
@@ -371,39 +405,68 @@ def check_budget(model: nn.Module, *, target_bits: float | None = None, target_b
 
 
 # ------------------------------------------------------------------------------------------------------ measures
-class _LayerOutputs:
-    """The output of every quantized layer in one forward of one batch at the working point, in the order they ran.
+class _EarlierOutputs:
+    """Outputs of the modules that run before each searched layer, recorded in forwards of one batch at the working
+    point, for measuring forwards that change that layer alone.
 
-    When only layer ``l`` changes, every layer that ran before ``l`` gets the same input and computes the same output
-    again: :meth:`reused_before` has those layers return their recorded output instead (copies, recorded and returned:
-    the model may change it in place), which saves on average half of the quantized layers' work in each measuring forward. A model that
-    calls a layer twice in one forward (weight sharing) reuses nothing.
+    When only layer ``l`` changes, every module whose forward ended before ``l``'s began computes the same output
+    again: :meth:`reused_before` has the outermost such modules (whole blocks, where they return one tensor) return
+    their recorded output instead, a copy (the model may change it in place), which saves on average half of each
+    measuring forward. Not reused: a module called more than once in a forward, one that returns anything but a
+    tensor, or whose output shares memory with its input (an in-place operation or a view); a layer called twice
+    reuses nothing. Only the outputs some layer reuses are kept.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], compute_loss: Callable[[], torch.Tensor]):
-        self.order: list[nn.Module] = []
-        self.outputs: dict[nn.Module, torch.Tensor] = {}
+    def __init__(self, model: nn.Module, layers: Iterable[nn.Module], compute_loss: Callable[[], torch.Tensor]):
+        modules = [m for m in model.modules() if m is not model]
+        clock = itertools.count()
+        start: dict[nn.Module, int] = {}
+        end: dict[nn.Module, int] = {}
         calls: dict[nn.Module, int] = {}
+        unusable: set[nn.Module] = set()
 
-        def record(module, _args, output):
+        def before(module, _args):
             calls[module] = calls.get(module, 0) + 1
-            if module not in self.outputs:
-                self.order.append(module)
-                self.outputs[module] = output.detach().clone()  # the model may change it in place afterwards
+            start.setdefault(module, next(clock))
 
-        handles = [layer.register_forward_hook(record) for layer in layers]
-        try:
-            with torch.no_grad():
-                compute_loss()
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(count > 1 for count in calls.values()) or not all(torch.is_tensor(o) for o in self.outputs.values()):
-            self.order, self.outputs = [], {}
+        def after(module, args, kwargs, output):
+            end[module] = next(clock)
+            inputs = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+            if not torch.is_tensor(output) or any(
+                    a.untyped_storage().data_ptr() == output.untyped_storage().data_ptr() for a in inputs):
+                unusable.add(module)
+
+        with _hooks(modules, before, after):
+            compute_loss()
+        reusable = {m for m in modules if calls.get(m) == 1 and m not in unusable}
+        self.reuse: dict[nn.Module, list[nn.Module]] = {}
+        for layer in layers:
+            if calls.get(layer) != 1:
+                continue  # not run, or run twice in one forward: nothing before it is safe to skip
+            chosen: list[nn.Module] = []
+            stack = [model]
+            while stack:
+                for child in stack.pop().children():
+                    if child not in start:
+                        stack.append(child)  # a container that is never called (ModuleList): look inside
+                    elif start[child] < start[layer]:
+                        if child in reusable and end[child] < start[layer]:
+                            chosen.append(child)
+                        else:
+                            stack.append(child)  # an ancestor of the layer, or not reusable: look inside
+            self.reuse[layer] = chosen
+        needed = {m for chosen in self.reuse.values() for m in chosen}
+        self.outputs: dict[nn.Module, torch.Tensor] = {}
+
+        def keep(module, _args, _kwargs, output):
+            self.outputs[module] = output.detach().clone()  # the model may change it in place afterwards
+
+        with _hooks(needed, None, keep):
+            compute_loss()
 
     @contextlib.contextmanager
     def reused_before(self, layer: nn.Module):
-        earlier = self.order[: self.order.index(layer)] if layer in self.order else []
+        earlier = self.reuse.get(layer, [])
         saved = {module: module.__dict__.get("forward") for module in earlier}
         try:
             for module in earlier:
@@ -415,6 +478,22 @@ class _LayerOutputs:
                     del module.forward
                 else:
                     module.forward = forward
+
+
+@contextlib.contextmanager
+def _hooks(modules: Iterable[nn.Module], before, after):
+    handles = []
+    try:
+        for module in modules:
+            if before is not None:
+                handles.append(module.register_forward_pre_hook(before))
+            if after is not None:
+                handles.append(module.register_forward_hook(after, with_kwargs=True))
+        with torch.no_grad():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _recorded_output(output: torch.Tensor, *_args, **_kwargs) -> torch.Tensor:
@@ -430,10 +509,12 @@ def _sharpness_sensitivity(work, measure: Measurement, cands: _Candidates, candi
     layer's weight at ``b`` bits, so each (layer, bit-width) costs two forward passes per batch (``Q_b`` and its
     mirror) instead of two ascent-descent steps.
     """
-    base = measure.loss()
     frozen = [p for p in work.parameters() if p.requires_grad]
-    sharp = {name: {bits: -base for bits in candidates} for name in cands.layers}
+    restore = contextlib.ExitStack()
     try:
+        restore.enter_context(_weights_quantized_once(work))  # nothing but the swapped-in quantizers moves
+        base = measure.loss()
+        sharp = {name: {bits: -base for bits in candidates} for name in cands.layers}
         for p in frozen:  # ε moves the searched layers' Q(w) only: θ and the pinned layers stay where they are
             p.requires_grad_(False)
         for layer in cands.layers.values():
@@ -442,7 +523,7 @@ def _sharpness_sensitivity(work, measure: Measurement, cands: _Candidates, candi
         index = {layer: i for i, layer in enumerate(perturbation.layers)}
         for weight, batch in zip(measure.weights, measure.batches):
             grads = perturbation.ascent_gradients(lambda: measure.loss_fn(work, batch))
-            prefix = _LayerOutputs(work, [m for _, m in quantized_layers(work)], lambda: measure.loss_fn(work, batch))
+            prefix = _EarlierOutputs(work, cands.layers.values(), lambda: measure.loss_fn(work, batch))
             for name, layer in cands.layers.items():
                 alone = [grad if i == index[layer] else None for i, grad in enumerate(grads)]
                 with prefix.reused_before(layer):
@@ -454,6 +535,7 @@ def _sharpness_sensitivity(work, measure: Measurement, cands: _Candidates, candi
     finally:
         for p in frozen:
             p.requires_grad_(True)
+        restore.close()
     return {"sharpness": sharp, "base_loss": base}
 
 

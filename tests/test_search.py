@@ -295,21 +295,38 @@ class InPlaceAfterLayer(nn.Module):
         return self.out(h)
 
 
-@pytest.mark.parametrize("share", [False, True])
-def test_measuring_forwards_that_reuse_the_earlier_layers_outputs_give_the_same_sensitivities(monkeypatch, share):
+def tiny_convnext():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+    torch.manual_seed(0)
+    return ConvNextForImageClassification(ConvNextConfig(num_channels=1, patch_size=2, num_stages=2, hidden_sizes=[16, 32],
+                                                         depths=[1, 1], num_labels=4)).eval()
+
+
+@pytest.mark.parametrize("case", ["in_place", "shared", "vit", "convnext"])
+def test_measuring_forwards_that_reuse_earlier_outputs_give_the_same_sensitivities(monkeypatch, case):
     import contextlib
 
     from saq_hf import search as search_module
-    model = InPlaceAfterLayer(share)
-    batches = residual_batches(model)
-    reused = search_bits(model, batches, target_bits=3, candidates=(2, 3, 8))
-    calls = []
-    monkeypatch.setattr(search_module._LayerOutputs, "reused_before",
-                        lambda self, layer: calls.append(len(self.order)) or contextlib.nullcontext())
-    fresh = search_bits(model, batches, target_bits=3, candidates=(2, 3, 8))
-    assert calls and all(n == (0 if share else 4) for n in calls)  # a layer called twice: nothing recorded
+    if case in ("in_place", "shared"):
+        model = InPlaceAfterLayer(share=case == "shared")
+        batches = residual_batches(model)
+    else:
+        model = tiny_vit() if case == "vit" else tiny_convnext()
+        batches = self_labelled(model)
+    candidates = (2, 3, 8)
+    reused = search_bits(model, batches, target_bits=3, candidates=candidates)
+    skipped = []
+    monkeypatch.setattr(search_module._EarlierOutputs, "reused_before",
+                        lambda self, layer: skipped.append(len(self.reuse.get(layer, []))) or contextlib.nullcontext())
+    fresh = search_bits(model, batches, target_bits=3, candidates=candidates)
+    if case == "in_place":
+        assert sorted(set(skipped)) == [1, 2]  # mid skips inp; mid2 skips inp and mid
+    elif case == "shared":
+        assert sorted(set(skipped)) == [0, 1]  # inp runs twice: never skipped
+    else:
+        assert max(skipped) >= 2
     for a, b in zip(reused.layers, fresh.layers):
         if not a["pinned"]:
-            for bits in (2, 3, 8):
+            for bits in candidates:
                 assert a["sensitivity"][bits] == pytest.approx(b["sensitivity"][bits], rel=1e-5, abs=1e-9)
     assert reused.bits_overrides == fresh.bits_overrides
