@@ -136,6 +136,56 @@ def search_one(spec: Search, threads: int, scratch: Path) -> dict:
                       for label, p in plans.items()}}
 
 
+@dataclass(frozen=True)
+class Cost:
+    """The search's time against QAT's, timed alone (one process, nothing beside it): parallel workers share the
+    memory bandwidth of 2 cores unevenly, and the machine's speed drifts between runs, so a ratio of times taken in
+    different runs is not the search's cost."""
+
+    arch: Arch
+    fp_path: str
+    plan: Plan
+    repeats: int = 3
+
+    def key(self) -> str:
+        fields = {"arch": asdict(self.arch), "fp": Path(self.fp_path).name, "candidates": self.plan.candidates,
+                  "batches": (self.plan.search_batches, self.plan.search_batch_size), "limit": self.plan.limit,
+                  "qat": asdict(self.plan.qat_schedule), "repeats": self.repeats}
+        return "cost-" + settings_key(fields)
+
+
+def cost_one(spec: Cost, threads: int, scratch: Path) -> dict:
+    """Searches with each measure, then one QAT run of uniform W3A3, then the searches again, in this process;
+    the share is the median search time over the QAT run's training time."""
+    from saq_hf import search_bits
+    from transformers import AutoModelForImageClassification
+
+    quiet()
+    torch.set_num_threads(threads)
+    plan = spec.plan
+    splits = data_for("long_qat", plan.limit)
+    model = AutoModelForImageClassification.from_pretrained(spec.fp_path)
+    batches = batches_of(splits.train_x, splits.train_y, plan.search_batch_size,
+                         plan.search_batches * plan.search_batch_size)
+    search_bits(model, batches[:1], target_bits=max(plan.candidates), candidates=(8,), measure="sharpness")
+    seconds = {measure: [] for measure in MEASURES}
+
+    def searches():
+        for _ in range(spec.repeats):
+            for measure in MEASURES:
+                start = time.perf_counter()
+                search_bits(model, batches, target_bits=plan.targets[-1], measure=measure,
+                            candidates=plan.candidates)
+                seconds[measure].append(time.perf_counter() - start)
+
+    searches()
+    qat = run_one(Run(spec.arch, 0, "uniform_W3", "qat", spec.fp_path, plan.qat_schedule, uniform_bits=3,
+                      limit=plan.limit), threads, scratch)
+    searches()
+    return {"key": spec.key(), "model": spec.arch.kind, "search_seconds": seconds,
+            "qat_seconds": qat["train_seconds"], "threads": threads}
+
+
 # -------------------------------------------------------------------------------------------------- QAT runs
 @dataclass(frozen=True)
 class Run:
@@ -262,16 +312,22 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return cells, deltas
 
 
-def search_cost(searches: list[dict], rows: list[dict]) -> list[dict]:
+def search_cost(costs: list[dict], searches: list[dict], rows: list[dict]) -> list[dict]:
+    """Per model and measure: the alone-timed share (``share_of_qat``, the median search over one QAT run in the same
+    process) and, beside it, the same from the benchmark's parallel runs (means, for reference)."""
     out = []
-    for model in sorted({s["model"] for s in searches}):
+    for cost in costs:
+        model = cost["model"]
         qat = [r["train_seconds"] for r in rows if r["model"] == model and r["mode"] == "qat"]
         for measure in MEASURES:
-            seconds = [s["search_seconds"][measure] for s in searches if s["model"] == model]
-            out.append({"model": model, "measure": measure, "search_seconds_mean": float(np.mean(seconds)),
-                        "qat_seconds_mean": float(np.mean(qat)) if qat else None,
-                        "share_of_qat": float(np.mean(seconds) / np.mean(qat)) if qat else None,
-                        "searched_layers": next(s["searched_layers"] for s in searches if s["model"] == model)})
+            median = float(np.median(cost["search_seconds"][measure]))
+            parallel = [s["search_seconds"][measure] for s in searches if s["model"] == model]
+            out.append({"model": model, "measure": measure, "search_seconds_median": median,
+                        "search_seconds_all": cost["search_seconds"][measure], "qat_seconds": cost["qat_seconds"],
+                        "share_of_qat": median / cost["qat_seconds"],
+                        "parallel_share_of_qat": float(np.mean(parallel) / np.mean(qat)) if parallel and qat else None,
+                        "searched_layers": next((s["searched_layers"] for s in searches if s["model"] == model),
+                                                None)})
     return out
 
 
@@ -310,10 +366,11 @@ def print_tables(cells, deltas, costs, estimate) -> None:
     for d in deltas:
         print(f"| {d['model']} | {d['mode']} | {d['comparison']} | {d['delta']:+.2f} | "
               f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | {d['val_delta']:+.2f} |")
-    print("\nSearch cost (both targets come from one measurement)")
+    print("\nSearch cost, timed alone (both targets come from one measurement; parallel runs' ratio beside)")
     for c in costs:
-        share = f"{100 * c['share_of_qat']:.1f} % of one QAT run" if c["share_of_qat"] is not None else ""
-        print(f"  {c['model']:8s} {c['measure']:9s} {c['search_seconds_mean']:6.2f} s  {share}")
+        parallel = f"{100 * c['parallel_share_of_qat']:.1f} %" if c["parallel_share_of_qat"] is not None else "-"
+        print(f"  {c['model']:8s} {c['measure']:9s} {c['search_seconds_median']:6.2f} s  = "
+              f"{100 * c['share_of_qat']:.1f} % of one QAT run ({c['qat_seconds']:.1f} s); in parallel runs {parallel}")
     print(f"  ViT-B/16 estimate (sharpness, {estimate['search_batches']}x{estimate['search_batch_size']} images): "
           f"{estimate['search_image_forwards']:,} image-forwards = {100 * estimate['share_of_qat']:.0f} % of 10 QAT "
           f"epochs on Pets ({100 * estimate['share_of_saq']:.0f} % of SAQ)")
@@ -390,8 +447,10 @@ def main(argv=None) -> dict:
     fp = {(arch, seed): str(fp_dir(arch, "digits", plan.fp_schedule, args.cache, plan.limit, seed))
           for arch in plan.archs for seed in plan.seeds}
     specs = [Search(arch, seed, fp[(arch, seed)], plan) for arch in plan.archs for seed in plan.seeds]
+    cost_specs = [Cost(arch, fp[(arch, plan.seeds[0])], plan, repeats=1 if args.quick else 3) for arch in plan.archs]
     if args.report:
         done = read_journal(journal)
+        cost_rows = [done[c.key()] for c in cost_specs if c.key() in done]
         search_rows = [done[s.key()] for s in specs if s.key() in done]
         searches = {(s.arch, s.seed): done[s.key()] for s in specs if s.key() in done}
         runs = runs_for(plan, searches, fp) if len(searches) == len(specs) else []
@@ -411,11 +470,15 @@ def main(argv=None) -> dict:
         runs = runs_for(plan, searches, fp)
         rows = journaled(run_one, runs, args.jobs, args.threads, journal, scratch, describe,
                          progress=lambda line: print(line, flush=True))
+        cost_rows = journaled(cost_one, cost_specs, 1, args.threads, journal, scratch,
+                              lambda r: f"cost {r['model']}: QAT {r['qat_seconds']:.1f} s, " + ", ".join(
+                                  f"{m} {np.median(v):.2f} s" for m, v in r["search_seconds"].items()),
+                              progress=lambda line: print(line, flush=True))
     if not rows:
         print("no finished runs in the journal: run without --report first")
         return {}
     cells, deltas = summarize(rows)
-    costs = search_cost(search_rows, rows)
+    costs = search_cost(cost_rows, search_rows, rows)
     estimate = vit_b16_estimate(plan)
     print_tables(cells, deltas, costs, estimate)
     args.results.mkdir(parents=True, exist_ok=True)
