@@ -151,12 +151,13 @@ class Cost:
         fields = {"arch": asdict(self.arch), "fp": Path(self.fp_path).name, "candidates": self.plan.candidates,
                   "batches": (self.plan.search_batches, self.plan.search_batch_size), "limit": self.plan.limit,
                   "qat": asdict(self.plan.qat_schedule), "repeats": self.repeats}
-        return "cost-" + settings_key(fields)
+        return "cost-" + settings_key(fields, "rounds")
 
 
 def cost_one(spec: Cost, threads: int, scratch: Path) -> dict:
-    """Searches with each measure, then one QAT run of uniform W3A3, then the searches again, in this process;
-    the share is the median search time over the QAT run's training time."""
+    """``repeats`` rounds in this process, each a search with each measure and a QAT run of uniform W3A3 (the same
+    run each time); the share is the median search time over the median QAT training time, so the machine's drift
+    between rounds moves both."""
     from saq_hf import search_bits
     from transformers import AutoModelForImageClassification
 
@@ -169,21 +170,16 @@ def cost_one(spec: Cost, threads: int, scratch: Path) -> dict:
                          plan.search_batches * plan.search_batch_size)
     search_bits(model, batches[:1], target_bits=max(plan.candidates), candidates=(8,), measure="sharpness")
     seconds = {measure: [] for measure in MEASURES}
-
-    def searches():
-        for _ in range(spec.repeats):
-            for measure in MEASURES:
-                start = time.perf_counter()
-                search_bits(model, batches, target_bits=plan.targets[-1], measure=measure,
-                            candidates=plan.candidates)
-                seconds[measure].append(time.perf_counter() - start)
-
-    searches()
-    qat = run_one(Run(spec.arch, 0, "uniform_W3", "qat", spec.fp_path, plan.qat_schedule, uniform_bits=3,
-                      limit=plan.limit), threads, scratch)
-    searches()
-    return {"key": spec.key(), "model": spec.arch.kind, "search_seconds": seconds,
-            "qat_seconds": qat["train_seconds"], "threads": threads}
+    qat = []
+    for _ in range(spec.repeats):
+        for measure in MEASURES:
+            start = time.perf_counter()
+            search_bits(model, batches, target_bits=plan.targets[-1], measure=measure, candidates=plan.candidates)
+            seconds[measure].append(time.perf_counter() - start)
+        qat.append(run_one(Run(spec.arch, 0, "uniform_W3", "qat", spec.fp_path, plan.qat_schedule, uniform_bits=3,
+                               limit=plan.limit), threads, scratch)["train_seconds"])
+    return {"key": spec.key(), "model": spec.arch.kind, "search_seconds": seconds, "qat_seconds_all": qat,
+            "qat_seconds": float(np.median(qat)), "threads": threads}
 
 
 # -------------------------------------------------------------------------------------------------- QAT runs
@@ -313,8 +309,8 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def search_cost(costs: list[dict], searches: list[dict], rows: list[dict]) -> list[dict]:
-    """Per model and measure: the alone-timed share (``share_of_qat``, the median search over one QAT run in the same
-    process) and, beside it, the same from the benchmark's parallel runs (means, for reference)."""
+    """Per model and measure: the alone-timed share (``share_of_qat``, the median search over the median QAT run in
+    the same process) and, beside it, the same from the benchmark's parallel runs (means, for reference)."""
     out = []
     for cost in costs:
         model = cost["model"]
@@ -324,6 +320,7 @@ def search_cost(costs: list[dict], searches: list[dict], rows: list[dict]) -> li
             parallel = [s["search_seconds"][measure] for s in searches if s["model"] == model]
             out.append({"model": model, "measure": measure, "search_seconds_median": median,
                         "search_seconds_all": cost["search_seconds"][measure], "qat_seconds": cost["qat_seconds"],
+                        "qat_seconds_all": cost["qat_seconds_all"],
                         "share_of_qat": median / cost["qat_seconds"],
                         "parallel_share_of_qat": float(np.mean(parallel) / np.mean(qat)) if parallel and qat else None,
                         "searched_layers": next((s["searched_layers"] for s in searches if s["model"] == model),
