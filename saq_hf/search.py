@@ -253,6 +253,7 @@ class _Candidates:
         self.input = ({(n, b): _input_quantizer(layer, b) for n, layer in layers.items() for b in candidates}
                       if activations else {})
         self.input_error: dict[tuple[str, int], float] = {}
+        self._points: dict[tuple[str, int, bool], tuple] = {}
         if self.input:
             self._calibrate(work, batches, loss_fn, candidates)
 
@@ -306,13 +307,22 @@ class _Candidates:
             return float((self.weight[(name, bits)](layer.weight) - layer.weight).float().pow(2).sum())
 
     def swapped(self, name: str, bits: int, mirrored: bool = False):
-        layer = self.layers[name]
-        weight_quantizer = self.weight[(name, bits)]
-        input_quantizer = self.input.get((name, bits), layer.input_quantizer)
-        if mirrored:
-            weight_quantizer = _mirror(weight_quantizer)
-            input_quantizer = _mirror(input_quantizer) if input_quantizer is not None else None
-        return _Swap(layer, weight_quantizer, input_quantizer)
+        """Layer ``name`` at ``bits`` (or its mirror) for the block. The weights do not move while the search
+        measures: each (layer, bits, mirror) point's ``Q(w)`` is computed on first use and kept."""
+        key = (name, bits, mirrored)
+        if key not in self._points:
+            layer = self.layers[name]
+            weight_quantizer = self.weight[(name, bits)]
+            input_quantizer = self.input.get((name, bits), layer.input_quantizer)
+            if mirrored:
+                weight_quantizer = _mirror(weight_quantizer)
+                input_quantizer = _mirror(input_quantizer) if input_quantizer is not None else None
+            self._points[key] = (_FixedQuantizer(weight_quantizer, layer.weight), input_quantizer)
+        return _Swap(self.layers[name], *self._points[key])
+
+    def release(self, name: str) -> None:
+        """Drop layer ``name``'s kept points (a copy of its weight per bit-width and mirror)."""
+        self._points = {key: point for key, point in self._points.items() if key[0] != name}
 
 
 def _mirror(quantizer: LSQQuantizer) -> LSQQuantizer:
@@ -521,10 +531,13 @@ def _sharpness_sensitivity(work, measure: Measurement, cands: _Candidates, candi
             layer.weight.requires_grad_(True)
         perturbation = SharpnessPerturbation(work, case="saq", rho=rho, perturb="none", radius="relative")
         index = {layer: i for i, layer in enumerate(perturbation.layers)}
-        for weight, batch in zip(measure.weights, measure.batches):
-            grads = perturbation.ascent_gradients(lambda: measure.loss_fn(work, batch))
-            prefix = _EarlierOutputs(work, cands.layers.values(), lambda: measure.loss_fn(work, batch))
-            for name, layer in cands.layers.items():
+        per_batch = []
+        for batch in measure.batches:
+            compute_loss = functools.partial(measure.loss_fn, work, batch)
+            per_batch.append((perturbation.ascent_gradients(compute_loss),
+                              _EarlierOutputs(work, cands.layers.values(), compute_loss)))
+        for name, layer in cands.layers.items():  # layer by layer: one layer's candidate points alive at a time
+            for weight, batch, (grads, prefix) in zip(measure.weights, measure.batches, per_batch):
                 alone = [grad if i == index[layer] else None for i, grad in enumerate(grads)]
                 with prefix.reused_before(layer):
                     for bits in candidates:
@@ -532,6 +545,7 @@ def _sharpness_sensitivity(work, measure: Measurement, cands: _Candidates, candi
                             with cands.swapped(name, bits, mirrored), torch.no_grad(), \
                                     perturbation.perturbed(perturbation.compute_epsilon(alone)):
                                 sharp[name][bits] += 0.5 * weight * float(measure.loss_fn(work, batch))
+            cands.release(name)
     finally:
         for p in frozen:
             p.requires_grad_(True)
