@@ -1,18 +1,21 @@
 """Mixed precision under a size budget: searched bit allocations against uniform W3 and random allocations.
 
-    flock /tmp/saq-cpu.lock python benchmarks/mixed.py --jobs 2   # 5 seeds, ViT + ConvNeXt, ~25 min on 2 cores
+    flock /tmp/saq-cpu.lock python benchmarks/mixed.py --jobs 2 --modes qat,saq   # 5 seeds, ~20 min on 2 cores
+    python benchmarks/mixed.py --jobs 2 --modes qat,saq --qat_epochs 2   # the same with short training, ~5 min
     python benchmarks/mixed.py --quick --jobs 1                     # seconds: tiny models, 1 seed (CI smoke test)
-    python benchmarks/mixed.py --report                             # tables and figure from the journal, no runs
+    python benchmarks/mixed.py --report --modes qat,saq             # tables and figure from the journal, no runs
 
 The regime map's long-QAT setting (``benchmarks/regimes.py``): 8x8 digits, a ViT (width 64, 2 layers) and a
 ConvNeXt (width 64), each seed with its own FP model trained to a plateau (40 epochs), then 20 epochs of QAT. Per
 seed, ``saq_hf.search_bits`` measures every layer's sensitivity at 2, 3, 4 and 8 bits (``a_bits = w_bits``) on two
 batches of 32 training images (``saq-hf search``'s default) of that seed's FP model, with both measures
 (``sharpness``: loss with the layer alone quantized and moved by SAQ's ε at the training radius; ``hessian``:
-Hutchinson trace × quantization error), and allocates at an average of 2.5 and of 3 weight bits over the searched layers. ``random`` is the same solver on random scores (the
-seed's own draw): a random allocation that fills the same budget. Every allocation and the uniform W2A2, W3A3 and
-W4A4 models then get the same QAT schedule; ``--modes qat,saq`` adds the same schedule with SAQ (the library's
-defaults) for uniform W3A3 and the allocations at 3 bits. The patch embedding and classifier stay at 8 bits in every model (the architecture rule).
+Hutchinson trace × quantization error), and allocates at an average of 2.5 and of 3 weight bits over the searched
+layers. ``random`` is the same solver on random scores (the seed's own draw): a random allocation that fills the
+same budget. Every allocation and the uniform W2A2, W3A3 and W4A4 models then get the same QAT schedule;
+``--modes qat,saq`` adds the same schedule with SAQ (the library's defaults) for uniform W3A3 and the allocations at
+3 bits. The patch embedding and classifier stay at 8 bits in every model (the architecture rule). The search's cost
+is timed alone after the runs (:func:`cost_one`).
 
 Reported: test top-1 with the validation top-1 beside it; no choice is made on test (the search sees training
 batches only, and nothing is tuned). Differences are seed-paired with 95 % t-intervals. Bytes are the packed weight
