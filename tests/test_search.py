@@ -298,8 +298,9 @@ class InPlaceAfterLayer(nn.Module):
 def tiny_convnext():
     from transformers import ConvNextConfig, ConvNextForImageClassification
     torch.manual_seed(0)
-    return ConvNextForImageClassification(ConvNextConfig(num_channels=1, patch_size=2, num_stages=2, hidden_sizes=[16, 32],
-                                                         depths=[1, 1], num_labels=4)).eval()
+    config = ConvNextConfig(num_channels=1, patch_size=2, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                            num_labels=4)
+    return ConvNextForImageClassification(config).eval()
 
 
 @pytest.mark.parametrize("case", ["in_place", "shared", "vit", "convnext"])
