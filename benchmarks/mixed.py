@@ -95,21 +95,29 @@ class Search:
         return "search-" + settings_key(fields)
 
 
-def search_one(spec: Search, threads: int, scratch: Path) -> dict:
-    """Both measures at every target for one seed's FP model, the random allocations, and the search's time."""
+def _search_setup(plan: Plan, fp_path: str, threads: int) -> tuple:
+    """The FP model and the search batches, after an untimed warm-up search: the first call of a process compiles
+    the fused LSQ kernels (QAT pays that too, once)."""
     from saq_hf import search_bits
-    from saq_hf.search import reallocate
     from transformers import AutoModelForImageClassification
 
     quiet()
     torch.set_num_threads(threads)
-    plan = spec.plan
     splits = data_for("long_qat", plan.limit)
-    model = AutoModelForImageClassification.from_pretrained(spec.fp_path)
+    model = AutoModelForImageClassification.from_pretrained(fp_path)
     batches = batches_of(splits.train_x, splits.train_y, plan.search_batch_size,
                          plan.search_batches * plan.search_batch_size)
-    # Untimed warm-up: the first call of a process compiles the fused LSQ kernels (QAT pays that too, once).
     search_bits(model, batches[:1], target_bits=max(plan.candidates), candidates=(8,), measure="sharpness")
+    return model, batches
+
+
+def search_one(spec: Search, threads: int, scratch: Path) -> dict:
+    """Both measures at every target for one seed's FP model, the random allocations, and the search's time."""
+    from saq_hf import search_bits
+    from saq_hf.search import reallocate
+
+    plan = spec.plan
+    model, batches = _search_setup(plan, spec.fp_path, threads)
     plans, seconds = {}, {}
     for measure in MEASURES:
         start = time.perf_counter()
@@ -162,16 +170,9 @@ def cost_one(spec: Cost, threads: int, scratch: Path) -> dict:
     run each time); the share is the median search time over the median QAT training time, so the machine's drift
     between rounds moves both."""
     from saq_hf import search_bits
-    from transformers import AutoModelForImageClassification
 
-    quiet()
-    torch.set_num_threads(threads)
     plan = spec.plan
-    splits = data_for("long_qat", plan.limit)
-    model = AutoModelForImageClassification.from_pretrained(spec.fp_path)
-    batches = batches_of(splits.train_x, splits.train_y, plan.search_batch_size,
-                         plan.search_batches * plan.search_batch_size)
-    search_bits(model, batches[:1], target_bits=max(plan.candidates), candidates=(8,), measure="sharpness")
+    model, batches = _search_setup(plan, spec.fp_path, threads)
     seconds = {measure: [] for measure in MEASURES}
     qat = []
     for _ in range(spec.repeats):
