@@ -335,17 +335,17 @@ def search_cost(costs: list[dict], searches: list[dict], rows: list[dict]) -> li
 def vit_b16_estimate(plan: Plan) -> dict:
     """Forward-pass equivalents of the sharpness search and of QAT at ViT-B/16 size (the repository's
     vit_b16_pets_w4a4 recipe), counting a backward as two forwards and only the linear layers' work (96 % of a
-    ViT-B/16 forward at 197 tokens): per batch the search makes one calibration forward and one ascent step, then two
-    forwards (``Q_b`` and its mirror) per searched layer and candidate, each starting at that layer (the layers before
-    it return their recorded outputs)."""
+    ViT-B/16 forward at 197 tokens): one calibration forward on the first batch; per batch one ascent step, the
+    8-bit loss and two recording forwards, then two forwards (``Q_b`` and its mirror) per searched layer and
+    candidate, each starting at that layer (the modules before it return their recorded outputs)."""
     blocks, candidates = 12, len(plan.candidates)
     block = [1, 1, 1, 1, 4, 4]  # q, k, v, o, fc1, fc2: multiply-adds in units of d² per token, in forward order
     flops = block * blocks
     total = sum(flops)
     from_layer = [sum(flops[i:]) / total for i in range(len(flops))]  # share of a forward from layer i on
     batches, batch_size = plan.search_batches, plan.search_batch_size
-    per_image = 1 + 3 + 2 * candidates * sum(from_layer)
-    search_images = per_image * batches * batch_size
+    per_image = 3 + 1 + 2 + 2 * candidates * sum(from_layer)
+    search_images = per_image * batches * batch_size + batch_size
     qat_images = 10 * 3680 * 3  # 10 epochs of Oxford-IIIT Pet trainval (3,680 images), forward + backward
     return {"searched_layers": len(flops), "candidates": candidates, "search_batches": batches,
             "search_batch_size": batch_size, "search_image_forwards": round(search_images),

@@ -317,7 +317,7 @@ class _Candidates:
             if mirrored:
                 weight_quantizer = _mirror(weight_quantizer)
                 input_quantizer = _mirror(input_quantizer) if input_quantizer is not None else None
-            self._points[key] = (_FixedQuantizer(weight_quantizer, layer.weight), input_quantizer)
+            self._points[key] = (_FixedQuantizer.of(weight_quantizer, layer.weight), input_quantizer)
         return _Swap(self.layers[name], *self._points[key])
 
     def release(self, name: str) -> None:
@@ -325,14 +325,19 @@ class _Candidates:
         self._points = {key: point for key, point in self._points.items() if key[0] != name}
 
 
+def _copy_as(cls: type, quantizer: LSQQuantizer) -> LSQQuantizer:
+    """A ``cls`` (an :class:`LSQQuantizer` subclass) with ``quantizer``'s bits, sign, layout and step sizes."""
+    step = quantizer.step_size_parameter
+    copy_ = cls(quantizer.bits, signed=None if quantizer.auto_signed else bool(quantizer.signed),
+                channel_shape=tuple(step.shape) or None, is_activation=quantizer.is_activation, device=step.device,
+                dtype=step.dtype, step_size_format=quantizer.step_size_format)
+    copy_.load_state_dict(quantizer.state_dict())
+    return copy_.requires_grad_(False)
+
+
 def _mirror(quantizer: LSQQuantizer) -> LSQQuantizer:
     """The same quantizer (bits, sign, step sizes) moving its input the other way."""
-    mirror = _MirroredQuantizer(quantizer.bits, signed=None if quantizer.auto_signed else True,
-                                channel_shape=tuple(quantizer.step_size.shape) or None,
-                                is_activation=quantizer.is_activation, device=quantizer.step_size.device,
-                                dtype=quantizer.step_size.dtype, step_size_format="linear")
-    mirror.load_state_dict(quantizer.state_dict())
-    return mirror.requires_grad_(False)
+    return _copy_as(_MirroredQuantizer, quantizer)
 
 
 class _MirroredQuantizer(LSQQuantizer):
@@ -351,14 +356,12 @@ class _FixedQuantizer(LSQQuantizer):
     """A weight's quantizer while the search measures, where that weight does not move: ``Q(w)`` computed once, not
     in every measuring forward."""
 
-    def __init__(self, source: LSQQuantizer, weight: torch.Tensor):
-        step = source.step_size_parameter
-        super().__init__(source.bits, signed=None if source.auto_signed else bool(source.signed),
-                         channel_shape=tuple(step.shape) or None, is_activation=source.is_activation,
-                         device=step.device, dtype=step.dtype, step_size_format=source.step_size_format)
-        self.load_state_dict(source.state_dict())
+    @classmethod
+    def of(cls, source: LSQQuantizer, weight: torch.Tensor) -> "_FixedQuantizer":
+        fixed = _copy_as(cls, source)
         with torch.no_grad():
-            self.value = source(weight)
+            fixed.value = source(weight)
+        return fixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.value
@@ -373,7 +376,7 @@ def _weights_quantized_once(model: nn.Module):
     originals = [layer.weight_quantizer for layer in layers]
     try:
         for layer, quantizer in zip(layers, originals):
-            layer.weight_quantizer = _FixedQuantizer(quantizer, layer.weight)
+            layer.weight_quantizer = _FixedQuantizer.of(quantizer, layer.weight)
         yield
     finally:
         for layer, quantizer in zip(layers, originals):

@@ -61,3 +61,12 @@ def test_search_cost_and_the_figure_are_reported(quick):
     assert 0 < result["vit_b16_estimate"]["share_of_qat"] < 10
     assert (quick["out"] / "mixed_quick.png").read_bytes()[:8] == PNG_MAGIC
     assert "Search cost" in quick["stdout"]
+
+
+def test_a_bad_qat_epochs_is_one_line_before_any_run(tmp_path):
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mixed.py"), "--quick", "--qat_epochs", "0",
+                                "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results")],
+                               capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert completed.returncode != 0
+    assert completed.stderr.strip().splitlines()[-1] == "mixed.py: --qat_epochs must be >= 1, got 0"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()

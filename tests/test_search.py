@@ -331,3 +331,14 @@ def test_measuring_forwards_that_reuse_earlier_outputs_give_the_same_sensitiviti
             for bits in candidates:
                 assert a["sensitivity"][bits] == pytest.approx(b["sensitivity"][bits], rel=1e-5, abs=1e-9)
     assert reused.bits_overrides == fresh.bits_overrides
+
+
+def test_a_quantizer_initialised_to_another_sign_than_its_fixed_one_is_one_clear_error():
+    from saq_hf.quant import LSQQuantizer
+    quantizer = LSQQuantizer(4, signed=True)
+    with pytest.raises(ValueError, match="this quantizer is signed; cannot initialise it as unsigned"):
+        quantizer.initialize_to(torch.tensor(0.1), signed=False)
+    assert not bool(quantizer.initialized)
+    auto = LSQQuantizer(4, signed=None, is_activation=True)
+    auto.initialize_to(torch.tensor(0.1), signed=False)
+    assert auto.qrange() == (0, 15) and float(auto.step_size) == pytest.approx(0.1)
