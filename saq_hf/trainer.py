@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import CONFIG_NAME, logging
 
+from .distill import Distiller, check_distill_fields, check_resume_teacher
 from .quant import LSQQuantizer, quantized_layers
 from .sharpness import (
     CASES,
@@ -148,6 +149,20 @@ class SAQTrainingArguments(TrainingArguments):
                           "step_size_lr_scale x learning_rate of itself per step (30: best validation accuracy of "
                           "1, 10 and 30 for plain QAT of a W2A2 ViT and ConvNeXt on digits)."},
     )
+    distill_alpha: float = field(
+        default=1.0,
+        metadata={"help": "With a teacher (SAQTrainer(teacher_model=...); saq-hf train: distill): the weight of the "
+                          "distillation term, the loss being (1 - alpha)·CE(labels) + alpha·T²·KL(teacher || student) "
+                          "(0 to 1; 0 trains on the labels alone and leaves the teacher unused). Default 1, "
+                          "distillation only: the teacher, a full-precision model fitted to the same labels, already "
+                          "carries them, and a label term adds back their noise (docs/METHOD.md, \"Distillation\")."},
+    )
+    distill_temperature: float = field(
+        default=1.0,
+        metadata={"help": "With a teacher: the softmax temperature T of both models' logits in the distillation "
+                          "term (> 0; the term is multiplied by T² so its gradient keeps its size). Default 1: the "
+                          "student matches the teacher's own predicted probabilities."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Replace a finished run in output_dir (transformers 4's field, dropped from "
@@ -186,6 +201,7 @@ class SAQTrainingArguments(TrainingArguments):
                 or not math.isfinite(self.step_size_lr_scale) or self.step_size_lr_scale <= 0:
             raise ValueError(f"step_size_lr_scale must be a finite number > 0, got {self.step_size_lr_scale!r} "
                              "(field: step_size_lr_scale)")
+        check_distill_fields(self.distill_alpha, self.distill_temperature)
         super().__post_init__()
         # Pinned memory needs an accelerator: without one, torch 2.13 warns on every DataLoader the Trainer builds.
         accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
@@ -309,7 +325,7 @@ class SAQTrainer(Trainer):
     ``torch.nn.DataParallel`` are refused when the trainer is built (docs/METHOD.md, "Trainer switches").
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, teacher_model: torch.nn.Module | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SAQTrainingArguments):
             raise TypeError(
@@ -317,6 +333,8 @@ class SAQTrainer(Trainer):
                 "build the arguments with saq_hf.SAQTrainingArguments(output_dir=..., saq_mode=..., rho=...)"
             )
         self._refuse_unsupported_switches()
+        # Distillation (docs/METHOD.md, "Distillation"): the frozen, unwrapped teacher and its per-micro-batch logits.
+        self.distiller: Distiller | None = self._distiller_for(teacher_model)
         _train_step_sizes_in_log_form(self.model)
         self.sharpness: SharpnessPerturbation | None = None
         self._lsq_step_sizes: list[torch.nn.Parameter] = []
@@ -370,6 +388,45 @@ class SAQTrainer(Trainer):
             raise ValueError(f"SAQ does not run under torch.nn.DataParallel ({args.n_gpu} GPUs in one process): its "
                              "replicas do not see the perturbation; launch one process per GPU (accelerate launch or "
                              "torchrun) for DDP, or make one GPU visible (CUDA_VISIBLE_DEVICES)")
+
+    def _distiller_for(self, teacher) -> Distiller | None:
+        args = self.args
+        if teacher is None:
+            if (args.distill_alpha, args.distill_temperature) != (1.0, 1.0):
+                logger.warning("distill_alpha and distill_temperature have no effect without a teacher_model.")
+            return None
+        if args.distill_alpha == 0:
+            logger.warning("distill_alpha=0 trains on the labels alone: the teacher_model is not used.")
+            return None
+        if self.compute_loss_func is not None:
+            raise ValueError("a teacher_model sets the training loss (labels and distillation): drop compute_loss_func")
+        if args.n_gpu > 1:
+            raise ValueError(f"distillation does not run under torch.nn.DataParallel ({args.n_gpu} GPUs in one "
+                             "process): launch one process per GPU (accelerate launch or torchrun) for DDP")
+        student = getattr(getattr(self.model, "config", None), "num_labels", None)
+        teacher_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
+        if student is not None and teacher_labels is not None and student != teacher_labels:
+            raise ValueError(f"the teacher_model predicts {teacher_labels} classes and the model {student}: the "
+                             "teacher must predict the student's classes")
+        return Distiller(teacher, args.distill_alpha, args.distill_temperature, args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The stock loss; in training with a teacher, the distillation loss of ``distill.py`` instead, normalised as
+        the Trainer's rule (``_loss_is_scaled_for_ga``) takes the returned loss to be. Evaluation keeps the label loss."""
+        if self.distiller is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]
+        inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        teacher_logits = self.distiller.teacher_logits(inputs, self.compute_loss_context_manager)
+        outputs = model(**inputs)
+        scaled = num_items_in_batch is not None and self._loss_is_scaled_for_ga(num_items_in_batch)
+        # The stock compute_loss's factor for a loss normalised by a count taken over all processes.
+        scale = self.accelerator.num_processes // self.get_tp_size() if scaled and \
+            self.args.average_tokens_across_devices else 1
+        loss = self.distiller.loss(_class_logits(outputs), teacher_logits, labels, self.args.label_smoothing_factor,
+                                   num_items_in_batch if scaled else None, scale)
+        return (loss, outputs) if return_outputs else loss
 
     @staticmethod
     def _empty_sums() -> dict:
@@ -448,7 +505,9 @@ class SAQTrainer(Trainer):
         """While SAQ waits: keep this micro-batch's training loss; once per ``FIT_WINDOW`` optimizer steps compare
         their mean (over data-parallel workers) with the threshold, and start SAQ at the next step when below."""
         loss = loss.detach().float()
-        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+        if self.distiller is not None:  # the threshold is in units of ln(num_classes): the label CE
+            loss = self.distiller.last_label_loss.float()
+        elif not self._loss_is_scaled_for_ga(num_items_in_batch):
             loss = loss * self.current_gradient_accumulation_steps
         self._fit_losses.append(loss)
         step = self.state.global_step + 1  # the step this micro-batch belongs to, once the optimizer has stepped
@@ -463,8 +522,14 @@ class SAQTrainer(Trainer):
                            f"steps, {float(mean):.3g}, is below {self._fit_threshold:.3g}.")
             self.log({"saq_start_step": step})
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: the stock refusal
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_resume_teacher(str(resume_from_checkpoint), self.distiller)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.saq_start_step == WAITING:
             from .console import warn  # one "[saq-hf] warning:" line, like the CLI's own warnings
 
@@ -475,6 +540,13 @@ class SAQTrainer(Trainer):
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        try:
+            return self._compiled_or_eager_training_step(model, inputs, num_items_in_batch)
+        finally:
+            if self.distiller is not None:
+                self.distiller.clear()  # the teacher's logits are kept for one micro-batch
+
+    def _compiled_or_eager_training_step(self, model, inputs, num_items_in_batch):
         if not self.args.torch_compile:
             return self._training_step(model, inputs, num_items_in_batch)
         self._initialize_quantizers_eagerly(model, inputs, num_items_in_batch)
@@ -610,6 +682,9 @@ class SAQTrainer(Trainer):
         (``returned=False``) or as ``training_step`` returned it (divided for gradient accumulation)."""
         if self.radius_rule is None:
             return
+        if self.distiller is not None:  # the rule's thresholds are in units of ln(num_classes): the label CE
+            self.radius_rule.observe(self.distiller.last_label_loss)
+            return
         if returned or self._loss_is_scaled_for_ga(num_items_in_batch):
             loss = loss * self.current_gradient_accumulation_steps
         self.radius_rule.observe(loss)
@@ -724,6 +799,8 @@ class SAQTrainer(Trainer):
         # The strategies' kept tensors are per process (each worker's own gradients), saved next to its RNG state,
         # so a resumed run takes exactly the steps the uninterrupted one would.
         super()._save_rng_state(output_dir)
+        if self.distiller is not None and self.args.should_save:
+            self.distiller.save(output_dir)  # which teacher, not the teacher: a resume must bring the same one
         tensors, metadata = self.strategy.state_dict()
         if self.radius_rule is not None and self.radius_rule.mean_loss is not None:
             tensors = {**tensors, RULE_STATE_KEY: self.radius_rule.mean_loss.detach().reshape(1)}
@@ -759,6 +836,8 @@ class SAQTrainer(Trainer):
         self._load_from_checkpoint(best)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.distiller is not None:
+            logs.update(self.distiller.pop_log())  # label_loss, distill_loss
         if "loss" in logs and self.args.saq_mode != "qat":
             sums = self._saq_sums
             if sums["count"]:
