@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # reinstall, the install is editable).
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test demo check-wheel check-readme
+.PHONY: install test demo check-wheel check-readme compat
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,8 @@ check-wheel: install
 # Fails when the README's demo figures differ from a fresh `make demo` run's saq_run.json.
 check-readme: install
 	$(BIN)/python scripts/check_readme_demo.py
+
+# The declared version range: a fresh venv at the floors and one at the newest releases, core tests in each
+# (benchmarks/results/compat.json). Downloads torch builds from PyPI; about 15 minutes. Run before each release.
+compat:
+	.ci/compat

@@ -3,9 +3,11 @@
 import re
 import warnings
 
+import transformers
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
+from .compat import check_loading_internals
 from .config import QUANT_METHOD
 from .quant.convert import convert_layers
 from .quant.layers import quantized_layers
@@ -53,16 +55,17 @@ class SAQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
+            check_loading_internals(type(model))
             convert_layers(model, self.quantization_config)
-            if hasattr(model, "_adjust_missing_and_unexpected_keys"):
-                _check_quantizer_keys(model)
+            _check_quantizer_keys(model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             if not model.__dict__.pop("_saq_keys_checked", False):
+                # The method exists in its expected shape (checked before loading) but this release did not call it.
                 warnings.warn("saq-hf could not check this checkpoint's quantizer tensors against its "
-                              "quantization_config with this transformers version", stacklevel=2)
+                              f"quantization_config with transformers {transformers.__version__}", stacklevel=2)
                 model.__dict__.pop("_adjust_missing_and_unexpected_keys", None)
             for name, layer in quantized_layers(model):
                 layer.weight_quantizer.check_step_size(f"{name}.weight_quantizer.step_size")

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import CONFIG_NAME, logging
 
+from .compat import check_trainer_internals, create_optimizer_takes_model
 from .distill import Distiller, check_distill_fields, check_resume_teacher
 from .quant import LSQQuantizer, quantized_layers
 from .sharpness import (
@@ -326,6 +327,7 @@ class SAQTrainer(Trainer):
     """
 
     def __init__(self, *args, teacher_model: torch.nn.Module | None = None, **kwargs):
+        check_trainer_internals()
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SAQTrainingArguments):
             raise TypeError(
@@ -660,9 +662,12 @@ class SAQTrainer(Trainer):
                 quantizer.step_size_grad = True
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        # The same rule as Trainer.training_step uses to decide whether to divide the loss by the accumulation steps.
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
+        # The same rule as Trainer.training_step uses to decide whether to divide the loss by the accumulation steps:
+        # the ``loss_is_scaled_for_ga`` attribute where the Trainer has one (transformers >= 5.19), else the rule
+        # older releases apply, which is also the newer ones' rule when the attribute is unset.
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return scaled
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
             self.compute_loss_func is not None
 
@@ -774,7 +779,8 @@ class SAQTrainer(Trainer):
     def create_optimizer(self, model=None):
         """The stock optimizer, with the LSQ step sizes in a group of their own: no weight decay, and
         ``step_size_lr_scale`` times the learning rate (the scheduler scales every group alike)."""
-        optimizer = super().create_optimizer(model)
+        # transformers < 5.10: create_optimizer() builds the optimizer of self.model, the only model it is called for.
+        optimizer = super().create_optimizer(model) if create_optimizer_takes_model() else super().create_optimizer()
         scale = self.args.step_size_lr_scale
         steps = {id(q.step_size_parameter) for q in (model or self.model).modules() if isinstance(q, LSQQuantizer)}
         if scale == 1 or not steps or not isinstance(optimizer, torch.optim.Optimizer) or optimizer.state:

@@ -4,9 +4,15 @@ import datasets.config
 import huggingface_hub.constants
 import pytest
 import torch
+import transformers
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
 NUM_LABELS = 5
+
+# The PIL image processors: later 5.x releases name them ``*Pil`` (the unsuffixed class then needs torchvision),
+# 5.1 uses the unsuffixed name. The library itself loads processors with AutoImageProcessor.
+ViTImageProcessorPil = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+ConvNextImageProcessorPil = getattr(transformers, "ConvNextImageProcessorPil", None) or transformers.ConvNextImageProcessor
 
 # Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU the thread barriers make every op
 # ~30x slower: one thread keeps each test to seconds.
@@ -36,6 +42,18 @@ def tiny_convnext(seed: int = 0) -> ConvNextForImageClassification:
     config = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
                             num_labels=NUM_LABELS, image_size=16)
     return ConvNextForImageClassification(config)
+
+
+def vit_block_names(model, block: int) -> dict[str, str]:
+    """Module names in block ``block`` of a ViT, whatever this transformers release calls them (5.1:
+    ``vit.encoder.layer.N.attention.attention.query``, later: ``vit.layers.N.attention.q_proj``): ``query``, the
+    first projection of its attention; ``fc1``, its MLP's expanding layer; ``attention``, the attention module."""
+    linears = [name for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and f".{block}." in name]
+    query = linears[0]
+    fc1 = next(n for n in linears if model.get_submodule(n).out_features == model.config.intermediate_size)
+    marker = f".{block}.attention."
+    return {"query": query, "fc1": fc1, "attention": query[:query.index(marker) + len(marker) - 1]}
 
 
 class ToyImages(torch.utils.data.Dataset):

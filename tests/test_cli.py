@@ -11,7 +11,9 @@ import pytest
 import torch
 from huggingface_hub import metadata_load
 from PIL import Image
-from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+from conftest import ViTImageProcessorPil
 
 import saq_hf
 import saq_hf.hub as hub

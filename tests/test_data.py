@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ConvNextImageProcessorPil, ViTImageProcessorPil
 
+from conftest import ConvNextImageProcessorPil, ViTImageProcessorPil
 from saq_hf.args import DataArguments, UserInputError
 from saq_hf.data import (
     ImageTransform,

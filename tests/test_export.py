@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
+from conftest import vit_block_names
 from saq_hf import QuantConfig, calibrate, export_quantized, load_exported, quantize_model
 from saq_hf.export import EXPORT_FILES, MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, export_command, export_onnx, size_table
 from saq_hf.packing import pack_codes, packed_size, unpack_codes
@@ -282,14 +283,16 @@ def test_manifest_that_is_not_json_is_reported_corrupt(export_copy):
 
 
 def test_manifest_bits_that_disagree_with_the_config_are_reported_corrupt(export_copy):
-    edit_manifest(export_copy, lambda m: m["layers"]["vit.layers.0.mlp.fc1"]["input"].update(bits=8))
-    with pytest.raises(ValueError, match=r"is corrupt: layer 'vit.layers.0.mlp.fc1' has \(w_bits, a_bits\) \(4, 8\)"):
+    fc1 = vit_block_names(tiny_vit(), 0)["fc1"]
+    edit_manifest(export_copy, lambda m: m["layers"][fc1]["input"].update(bits=8))
+    with pytest.raises(ValueError, match=rf"is corrupt: layer '{fc1}' has \(w_bits, a_bits\) \(4, 8\)"):
         load_exported(export_copy)
 
 
 def test_codes_that_do_not_fit_the_manifest_shape_are_reported_corrupt(export_copy):
-    edit_manifest(export_copy, lambda m: m["layers"]["vit.layers.0.mlp.fc1"]["weight"].update(bits=3))
-    with pytest.raises(ValueError, match="is corrupt: layer 'vit.layers.0.mlp.fc1' has a malformed entry or tensors"):
+    fc1 = vit_block_names(tiny_vit(), 0)["fc1"]
+    edit_manifest(export_copy, lambda m: m["layers"][fc1]["weight"].update(bits=3))
+    with pytest.raises(ValueError, match=f"is corrupt: layer '{fc1}' has a malformed entry or tensors"):
         load_exported(export_copy)
 
 
@@ -303,8 +306,9 @@ def test_weights_file_missing_a_tensor_is_reported_corrupt(export_copy):
 
 
 def test_manifest_entry_missing_a_field_is_reported_corrupt(export_copy):
-    edit_manifest(export_copy, lambda m: m["layers"]["vit.layers.1.attention.q_proj"]["weight"].pop("codes"))
-    with pytest.raises(ValueError, match="is corrupt: layer 'vit.layers.1.attention.q_proj' has a malformed entry"):
+    query = vit_block_names(tiny_vit(), 1)["query"]
+    edit_manifest(export_copy, lambda m: m["layers"][query]["weight"].pop("codes"))
+    with pytest.raises(ValueError, match=f"is corrupt: layer '{query}' has a malformed entry"):
         load_exported(export_copy)
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard, metadata_load
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+from transformers import ViTConfig, ViTForImageClassification
+
+from conftest import ViTImageProcessorPil
 
 import saq_hf.hub as hub
 from saq_hf import QuantConfig, quantize_model

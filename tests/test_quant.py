@@ -14,7 +14,7 @@ from transformers import (
 )
 
 import saq_hf
-from conftest import tiny_convnext, tiny_vit
+from conftest import tiny_convnext, tiny_vit, vit_block_names
 from saq_hf import QuantConfig, calibrate, quantize_model, quantized_layer_bits
 from saq_hf.quant import (
     LSQQuantizer,
@@ -187,16 +187,17 @@ def test_quantize_on_load_from_a_float_checkpoint(tmp_path, arch):
 
 def test_per_module_bit_overrides_are_honoured():
     model = tiny_vit()
+    first, second = vit_block_names(model, 0), vit_block_names(model, 1)
     config = QuantConfig(w_bits=4, a_bits=4, bits_overrides={
-        "*.mlp.fc1": 2,
-        "vit.layers.1.attention.*": {"w_bits": 6},
+        "*." + ".".join(first["fc1"].split(".")[-2:]): 2,  # "*.mlp.fc1": every block's
+        second["attention"] + ".*": {"w_bits": 6},
         "classifier": {"w_bits": 8, "a_bits": None},
     })
     quantize_model(model, config)
     bits = quantized_layer_bits(model)
-    assert bits["vit.layers.0.mlp.fc1"] == bits["vit.layers.1.mlp.fc1"] == (2, 2)
-    assert bits["vit.layers.1.attention.q_proj"] == (6, 4)
-    assert bits["vit.layers.0.attention.q_proj"] == (4, 4)
+    assert bits[first["fc1"]] == bits[second["fc1"]] == (2, 2)
+    assert bits[second["query"]] == (6, 4)
+    assert bits[first["query"]] == (4, 4)
     assert bits["classifier"] == (8, None) and model.classifier.input_quantizer is None
     assert bits["vit.embeddings.patch_embeddings.projection"] == (4, 4)  # explicit overrides replace defaults
 
@@ -256,7 +257,7 @@ def test_calibrate_initialises_activation_steps_from_all_batches():
 
 def test_perturbation_is_added_after_quantization_and_removed_after_the_block():
     model = quantize_model(tiny_vit(), QuantConfig(w_bits=4, a_bits=None))
-    layer = model.vit.layers[0].mlp.fc1
+    layer = model.get_submodule(vit_block_names(model, 0)["fc1"])
     x = torch.randn(2, 32)
     base = layer(x)
     eps = torch.full_like(layer.weight, 0.01)

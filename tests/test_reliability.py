@@ -19,7 +19,9 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageClassification, ViTImageProcessorPil
+from transformers import AutoModelForImageClassification
+
+from conftest import ViTImageProcessorPil
 
 import saq_hf
 from conftest import ToyImages, tiny_vit

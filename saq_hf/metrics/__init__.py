@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import datasets
 import evaluate
 import numpy as np
 import torch
@@ -17,8 +18,9 @@ def load_metric(name: str | None = None) -> evaluate.EvaluationModule:
 
 def _takes_scores(metric: evaluate.EvaluationModule) -> bool:
     # Our module scores logits (top-5 needs them); Hub metrics such as "accuracy" take class ids.
+    # (datasets 3.x's ``Sequence`` has a ``dtype`` too, so the type is what tells.)
     features = metric.features[0] if isinstance(metric.features, list) else metric.features
-    return not hasattr(features["predictions"], "dtype")
+    return not isinstance(features["predictions"], datasets.Value)
 
 
 def score(metric: evaluate.EvaluationModule, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -105,7 +105,7 @@ def _eager_numerics_options() -> dict:
     rounded to the input dtype (bf16/fp16), and fp32 division correctly rounded (Triton's ``/`` is approximate)."""
     from torch._inductor import config
 
-    options = {"emulate_precision_casts": True}
+    options = {"emulate_precision_casts": True} if hasattr(config, "emulate_precision_casts") else {}  # torch >= 2.5
     if hasattr(config, "eager_numerics"):  # torch >= 2.12
         options["eager_numerics.division_rounding"] = True
     elif hasattr(config, "emulate_divison_rounding"):  # the older spelling (torch 2.10, 2.11)
