@@ -60,6 +60,14 @@ class ModelArguments:
         default="~/.cache/saq_hf/fp_models",
         metadata={"help": "Where full-precision stage results are kept and reused by identical recipes."},
     )
+    distill: str | None = field(
+        default=None,
+        metadata={"help": "Teacher of the quantized training (distillation; distill_alpha and distill_temperature "
+                          "set the loss): 'fp', the run's own full-precision model (the FP stage's result, or the "
+                          "checkpoint itself without an FP stage); a Hub model id or local folder of an image "
+                          "classifier with this run's classes, label names and input size; empty: no teacher, the "
+                          "labels alone. saq_run.json and the model card name the teacher."},
+    )
     torch_num_threads: int | None = field(
         default=None,
         metadata={"help": "CPU threads for torch (torch.set_num_threads); null: torch's default. 1 is fastest for "

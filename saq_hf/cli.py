@@ -42,7 +42,7 @@ def _recipe_groups():
     from .args import DataArguments, ModelArguments, QuantArguments
     from .trainer import SAQTrainingArguments
 
-    saq_fields = [f.name for f in dataclasses.fields(SAQTrainingArguments) if f.name.startswith(("saq_", "rho"))]
+    saq_fields = [f.name for f in dataclasses.fields(SAQTrainingArguments) if f.name.startswith(("saq_", "rho", "distill_"))]
     return (("model", ModelArguments, None), ("data", DataArguments, None), ("quantization", QuantArguments, None),
             ("SAQ", SAQTrainingArguments, saq_fields), ("training", SAQTrainingArguments, "rest"))
 
@@ -107,7 +107,8 @@ def _train(ns: argparse.Namespace) -> int:
     recipe_args = parse_recipe(recipe, ns.overrides,
                                (ModelArguments, DataArguments, QuantArguments, SAQTrainingArguments))
     model_args, data_args, _, training_args = recipe_args
-    if _uses_hub(model_args.model_name_or_path, data_args.dataset_name) or training_args.push_to_hub:
+    if _uses_hub(model_args.model_name_or_path, data_args.dataset_name) or training_args.push_to_hub or \
+            model_args.distill != run.DISTILL_FP and _uses_hub(model_args.distill, None):
         work_offline_if_hub_unreachable()
     try:
         result = run.train(run.prepare(*recipe_args))
@@ -146,7 +147,9 @@ def _add_train(commands) -> None:
         "train", help="run a recipe: FP model -> quantize -> SAQ training -> hub-ready run folder",
         description="Any ModelArguments/DataArguments/QuantArguments/SAQTrainingArguments field overrides the "
                     "recipe: saq-hf train recipes/demo_mnist_vit_w4a4.yaml --max_steps 5 --output_dir /tmp/x. "
-                    "saq-hf train RECIPE --help lists the fields with their types, defaults and the recipe's values.",
+                    "saq-hf train RECIPE --help lists the fields with their types, defaults and the recipe's values. "
+                    "--distill fp trains the quantized model against the run's own full-precision model (a model id "
+                    "or folder names another teacher); saq_run.json and the model card record the teacher.",
     )
     parser.add_argument("recipe", help="YAML recipe whose keys are dataclass field names, or the name of a recipe "
                                        "shipped with saq-hf (e.g. demo_mnist_vit_w4a4)")

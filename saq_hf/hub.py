@@ -43,7 +43,7 @@ def is_hub_id(name: str | None) -> bool:
 
 # Top-level fields of saq_run.json (saq_hf.run._run_info writes them; ``sharpness`` is added by saq-hf eval).
 RUN_INFO_FIELDS = {"saq_hf_version", "run_name", "base_model", "fp_stage", "fp_model", "hub_model_id", "model", "data",
-                   "quantization", "saq", "training", "results", "sharpness"}
+                   "quantization", "saq", "training", "results", "sharpness", "distillation"}
 RUN_INFO_SECTIONS = ("model", "data", "quantization", "saq", "training", "results")
 # Config files whose ``auto_map`` makes transformers import Python code shipped in the model folder.
 CODE_CONFIG_FILES = ("config.json", "preprocessor_config.json", "processor_config.json")
@@ -199,9 +199,22 @@ def model_card(run_info: dict[str, Any], repo_id: str | None = None) -> ModelCar
                         if key in quant and not (key == "bits_overrides" and quant.get("bits_plan"))],
         saq_settings=[(key, value) for key, value in saq.items() if key != "rho_auto"] + [(key, value) for key, value in run_info["training"].items()],
         sharpness=run_info.get("sharpness"),
+        distillation=_distillation_view(run_info.get("distillation")),
         bits_plan=_bits_plan_view(quant.get("bits_plan")),
         a_bits_default=quant.get("a_bits") or "FP",
     )
+
+
+def _distillation_view(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card's account of the teacher (saq_run.json's ``distillation``), or None for a run without one."""
+    if not isinstance(info, dict):
+        return None
+    teacher = info.get("teacher")
+    own = info.get("distill") == "fp"
+    name = f"[`{teacher}`](https://huggingface.co/{teacher})" if is_hub_id(teacher) and not own else f"`{teacher}`"
+    return {"teacher_line": ("its own full-precision model" + (f" ({name})" if teacher else "")) if own else name,
+            "alpha": info.get("distill_alpha"), "temperature": info.get("distill_temperature"),
+            "sha256": str(info.get("teacher_sha256", ""))[:16]}
 
 
 def _bits_plan_view(plan: dict[str, Any] | None) -> dict[str, Any] | None:

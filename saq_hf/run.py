@@ -5,6 +5,7 @@ and writes nothing, so bad input fails before ``output_dir`` exists; ``train`` d
 scores a finished run folder. The CLI is a thin shell over these three.
 """
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -55,6 +56,7 @@ SAQ_FIELDS = ("saq_mode", "rho", "saq_radius", "saq_start_ratio", "saq_clean_ste
               "saq_strategy", "saq_interval", "saq_looksam_alpha")
 TRAINING_FIELDS = ("optim", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
                    "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+DISTILL_FP = "fp"  # recipe key distill: the run's own full-precision model teaches the quantized one
 FP_STAGE_TRAINING_FIELDS = ("optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
                             "gradient_accumulation_steps", "seed", "max_grad_norm", "label_smoothing_factor")
 
@@ -91,6 +93,7 @@ class RunSetup:
     head_reinitialised: bool
     hub_repo_id: str | None
     bits_plan: dict[str, Any] | None = None  # the plan's allocation checked against the model (search.check_plan)
+    teacher: torch.nn.Module | None = None  # recipe key distill naming a model (distill: fp copies the FP model later)
 
 
 @dataclass
@@ -108,7 +111,9 @@ def _fp_stage_key(model_args, data_args, training_args, data: ImageClassificatio
         return os.path.abspath(os.path.expanduser(path)) if path and os.path.exists(os.path.expanduser(path)) else path
 
     settings = {
-        "model": {**dataclasses.asdict(model_args), "model_name_or_path": absolute(model_args.model_name_or_path),
+        # ``distill`` only concerns the quantized stage: dropped, so adding the key kept earlier results' keys.
+        "model": {**{k: v for k, v in dataclasses.asdict(model_args).items() if k != "distill"},
+                  "model_name_or_path": absolute(model_args.model_name_or_path),
                   "fp_learning_rate": model_args.fp_learning_rate or training_args.learning_rate,
                   "fp_cache_dir": None, "cache_dir": None, "torch_num_threads": None},
         "data": {**dataclasses.asdict(data_args), "data_dir": absolute(data_args.data_dir), "metric_name": None,
@@ -125,11 +130,9 @@ def _scratch_image_processor(config):
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type)
     if not names:
         raise UserInputError(f"model_type {config.model_type!r} has no image processor (recipe key: model_type)")
-    # transformers >= 5.2 maps backends to names ({"pil": ...}); 5.1 gives (slow, fast), slow being PIL's.
-    name = names.get("pil") or next(iter(names.values())) if isinstance(names, dict) else names[0]
-    cls = get_image_processor_class_from_name(name)
-    size, default = config.image_size, cls().size
-    if (default.get("shortest_edge") if isinstance(default, dict) else getattr(default, "shortest_edge", None)):
+    cls = get_image_processor_class_from_name(names.get("pil") or next(iter(names.values())))
+    size = config.image_size
+    if getattr(cls().size, "shortest_edge", None):
         return cls(size={"shortest_edge": size}, crop_pct=1.0)
     return cls(size={"height": size, "width": size})
 
@@ -182,6 +185,53 @@ def _checkpoint_config(model_args: ModelArguments, source: str):
         return AutoConfig.from_pretrained(source, trust_remote_code=False, **_hub_kwargs(model_args, source))
     except Exception as err:
         raise UserInputError(_model_load_error(source, err)) from None
+
+
+def _load_teacher(model_args: ModelArguments, data: ImageClassificationData, image_shape) -> torch.nn.Module | None:
+    """The teacher a ``distill`` model id or folder names, checked against the run's classes and input size before
+    its weights are loaded; None for no teacher or ``fp`` (the run's own FP model, copied once it is trained)."""
+    source = model_args.distill
+    if not source or source == DISTILL_FP:
+        return None
+    refuse_custom_code(source, "recipe key: distill")
+    kwargs = dict(cache_dir=model_args.cache_dir) if is_hub_id(source) else {}
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
+    except Exception as err:
+        raise UserInputError(f"could not load teacher {source!r}: {_first_line(err)} (recipe key: distill; 'fp' uses "
+                             "the run's own full-precision model)") from None
+    _check_teacher_fits(config, source, data, image_shape)
+    try:
+        return AutoModelForImageClassification.from_pretrained(source, trust_remote_code=False, use_safetensors=True,
+                                                               **kwargs)
+    except Exception as err:
+        raise UserInputError(f"could not load teacher {source!r}: {_first_line(err)} (recipe key: distill; a local "
+                             "folder needs config.json and *.safetensors)") from None
+
+
+def _check_teacher_fits(config, source: str, data: ImageClassificationData, image_shape) -> None:
+    """A teacher predicts the data's classes, in its order and under its names, from the student's input size."""
+    where = f"teacher {source!r} (recipe key: distill)"
+    classes = len(data.label_names)
+    if config.num_labels != classes:
+        raise UserInputError(f"{where} predicts {config.num_labels} classes and the data has {classes}: distill from "
+                             "a model fine-tuned on this run's classes, or use distill: fp")
+    names = [str(config.id2label.get(i, config.id2label.get(str(i)))) for i in range(classes)]
+    if names != [str(name) for name in data.label_names]:
+        raise UserInputError(f"{where} names its classes {_short(names)} and the data {_short(data.label_names)}: "
+                             "the teacher must predict the data's classes in the data's order")
+    channels, height, width = image_shape
+    size = getattr(config, "image_size", None)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size) if isinstance(size, int) else None
+    if size is not None and size != (height, width) or getattr(config, "num_channels", channels) != channels:
+        raise UserInputError(f"{where} takes {getattr(config, 'num_channels', channels)}-channel images of "
+                             f"{size[0]}x{size[1]} and this run feeds {channels}x{height}x{width}: distill from a "
+                             "model trained at the student's input size")
+
+
+def _short(names: list) -> str:
+    text = ", ".join(map(str, names[:6]))
+    return f"[{text}{', ...' if len(names) > 6 else ''}]"
 
 
 def _load_image_processor(source: str, hub_kwargs: dict[str, Any] | None = None):
@@ -477,6 +527,15 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
     if image_processor is None:
         image_processor = _scratch_image_processor(model.config)
     with_transforms(data, image_processor, data_args)
+    teacher = None
+    if model_args.distill == DISTILL_FP and head_reinitialised and not model_args.fp_stage:
+        raise UserInputError("distill: fp teaches with the run's full-precision model, whose classifier was just "
+                             "re-initialised for this dataset (no FP stage): set fp_num_train_epochs or fp_max_steps, "
+                             "or name a fine-tuned teacher (recipe key: distill)")
+    if model_args.distill:
+        # The eval transform: one image's shape, without drawing from the training augmentation's random stream.
+        split = data.validation if data.validation is not None else data.train
+        teacher = _load_teacher(model_args, data, tuple(split[0]["pixel_values"].shape))
 
     hub_repo_id = None
     if training_args.push_to_hub:
@@ -488,7 +547,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, quant_args: Qu
             raise UserInputError(f"cannot create Hub repo {hub_repo_id!r}: {_first_line(err)}; log in (hf auth login)"
                                  " or drop push_to_hub and push the finished run with saq-hf push") from None
     return RunSetup(model_args, data_args, quant_args, training_args, data, image_processor, model, metric,
-                    fp_dir, fp_cached, head_reinitialised, hub_repo_id, bits_plan)
+                    fp_dir, fp_cached, head_reinitialised, hub_repo_id, bits_plan, teacher)
 
 
 def _train_full_precision(setup: RunSetup) -> None:
@@ -602,7 +661,19 @@ def _run_info(setup: RunSetup, results: dict, train_runtime: float, global_step:
         "training": {**{name: getattr(getattr(args, name), "value", getattr(args, name)) for name in TRAINING_FIELDS},
                      "global_steps": global_step, "train_runtime_s": round(train_runtime, 1)},
         "results": results,
+        "distillation": None,
     }
+
+
+def _distillation_info(setup: RunSetup, trainer: SAQTrainer, fp_model: str | None) -> dict[str, Any] | None:
+    """What taught the quantized model: the teacher, its sha256 and the loss settings; None without a teacher."""
+    distiller = trainer.distiller
+    if distiller is None:
+        return None
+    source = setup.model_args.distill
+    return {"distill": source, "teacher": fp_model if source == DISTILL_FP else source,
+            "teacher_sha256": distiller.fingerprint, "distill_alpha": distiller.alpha,
+            "distill_temperature": distiller.temperature}
 
 
 def train(setup: RunSetup) -> RunResult:
@@ -629,6 +700,8 @@ def train(setup: RunSetup) -> RunResult:
     model = setup.model.to(args.device)
     results: dict[str, Any] = {"split": report_name, "num_examples": report_split.num_rows}
     results["fp"] = evaluate_classifier(model, report_split, setup.metric, collate_fn, eval_batch)
+    # distill: fp: the full-precision model as it is now (trained, not yet quantized) teaches the quantized one.
+    teacher = copy.deepcopy(model) if setup.model_args.distill == DISTILL_FP else setup.teacher
     quantize_model(model, setup.quant_args.quant_config())
     # Calibration crops draw from Python's RNG: reseed so a run from the cached FP model matches a fresh one.
     set_seed(args.seed)
@@ -636,7 +709,8 @@ def train(setup: RunSetup) -> RunResult:
         calibrate(model, _calibration_batches(setup))
         results["quantized_calibrated"] = evaluate_classifier(model, report_split, setup.metric, collate_fn,
                                                               eval_batch)
-    say(f"quantized to {model.config.quantization_config.tag}; {args.saq_mode} training")
+    taught = f", distilled from {setup.model_args.distill}" if teacher is not None and args.distill_alpha > 0 else ""
+    say(f"quantized to {model.config.quantization_config.tag}; {args.saq_mode} training{taught}")
 
     # With hub_strategy "end" saq-hf pushes the finished folder itself (with its own card); with the
     # checkpoint strategies the Trainer also pushes checkpoints as they are saved.
@@ -644,7 +718,7 @@ def train(setup: RunSetup) -> RunResult:
                                        push_to_hub=args.push_to_hub and args.hub_strategy != "end")
     trainer = SAQTrainer(model=model, args=trainer_args, train_dataset=data.train, eval_dataset=data.validation,
                          compute_metrics=compute_metrics_fn(setup.metric), data_collator=collate_fn,
-                         processing_class=setup.image_processor)
+                         processing_class=setup.image_processor, teacher_model=teacher)
     show_stage_progress(trainer, f"{model.config.quantization_config.tag} {args.saq_mode}", log_stage="quantized",
                         earlier=read_train_log(setup.fp_dir) if setup.fp_dir is not None else None)
     started = time.perf_counter()
@@ -655,6 +729,7 @@ def train(setup: RunSetup) -> RunResult:
     # _internal_call: save without Trainer.push_to_hub, which would replace our card with its own.
     trainer.save_model(str(staging), _internal_call=True)
     run_info = _run_info(setup, results, train_runtime, train_output.global_step)
+    run_info["distillation"] = _distillation_info(setup, trainer, run_info["fp_model"])
     if args.saq_mode != "qat":
         # The radius the run trained with: with rho="auto", the value measured before the first step.
         run_info["saq"]["rho_used"] = trainer.rho

@@ -4,12 +4,13 @@ the equivalences (alpha 0, gradient accumulation, resume) and the refusals; ``sa
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import ToyImages, tiny_convnext, tiny_vit
 from test_trainer import StopAt, assert_same, image_batch, params, quantized, saq_args, train
 from torch.nn import functional as F
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 from saq_hf import SAQTrainer, SAQTrainingArguments
 from saq_hf.distill import TEACHER_FILE
@@ -218,3 +219,116 @@ def test_a_teacher_of_other_classes_is_refused(tmp_path):
                                                 num_attention_heads=2, intermediate_size=64, num_labels=3))
     with pytest.raises(ValueError, match="predicts 3 classes and the model 5"):
         SAQTrainer(model=quantized(tiny_vit), args=saq_args(tmp_path), teacher_model=other)
+
+
+# --- saq-hf train --distill -----------------------------------------------------------------------------------------
+
+try:  # where this checkout's shared fixtures keep the processor class
+    from conftest import ViTImageProcessorPil
+except ImportError:
+    from transformers import ViTImageProcessorPil
+
+CLASSES = ("cat", "dog", "fox")
+
+
+@pytest.fixture(scope="module")
+def cli_fixtures(tmp_path_factory):
+    """tests/test_cli.py's imagefolder (3 classes x 8 PNGs) and tiny ViT, plus teachers: one that fits, one with 5
+    classes, one with the classes in another order, one of another input size."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("distill_fixtures")
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(CLASSES):
+        (root / "images" / name).mkdir(parents=True)
+        for k in range(8):
+            pixels = rng.integers(0, 60, size=(18, 22, 3), dtype=np.uint8)
+            pixels[..., index] = 200
+            Image.fromarray(pixels).save(root / "images" / name / f"{k}.png")
+
+    def save(name, labels=CLASSES, image_size=16):
+        torch.manual_seed(0)
+        config = ViTConfig(image_size=image_size, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, num_labels=len(labels),
+                           id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+        ViTForImageClassification(config).save_pretrained(root / name)
+        ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(root / name)
+
+    save("tiny_vit")
+    save("teacher_five", labels=("a", "b", "c", "d", "e"))
+    save("teacher_order", labels=("dog", "cat", "fox"))
+    save("teacher_size", image_size=32)
+    return root
+
+
+def cli_recipe(path, root, **changes):
+    recipe = {"model_name_or_path": str(root / "tiny_vit"), "dataset_name": "imagefolder",
+              "data_dir": str(root / "images"), "train_val_split": 0.25, "random_flip": False,
+              "calibration_batches": 1, "rho": 0.05, "max_steps": 2, "per_device_train_batch_size": 6,
+              "per_device_eval_batch_size": 6, "learning_rate": 1e-3, "save_strategy": "no", "report_to": "none",
+              "remove_unused_columns": False, "disable_tqdm": True, "output_dir": str(path.parent / "run"),
+              "fp_cache_dir": str(path.parent / "fp_cache"), "fp_max_steps": 2, **changes}
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in recipe.items()))
+    return path
+
+
+def test_cli_distill_fp_trains_against_the_runs_fp_model_and_records_it(tmp_path, cli_fixtures, capsys):
+    from saq_hf.cli import main
+
+    recipe = cli_recipe(tmp_path / "recipe.yaml", cli_fixtures, distill="fp", distill_alpha=0.5)
+    assert main(["train", str(recipe)]) == 0
+    assert "distilled from fp" in capsys.readouterr().out
+    info = json.loads((tmp_path / "run" / "saq_run.json").read_text())
+    taught = info["distillation"]
+    assert taught["distill"] == "fp" and taught["teacher"] == info["fp_model"]  # the FP stage's cached result
+    assert (taught["distill_alpha"], taught["distill_temperature"]) == (0.5, 1.0)
+    fp_model = AutoModelForImageClassification.from_pretrained(info["fp_model"])
+    from saq_hf.distill import teacher_fingerprint
+    assert taught["teacher_sha256"] == teacher_fingerprint(fp_model)  # the trained FP model, not the checkpoint
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "Taught by its own full-precision model" in card and "α = 0.5" in card
+
+
+def test_cli_distill_from_a_folder_and_without_a_teacher(tmp_path, cli_fixtures):
+    from saq_hf.cli import main
+
+    (tmp_path / "a").mkdir()
+    recipe = cli_recipe(tmp_path / "a" / "recipe.yaml", cli_fixtures, distill=str(cli_fixtures / "tiny_vit"),
+                        fp_max_steps=-1)
+    assert main(["train", str(recipe)]) == 0
+    assert json.loads((tmp_path / "a" / "run" / "saq_run.json").read_text())["distillation"]["teacher"] == \
+        str(cli_fixtures / "tiny_vit")
+    (tmp_path / "b").mkdir()
+    plain = cli_recipe(tmp_path / "b" / "recipe.yaml", cli_fixtures, fp_max_steps=-1)
+    assert main(["train", str(plain)]) == 0
+    assert json.loads((tmp_path / "b" / "run" / "saq_run.json").read_text())["distillation"] is None
+    assert "Taught by" not in (tmp_path / "b" / "run" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("teacher_dir, message", [
+    ("teacher_five", "predicts 5 classes and the data has 3"),
+    ("teacher_order", "names its classes [dog, cat, fox] and the data [cat, dog, fox]"),
+    ("teacher_size", "takes 3-channel images of 32x32 and this run feeds 3x16x16"),
+    ("nowhere", "could not load teacher"),
+])
+def test_cli_a_teacher_that_does_not_fit_exits_2_before_training(tmp_path, cli_fixtures, capfd, teacher_dir,
+                                                                  message):
+    from saq_hf.cli import main
+
+    recipe = cli_recipe(tmp_path / "recipe.yaml", cli_fixtures, distill=str(cli_fixtures / teacher_dir))
+    capfd.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    captured = capfd.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saq-hf: error: ") and message in lines[0], captured.err
+    assert "(recipe key: distill)" in lines[0] or "recipe key: distill;" in lines[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "fp_cache").exists()  # no FP stage ran either
+
+
+def test_cli_help_names_the_teacher_fields(capsys):
+    from saq_hf.cli import main
+
+    assert main(["train", "demo_mnist_vit_w4a4", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--distill " in out and "--distill_alpha" in out and "--distill_temperature" in out
+    assert "the run's own full-precision model" in out
