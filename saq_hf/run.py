@@ -130,9 +130,11 @@ def _scratch_image_processor(config):
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type)
     if not names:
         raise UserInputError(f"model_type {config.model_type!r} has no image processor (recipe key: model_type)")
-    cls = get_image_processor_class_from_name(names.get("pil") or next(iter(names.values())))
-    size = config.image_size
-    if getattr(cls().size, "shortest_edge", None):
+    # transformers >= 5.2 maps backends to names ({"pil": ...}); 5.1 gives (slow, fast), slow being PIL's.
+    name = names.get("pil") or next(iter(names.values())) if isinstance(names, dict) else names[0]
+    cls = get_image_processor_class_from_name(name)
+    size, default = config.image_size, cls().size
+    if (default.get("shortest_edge") if isinstance(default, dict) else getattr(default, "shortest_edge", None)):
         return cls(size={"shortest_edge": size}, crop_pct=1.0)
     return cls(size={"height": size, "width": size})
 
