@@ -509,7 +509,7 @@ class SAQTrainer(Trainer):
         loss = loss.detach().float()
         if self.distiller is not None:  # the threshold is in units of ln(num_classes): the label CE
             loss = self.distiller.last_label_loss.float()
-        elif not self._loss_is_scaled_for_ga(num_items_in_batch):
+        else:  # returned by training_step: a share 1/accumulation steps of the micro-batch mean, either way
             loss = loss * self.current_gradient_accumulation_steps
         self._fit_losses.append(loss)
         step = self.state.global_step + 1  # the step this micro-batch belongs to, once the optimizer has stepped
@@ -672,13 +672,17 @@ class SAQTrainer(Trainer):
             self.compute_loss_func is not None
 
     def _record_losses(self, descent_loss: torch.Tensor, num_items_in_batch) -> None:
-        """Sum the unperturbed (ascent) and perturbed (descent) loss of this micro-batch for the log, both as
-        ``compute_loss`` returned them (the Trainer divides the returned descent loss for accumulation)."""
-        descent = descent_loss.detach().float()
-        if not self._loss_is_scaled_for_ga(num_items_in_batch):
-            descent = descent * self.current_gradient_accumulation_steps
+        """Sum the unperturbed (ascent) and perturbed (descent) mean loss of this micro-batch for the log. The
+        descent loss comes as ``training_step`` returns it, a share 1/accumulation steps of the mean (divided by the
+        Trainer, or normalised over the whole step's samples); the ascent loss as ``compute_loss`` gave it, that share
+        only when normalised over the step's samples."""
+        steps = self.current_gradient_accumulation_steps
+        descent = descent_loss.detach().float() * steps
+        ascent = self._raw_ascent_loss.float()
+        if self._loss_is_scaled_for_ga(num_items_in_batch):
+            ascent = ascent * steps
         sums = self._saq_sums
-        sums["ascent_loss"] = sums["ascent_loss"] + self._raw_ascent_loss.float()
+        sums["ascent_loss"] = sums["ascent_loss"] + ascent
         sums["descent_loss"] = sums["descent_loss"] + descent
         sums["loss_count"] += 1
 

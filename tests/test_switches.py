@@ -238,3 +238,33 @@ def test_cuda_graph_compile_mode_asks_for_static_batch_shapes(tmp_path, drop_las
     with CaptureLogger(trainer_module.logger) as captured:
         SAQTrainer(model=quantized(tiny_vit), args=args, train_dataset=ToyImages())
     assert ("dataloader_drop_last=True" in captured.out) == warned
+
+
+def test_logged_losses_and_the_fit_watch_read_per_sample_means_under_gradient_accumulation(tmp_path):
+    """ViT normalises its loss over the whole step's samples: each micro-batch's loss is then a share
+    1/accumulation steps of its mean, and the log (and the fit threshold) must scale it back."""
+    common = dict(saq_mode="saq", rho=0.002, max_steps=1, optim="sgd", learning_rate=0.0, logging_steps=1,
+                  saq_start_ratio=0.0)
+
+    def initialised():
+        model = quantized(tiny_vit)
+        model(**image_batch(0))
+        return model
+
+    large = train(initialised(), tmp_path / "large", per_device_train_batch_size=8, **common)
+    accumulated = train(initialised(), tmp_path / "accumulated", per_device_train_batch_size=4,
+                        gradient_accumulation_steps=2, **common)
+    assert accumulated.model_accepts_loss_kwargs  # the case where the loss comes normalised over the step
+
+    def logged(trainer, key):
+        return next(entry[key] for entry in trainer.state.log_history if key in entry)
+
+    # The unperturbed loss is the same mean; the perturbed one differs a little (one ε per micro-batch), not 2x.
+    assert logged(accumulated, "saq_ascent_loss") == pytest.approx(logged(large, "saq_ascent_loss"), rel=1e-5)
+    for key in ("loss", "saq_descent_loss"):
+        assert logged(accumulated, key) == pytest.approx(logged(large, key), rel=0.01), key
+    waiting = SAQTrainer(model=initialised(), args=saq_args(tmp_path / "w", gradient_accumulation_steps=2),
+                         train_dataset=ToyImages())
+    waiting.current_gradient_accumulation_steps = 2  # set by train() for each step
+    waiting._watch_for_fit(torch.tensor(0.5), num_items_in_batch=torch.tensor(8))
+    assert float(waiting._fit_losses[0]) == pytest.approx(1.0)  # the returned share, scaled back to the mean
