@@ -32,8 +32,9 @@ logger = logging.get_logger(__name__)
 
 SAQ_MODES = CASES + ("qat",)
 SAQ_STRATEGIES = tuple(STRATEGIES)
-# The torch releases benchmarks/compile_check.py passes on (compiled gradients equal eager ones).
-COMPILE_VERIFIED_TORCH = ("2.11", "2.12", "2.13")
+# The torch releases benchmarks/compile_check.py passes on (compiled gradients equal eager ones), on a CPU:
+# benchmarks/results/compile_check_torch*_cpu.txt (2.6 is the declared floor, 2.15 the newest release).
+COMPILE_VERIFIED_TORCH = ("2.6", "2.11", "2.12", "2.13", "2.14", "2.15")
 # A checkpoint's per-process file of what saq_strategy keeps between steps.
 SAQ_STATE_NAME = "saq_strategy_state"
 RULE_STATE_KEY = "rho_auto.mean_loss"  # rho="auto"'s running mean of the training loss, in that file
