@@ -324,14 +324,14 @@ class RunSpec:
         return settings_key(fields)
 
 
-def train_timed(model, args, splits) -> tuple:
-    """``SAQTrainer(model, args)`` trained on ``splits``' training images without the console printer, its output
-    folder removed after; returns the trainer and the training time in seconds."""
+def train_timed(model, args, splits, teacher_model=None) -> tuple:
+    """``SAQTrainer(model, args, teacher_model=...)`` trained on ``splits``' training images without the console
+    printer, its output folder removed after; returns the trainer and the training time in seconds."""
     from saq_hf import SAQTrainer
     from transformers import PrinterCallback
 
     trainer = SAQTrainer(model=model, args=args, train_dataset=ImageTensors(splits.train_x, splits.train_y),
-                         data_collator=collate)
+                         data_collator=collate, teacher_model=teacher_model)
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()

@@ -32,6 +32,11 @@ the grid 0.001 … 0.02 that is best on the validation split, chosen per cell on
 ``saq_auto`` (``rho="auto"``: the radius follows the training loss), ``case1_val`` / ``case2_val`` (Case 1 and plain
 SAM at ``saq_val``'s radius; noisy part), and the efficient strategies at ``rho="auto"``: ``auto_looksam_k10``
 (LookSAM, k = 10: 1.1 passes per step) and ``auto_reuse_grad`` (1 pass per step), at W2A2 only in the clean map.
+``qat_kd`` and ``saq_kd`` are ``qat`` and ``saq`` distilled from the run's own FP model (each seed's, trained on
+the labels the student sees; ``SAQTrainer(teacher_model=...)`` with the library's ``distill_alpha`` and
+``distill_temperature``), in the long-QAT and noisy cells; the report adds their seed-paired pairs QAT+KD − QAT,
+SAQ+KD − QAT+KD and SAQ − QAT (``distill`` in the JSON; ``--name`` writes the JSON and a figure of those pairs under
+another name, e.g. ``--part noisy --modes qat,qat_kd,saq,saq_kd --name distill``).
 ``MODES`` also keeps the strategies at the fixed default radius (``saq_every_k``, ``saq_looksam``,
 ``saq_looksam_k10``, ``saq_reuse_grad``) for a plan that lists them. Differences to QAT are seed-paired, with a 95 % t-interval; the
 radius goal table compares ``saq_auto`` with ``saq_val`` and with QAT per cell.
@@ -84,12 +89,20 @@ SAQ_DEFAULT_RHO = 0.002  # SAQTrainingArguments' default (relative radius)
 EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_looksam_k10": (2,), "saq_reuse_grad": (2,),
                      "auto_looksam_k10": (2,), "auto_reuse_grad": (2,)}
 # saq_at_once differs from saq only on a model that starts untrained.
-ONLY_IN_REGIMES = {"saq_at_once": ("scratch",)}
+# Distillation needs a teacher: the run's own FP model (the transfer regime's FP model never saw digits).
+ONLY_IN_REGIMES = {"saq_at_once": ("scratch",), "qat_kd": ("long_qat", "noisy_long_qat"),
+                   "saq_kd": ("long_qat", "noisy_long_qat")}
+# The distillation comparisons (mode, baseline), seed-paired: what KD buys, what SAQ adds on top of KD, SAQ alone.
+KD_PAIRS = (("qat_kd", "qat"), ("saq_kd", "qat_kd"), ("saq", "qat"))
 LOOKSAM_ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0 is every_k
 # Label -> SAQTrainingArguments fields. ``rho: None`` means "the validation-chosen radius".
 MODES = {
     "qat": {"saq_mode": "qat"},
     "saq": {"saq_mode": "saq"},
+    # Distillation from the FP model the run starts from (its own seed's, trained on the same labels, noisy ones in the
+    # noisy part): SAQTrainer(teacher_model=...) with the library's distill_alpha and distill_temperature.
+    "qat_kd": {"saq_mode": "qat", "teacher": "fp"},  # QAD
+    "saq_kd": {"saq_mode": "saq", "teacher": "fp"},
     "saq_auto": {"saq_mode": "saq", "rho": "auto"},
     "saq_val": {"saq_mode": "saq", "rho": None},
     "case1": {"saq_mode": "case1"},
@@ -258,13 +271,13 @@ class Run:
         return settings_key(fields, settings)
 
 
-def library_defaults() -> dict:
-    """``SAQTrainingArguments``' SAQ defaults (``rho`` and every ``saq_*`` field)."""
+def library_defaults(prefixes: tuple = ("saq_", "rho")) -> dict:
+    """``SAQTrainingArguments``' defaults of the fields named ``prefixes*`` (SAQ's: ``rho`` and every ``saq_*``)."""
     from dataclasses import fields
 
     from saq_hf import SAQTrainingArguments
 
-    return {f.name: f.default for f in fields(SAQTrainingArguments) if f.name.startswith(("saq_", "rho"))}
+    return {f.name: f.default for f in fields(SAQTrainingArguments) if f.name.startswith(prefixes)}
 
 
 def start_rule() -> dict:
@@ -279,6 +292,8 @@ def effective_settings(mode: str) -> dict:
     """The SAQ settings a mode trains with: the library defaults overlaid with the mode's fields, without those
     its strategy does not read."""
     settings = {**library_defaults(), **MODES[mode]}
+    if settings.get("teacher"):  # the distillation defaults enter the key of the modes with a teacher only
+        settings = {**library_defaults(("distill_",)), **settings}
     if settings.get("rho") != "auto":
         for name in [k for k in settings if k.startswith("rho_auto")]:
             settings.pop(name)
@@ -303,7 +318,12 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
     quantize_model(model, QuantConfig(w_bits=run.bits, a_bits=run.bits))
     torch.manual_seed(run.seed)
     calibrate(model, batches_of(splits.train_x, splits.train_y, run.schedule.batch_size, 4 * run.schedule.batch_size))
-    fields = {k: v for k, v in MODES[run.mode].items() if k != "rho"}
+    teacher = None
+    if MODES[run.mode].get("teacher") == "fp":  # a fresh, unquantized copy of the FP model the student starts from
+        if not run.fp_path:
+            raise ValueError(f"{run.mode} distills from the run's FP model: regime {run.regime} has none")
+        teacher = AutoModelForImageClassification.from_pretrained(run.fp_path)
+    fields = {k: v for k, v in MODES[run.mode].items() if k not in ("rho", "teacher")}
     rho = MODES[run.mode].get("rho", SAQ_DEFAULT_RHO) if run.rho is None else run.rho
     if fields["saq_mode"] == "qat":
         rho = 0.0
@@ -312,7 +332,7 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
     args = SAQTrainingArguments(rho=rho, num_train_epochs=sched.epochs, learning_rate=sched.lr,
                                 weight_decay=sched.weight_decay, per_device_train_batch_size=sched.batch_size,
                                 **fields, **_common_args(output_dir, run.seed, threads))
-    trainer, seconds = train_timed(model, args, splits)
+    trainer, seconds = train_timed(model, args, splits, teacher_model=teacher)
     logs = [h for h in trainer.state.log_history if "train_loss" in h]
     return {"model": run.arch.kind, "width": run.arch.width, "dataset": "digits", "regime": run.regime,
             "noise": run.noise, "fp_seed": run.fp_seed if run.fp_path else None,
@@ -328,7 +348,11 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
             "rho_auto": getattr(trainer, "rho_auto_measurement", None),
             # The first SAQ step (saq_start_ratio): None for plain QAT and for a run where SAQ never started.
             "saq_start_step": None if fields["saq_mode"] == "qat" or trainer.saq_start_step == -1
-            else trainer.saq_start_step, "key": run.key()}
+            else trainer.saq_start_step,
+            "teacher": MODES[run.mode].get("teacher"),
+            **({"distill_alpha": args.distill_alpha, "distill_temperature": args.distill_temperature,
+                "teacher_forwards": trainer.distiller.forwards} if teacher is not None else {}),
+            "key": run.key()}
 
 
 def describe(row: dict) -> str:
@@ -348,7 +372,8 @@ class Plan:
     regimes: tuple = ("scratch", "long_qat", "transfer")
     archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
     bits: tuple = (2, 3, 4)
-    modes: tuple = ("qat", "saq", "saq_at_once", "saq_val", "saq_auto", "auto_looksam_k10", "auto_reuse_grad")
+    modes: tuple = ("qat", "saq", "saq_at_once", "saq_val", "saq_auto", "auto_looksam_k10", "auto_reuse_grad",
+                    "qat_kd", "saq_kd")
     seeds: tuple = (0, 1, 2, 3, 4)
     val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)  # relative radii for saq_val
     sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
@@ -370,7 +395,7 @@ class Plan:
     noise_rates: tuple = (0.2, 0.4)
     noisy_bits: tuple = (2, 3, 4)
     noisy_modes: tuple = ("qat", "case1_val", "case2_val", "saq", "saq_val", "saq_auto", "auto_looksam_k10",
-                          "auto_reuse_grad")
+                          "auto_reuse_grad", "qat_kd", "saq_kd")
     noisy_val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)
     noisy_sweep_seeds: tuple = (100, 101)
     limit: int | None = None
@@ -384,7 +409,7 @@ QUICK = Plan(regimes=("scratch", "transfer"), archs=(Arch("vit", 16, 1), Arch("c
                         ("transfer", Schedule(2, 5e-4, 20))),
              fp_schedule=Schedule(1, 1e-3, 64), long_scratch_modes=(), safety_widths=(16,), safety_bits=(2,), safety_seeds=(0,),
              safety_schedule=Schedule(1, 1e-3, 64), noise_rates=(0.4,), noisy_bits=(2,),
-             noisy_modes=("qat", "saq", "saq_val"), noisy_val_grid=(0.002, 0.02), noisy_sweep_seeds=(100,), limit=256)
+             noisy_modes=("qat", "saq", "saq_val", "qat_kd", "saq_kd"), noisy_val_grid=(0.002, 0.02), noisy_sweep_seeds=(100,), limit=256)
 
 
 def fp_source(regime: str) -> str | None:
@@ -511,6 +536,8 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path, 
     ``journal_only``: no runs, the rows already journaled (a cell whose sweep is incomplete has no ``*_val`` rows)."""
     schedule = schedule_of(plan, "long_qat")
     journal = cache / "regimes_journal.jsonl"
+    # The sweep only decides the *_val modes' radius: a run without them skips it and its FP models.
+    needs_sweep = any(MODES[mode].get("rho", "") is None for mode in plan.noisy_modes)
     if journal_only:
         done = read_journal(journal)
         missing = []
@@ -519,7 +546,7 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path, 
             missing.extend(r for r in runs if r.key() not in done)
             return [done[r.key()] for r in runs if r.key() in done]
     else:
-        seeds = plan.seeds + plan.noisy_sweep_seeds
+        seeds = plan.seeds + (plan.noisy_sweep_seeds if needs_sweep else ())
         calls = [(arch, "digits", plan.fp_schedule, cache, plan.limit, threads, seed, noise)
                  for arch in plan.archs for seed in seeds for noise in plan.noise_rates]
         for _ in in_parallel(fp_model, calls, jobs, threads):
@@ -536,7 +563,7 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path, 
 
     sweep_rows = runner([run(arch, bits, "saq_val", seed, noise, rho) for noise in plan.noise_rates
                          for arch in plan.archs for bits in plan.noisy_bits for seed in plan.noisy_sweep_seeds
-                         for rho in plan.noisy_val_grid])
+                         for rho in plan.noisy_val_grid] if needs_sweep else [])
     chosen, radius_table = {}, {}
     for noise in plan.noise_rates:
         for arch in plan.archs:
@@ -558,7 +585,8 @@ def noisy_runs(plan: Plan, cache: Path, jobs: int, threads: int, scratch: Path, 
     goal = radius_goal(rows, ("regime", "noise", "model", "w_bits"))
     print_table(summary, ("regime", "noise", "model", "w_bits"), plan.noisy_modes,
                 "Noisy labels: long QAT from an FP model trained on the same noisy labels (test labels clean)")
-    return {"radius_goal": goal, "val_chosen_rho": {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()},
+    return {"distill": distill_pairs(rows, ("regime", "noise", "model", "w_bits")),
+            "radius_goal": goal, "val_chosen_rho": {f"{n}/{a}/W{b}": v for (n, a, b), v in chosen.items()},
             "sweep_val_accuracy_by_rho": radius_table, "missing_runs": len(missing), "sweep_rows": sweep_rows,
             "rows": rows, "summary": summary}
 
@@ -621,6 +649,63 @@ def paired_deltas(rows: list[dict], group_keys: tuple, mode: str, baseline: str)
             if paired:
                 out[cell] = t_interval(paired)
     return out
+
+
+def distill_pairs(rows: list[dict], group_keys: tuple) -> list[dict]:
+    """Per cell with a distillation mode: QAT's mean accuracy and the seed-paired differences of ``KD_PAIRS``
+    (``"qat_kd-qat"``: ``{"delta", "ci95", "n"}``), each with its 95 % t-interval and number of paired seeds."""
+    by = defaultdict(dict)
+    for r in rows:
+        by[(tuple(r[k] for k in group_keys), r["mode"])][r["seed"]] = r["accuracy"]
+    table = []
+    for cell in sorted({cell for cell, mode in by if mode in ("qat_kd", "saq_kd")}):
+        qat = by.get((cell, BASELINE), {})
+        entry = {**dict(zip(group_keys, cell)), "qat_accuracy": float(np.mean(list(qat.values()))) if qat else None,
+                 "qat_n": len(qat)}
+        for mode, base in KD_PAIRS:
+            runs, base_runs = by.get((cell, mode), {}), by.get((cell, base), {})
+            paired = [runs[seed] - base_runs[seed] for seed in runs if seed in base_runs]
+            if paired:
+                delta, low, high = t_interval(paired)
+                entry[f"{mode}-{base}"] = {"delta": delta, "ci95": [low, high], "n": len(paired)}
+        table.append(entry)
+    if table:
+        print("\nDistillation (test top-1 %; Δ seed-paired with 95 % CI and the number of seeds)")
+        print("| " + " | ".join(group_keys) + " | QAT | " + " | ".join(f"{m} − {b}" for m, b in KD_PAIRS) + " |")
+        print("|" + "---|" * (len(group_keys) + 1 + len(KD_PAIRS)))
+        for t in table:
+            pairs = [t.get(f"{m}-{b}") for m, b in KD_PAIRS]
+            print("| " + " | ".join(str(t[k]) for k in group_keys) + f" | {t['qat_accuracy'] or float('nan'):.1f} | "
+                  + " | ".join(f"{p['delta']:+.1f} [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] (n {p['n']})" if p
+                               else "" for p in pairs) + " |")
+    return table
+
+
+def plot_distill(table: list[dict], group_keys: tuple, path: Path) -> None:
+    """The ``KD_PAIRS`` differences per cell, side by side, with their 95 % intervals."""
+    plt = pyplot()
+    labels = [" ".join(f"{t[k]:.0%} noise" if k == "noise" and t[k] else f"W{t[k]}A{t[k]}" if k == "w_bits"
+                       else str(t[k]) for k in group_keys if not (k == "noise" and not t[k]) and k != "regime")
+              for t in table]
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(table) + 1.5), 3.4))
+    for k, ((mode, base), colour) in enumerate(zip(KD_PAIRS, ("tab:green", "tab:red", "tab:gray"))):
+        xs, ys, lo, hi = [], [], [], []
+        for i, t in enumerate(table):
+            pair = t.get(f"{mode}-{base}")
+            if pair:
+                xs.append(i + (k - (len(KD_PAIRS) - 1) / 2) * 0.15)
+                ys.append(pair["delta"])
+                lo.append(pair["delta"] - pair["ci95"][0])
+                hi.append(pair["ci95"][1] - pair["delta"])
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=2, color=colour, label=f"{mode} − {base}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(table)), labels, fontsize=8)
+    ax.set_ylabel("Δ test top-1 (pt)", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_title("Distillation from the run's own FP model: seed-paired differences (95 % CI)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def radius_goal(rows: list[dict], group_keys: tuple, user: str = "saq_auto") -> list[dict]:
@@ -686,7 +771,8 @@ def print_table(summary: list[dict], group_keys: tuple, modes: tuple, title: str
         print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells) + " |")
 
 
-MAP_COLOURS = {"saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_at_once": "tab:olive",
+MAP_COLOURS = {"qat_kd": "tab:cyan", "saq_kd": "tab:gray",
+               "saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_at_once": "tab:olive",
                "case1_val": "tab:blue", "case2_val": "tab:orange", "auto_looksam_k10": "tab:brown",
                "auto_reuse_grad": "tab:pink"}
 
@@ -772,6 +858,11 @@ def parse_args(argv=None):
                         help="comma-separated label-noise rates of the noisy part (default 0.2,0.4)")
     parser.add_argument("--noisy_bits", default=None,
                         help="comma-separated weight/activation bits of the noisy part (default 2,3,4)")
+    parser.add_argument("--bits", default=None,
+                        help="comma-separated weight/activation bits of the regime map (default 2,3,4)")
+    parser.add_argument("--name", default=None,
+                        help="stem of the JSON and figure written (default: the part's, e.g. noisy.json and "
+                             "noisy_map.png); the figure is then the distillation pairs where a distillation mode ran")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--report", action="store_true",
@@ -860,6 +951,8 @@ def main(argv=None) -> dict:
         plan = replace(plan, noise_rates=number_list(args.noise_rates, "--noise_rates", float, 0.0, 0.9))
     if args.noisy_bits is not None:
         plan = replace(plan, noisy_bits=number_list(args.noisy_bits, "--noisy_bits", int, 2, 8))
+    if args.bits is not None:
+        plan = replace(plan, bits=number_list(args.bits, "--bits", int, 2, 8))
     if args.modes is not None:
         modes = tuple(args.modes.split(","))
         unknown = set(modes) - set(plan.modes) - set(plan.noisy_modes)
@@ -880,12 +973,17 @@ def main(argv=None) -> dict:
            "command": "python benchmarks/regimes.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.part == "noisy":
         out.update(noisy_runs(plan, args.cache, args.jobs, args.threads, scratch, journal_only=args.report))
-        plot_noisy(out["summary"], plan, args.results / f"noisy_map{suffix}.png")
+        if args.name and out["distill"]:
+            plot_distill(out["distill"], ("regime", "noise", "model", "w_bits"),
+                         args.results / f"{args.name}{suffix}.png")
+        else:
+            plot_noisy(out["summary"], plan, args.results / f"{args.name or 'noisy_map'}{suffix}.png")
     if args.part == "looksam_sweep":
         fp = fp_paths(plan, args.cache, args.jobs, args.threads, plan.looksam_sweep_seeds)
         out.update(looksam_sweep(plan, fp, args.cache, args.jobs, args.threads, scratch))
     if args.part in ("all", "regimes"):
-        fp = fp_paths(plan, args.cache, args.jobs, args.threads, plan.seeds + plan.sweep_seeds)
+        fp = fp_paths(plan, args.cache, args.jobs, args.threads,
+                      plan.seeds + (plan.sweep_seeds if "saq_val" in plan.modes else ()))
         # The sweep only decides saq_val's radius: a run without that mode skips it.
         chosen, sweep_rows = sweep(plan, fp, args.cache, args.jobs, args.threads, scratch) \
             if "saq_val" in plan.modes else ({}, [])
@@ -894,8 +992,13 @@ def main(argv=None) -> dict:
                                      journal, scratch), plan, chosen)
         summary = summarize(rows, ("regime", "model", "w_bits"))
         print_table(summary, ("regime", "model", "w_bits"), plan.modes, "Regime map")
-        plot_map(summary, plan, args.results / f"regime_map{suffix}.png")
-        out.update({"radius_goal": radius_goal(rows, ("regime", "model", "w_bits")),"val_chosen_rho": {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()}, "sweep_rows": sweep_rows,
+        distill = distill_pairs(rows, ("regime", "model", "w_bits"))
+        if args.name and distill:
+            plot_distill(distill, ("regime", "model", "w_bits"), args.results / f"{args.name}{suffix}.png")
+        else:
+            plot_map(summary, plan, args.results / f"{args.name or 'regime_map'}{suffix}.png")
+        out.update({"distill": distill,
+                    "radius_goal": radius_goal(rows, ("regime", "model", "w_bits")),"val_chosen_rho": {f"{r}/{a}/W{b}": v for (r, a, b), v in chosen.items()}, "sweep_rows": sweep_rows,
                     "rows": rows, "summary": summary})
     if args.part in ("all", "safety"):
         rows = run_all(safety_runs(plan), args.jobs, args.threads, journal, scratch)
@@ -904,7 +1007,8 @@ def main(argv=None) -> dict:
         plot_safety(summary, plan, args.results / f"safety{suffix}.png")
         out.update({"safety_rows": rows, "safety_summary": summary})
     out["seconds"] = time.perf_counter() - start
-    name = {"safety": "safety", "looksam_sweep": "looksam_sweep", "noisy": "noisy"}.get(args.part, "transfer")
+    name = args.name or {"safety": "safety", "looksam_sweep": "looksam_sweep", "noisy": "noisy"}.get(args.part,
+                                                                                                    "transfer")
     (args.results / f"{name}{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
     print(f"\n{out['seconds']:.0f} s; wrote {args.results / f'{name}{suffix}.json'}")
     return out

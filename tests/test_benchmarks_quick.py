@@ -110,12 +110,24 @@ def test_the_noisy_cells_report_from_the_journal_alone_and_count_what_is_missing
     cache = tmp_path / "cache"
     run("regimes.py", "--quick", "--part", "noisy", "--jobs", "1", "--cache", cache, "--results", tmp_path / "ran")
     ran = json.loads((tmp_path / "ran" / "noisy_quick.json").read_text())
-    assert ran["missing_runs"] == 0 and {r["mode"] for r in ran["rows"]} == {"qat", "saq", "saq_val"}
+    assert ran["missing_runs"] == 0
+    assert {r["mode"] for r in ran["rows"]} == {"qat", "saq", "saq_val", "qat_kd", "saq_kd"}
+    # Distillation from each seed's own FP model: one teacher forward per micro-batch, the pairs of the report.
+    kd = [r for r in ran["rows"] if r["mode"] in ("qat_kd", "saq_kd")]
+    assert all(r["teacher"] == "fp" and r["distill_alpha"] == 1.0 and 0 < r["teacher_forwards"] <= r["steps"]
+               for r in kd) and len(kd) == 4
+    assert all(r["teacher"] is None for r in ran["rows"] if r not in kd)
+    assert {(d["model"], *sorted(k for k in d if "-" in k)) for d in ran["distill"]} == \
+        {(m, "qat_kd-qat", "saq-qat", "saq_kd-qat_kd") for m in ("vit", "convnext")}
 
     run("regimes.py", "--quick", "--part", "noisy", "--report", "--cache", cache, "--results", tmp_path / "report")
     report = json.loads((tmp_path / "report" / "noisy_quick.json").read_text())
     assert report["rows"] == ran["rows"] and report["val_chosen_rho"] == ran["val_chosen_rho"]
     assert (tmp_path / "report" / "noisy_map_quick.png").read_bytes()[:8] == PNG_MAGIC
+    run("regimes.py", "--quick", "--part", "noisy", "--report", "--name", "distill", "--cache", cache, "--results",
+        tmp_path / "report")
+    assert json.loads((tmp_path / "report" / "distill_quick.json").read_text())["distill"] == report["distill"]
+    assert (tmp_path / "report" / "distill_quick.png").read_bytes()[:8] == PNG_MAGIC
 
     # One mode's row gone from the journal: the report leaves it out and says so, it does not run it.
     journal = cache / "regimes_journal.jsonl"

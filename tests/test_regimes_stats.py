@@ -1,6 +1,7 @@
 """benchmarks/regimes.py's protocol: seed-paired differences to QAT with a 95 % t-interval, validation-only ρ."""
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,39 @@ def test_a_bad_noisy_cell_list_is_one_line_before_any_run(flag, value, tmp_path)
     with pytest.raises(SystemExit, match=f"regimes.py: {flag} takes comma-separated"):
         regimes.main(["--part", "noisy", flag, value, "--cache", str(tmp_path / "c"), "--results", str(tmp_path / "r")])
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
+def test_the_distillation_pairs_are_seed_paired_against_their_own_baseline():
+    rows = [row("qat", s, 80.0 + 5 * s, regime="long_qat") for s in range(3)] + \
+        [row("qat_kd", s, 83.0 + 5 * s + (s == 2), regime="long_qat") for s in range(3)] + \
+        [row("saq_kd", s, 84.0 + 5 * s + (s == 2), regime="long_qat") for s in range(3)] + \
+        [row("saq", s, 80.5 + 5 * s, regime="long_qat") for s in range(2)]  # seed 2 missing: n 2
+    (cell,) = regimes.distill_pairs(rows, ("regime", "model", "w_bits"))
+    assert cell["qat_accuracy"] == pytest.approx(85.0) and cell["qat_n"] == 3
+    assert cell["qat_kd-qat"]["delta"] == pytest.approx(10 / 3) and cell["qat_kd-qat"]["n"] == 3
+    assert cell["saq_kd-qat_kd"]["ci95"] == pytest.approx([1.0, 1.0])
+    assert cell["saq-qat"]["delta"] == pytest.approx(0.5) and cell["saq-qat"]["n"] == 2
+
+
+def test_a_distillation_run_is_keyed_apart_and_needs_an_fp_model(monkeypatch):
+    arch, schedule = regimes.Arch("vit", 64, 2), regimes.Schedule(20, 5e-4, 128)
+
+    def key(mode):
+        return regimes.Run("long_qat", arch, 2, mode, 0, schedule, fp_path="/fp/vit", fp_seed=0).key()
+
+    plain, kd = key("qat"), key("qat_kd")
+    assert plain != kd
+    # The library's distillation defaults are part of a KD run's key, and of no other run's.
+    assert "distill_alpha" in regimes.effective_settings("saq_kd")
+    assert "distill_alpha" not in regimes.effective_settings("saq")
+    defaults = regimes.library_defaults
+
+    def changed(prefixes=("saq_", "rho")):
+        out = defaults(prefixes)
+        return {**out, "distill_alpha": 0.5} if "distill_alpha" in out else out
+
+    monkeypatch.setattr(regimes, "library_defaults", changed)
+    assert key("qat_kd") != kd and key("qat") == plain
+    # From scratch there is no FP model to teach: the map plans no KD run there.
+    runs = regimes.main_runs(replace(regimes.FULL, modes=("qat", "qat_kd", "saq_kd")), {}, {})
+    assert {r.regime for r in runs if r.mode in ("qat_kd", "saq_kd")} == {"long_qat"}
