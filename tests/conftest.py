@@ -56,6 +56,20 @@ def vit_block_names(model, block: int) -> dict[str, str]:
     return {"query": query, "fc1": fc1, "attention": query[:query.index(marker) + len(marker) - 1]}
 
 
+def write_imagefolder(root, classes, per_class: int = 8) -> None:
+    """``root/images/<class>/<k>.png``: 18x22 RGB images, class i mostly channel i (so a model can learn them)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(classes):
+        (root / "images" / name).mkdir(parents=True)
+        for k in range(per_class):
+            pixels = rng.integers(0, 60, size=(18, 22, 3), dtype=np.uint8)
+            pixels[..., index] = 200
+            Image.fromarray(pixels).save(root / "images" / name / f"{k}.png")
+
+
 class ToyImages(torch.utils.data.Dataset):
     """Deterministic 3x16x16 images with labels that depend on the image (so the loss can go down)."""
 

@@ -6,14 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from huggingface_hub import metadata_load
-from PIL import Image
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
-from conftest import ViTImageProcessorPil
+from conftest import ViTImageProcessorPil, write_imagefolder
 
 import saq_hf
 import saq_hf.hub as hub
@@ -28,13 +26,7 @@ CLASSES = ("cat", "dog", "fox")
 def fixtures(tmp_path_factory):
     """An imagefolder (3 classes x 8 PNGs, class i mostly channel i) and a tiny random ViT + processor."""
     root = tmp_path_factory.mktemp("fixtures")
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(CLASSES):
-        (root / "images" / name).mkdir(parents=True)
-        for k in range(8):
-            pixels = rng.integers(0, 60, size=(18, 22, 3), dtype=np.uint8)
-            pixels[..., index] = 200
-            Image.fromarray(pixels).save(root / "images" / name / f"{k}.png")
+    write_imagefolder(root, CLASSES)
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
                                                 num_attention_heads=2, intermediate_size=64, num_labels=3))

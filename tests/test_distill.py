@@ -4,10 +4,9 @@ the equivalences (alpha 0, gradient accumulation, resume) and the refusals; ``sa
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from conftest import ToyImages, tiny_convnext, tiny_vit
+from conftest import ToyImages, ViTImageProcessorPil, tiny_convnext, tiny_vit, write_imagefolder
 from test_trainer import StopAt, assert_same, image_batch, params, quantized, saq_args, train
 from torch.nn import functional as F
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
@@ -223,11 +222,6 @@ def test_a_teacher_of_other_classes_is_refused(tmp_path):
 
 # --- saq-hf train --distill -----------------------------------------------------------------------------------------
 
-try:  # where this checkout's shared fixtures keep the processor class
-    from conftest import ViTImageProcessorPil
-except ImportError:
-    from transformers import ViTImageProcessorPil
-
 CLASSES = ("cat", "dog", "fox")
 
 
@@ -235,16 +229,8 @@ CLASSES = ("cat", "dog", "fox")
 def cli_fixtures(tmp_path_factory):
     """tests/test_cli.py's imagefolder (3 classes x 8 PNGs) and tiny ViT, plus teachers: one that fits, one with 5
     classes, one with the classes in another order, one of another input size."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("distill_fixtures")
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(CLASSES):
-        (root / "images" / name).mkdir(parents=True)
-        for k in range(8):
-            pixels = rng.integers(0, 60, size=(18, 22, 3), dtype=np.uint8)
-            pixels[..., index] = 200
-            Image.fromarray(pixels).save(root / "images" / name / f"{k}.png")
+    write_imagefolder(root, CLASSES)
 
     def save(name, labels=CLASSES, image_size=16):
         torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import OneLayerRegression, Regression, tiny_vit
+from conftest import OneLayerRegression, Regression, tiny_vit, vit_block_names
 from torch import nn
 
 from saq_hf import QuantConfig, quantize_model
@@ -170,9 +170,11 @@ def test_perturbed_parameter_selection_on_a_quantized_vit():
     selected = {mode: {names[id(p)] for p in other_perturbed_parameters(model, mode)}
                 for mode in ("none", "bias_norm", "bias_norm_step_size")}
     assert selected["none"] == {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings"}
-    assert "vit.layers.0.layernorm_before.weight" in selected["bias_norm"]
-    assert "vit.layers.0.mlp.fc1.bias" in selected["bias_norm"]
-    assert not any("step_size" in n or n.endswith("fc1.weight") for n in selected["bias_norm"])
+    block = vit_block_names(model, 0)
+    fc1_weights = {vit_block_names(model, b)["fc1"] + ".weight" for b in (0, 1)}
+    assert block["query"].split(".attention.")[0] + ".layernorm_before.weight" in selected["bias_norm"]
+    assert block["fc1"] + ".bias" in selected["bias_norm"]
+    assert not any("step_size" in n or n in fc1_weights for n in selected["bias_norm"])
     step_sizes = {n for n in names.values() if n.endswith("step_size")}
     assert selected["bias_norm_step_size"] == selected["bias_norm"] | step_sizes
 
