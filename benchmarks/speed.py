@@ -19,7 +19,8 @@ batch and training step: ``torchao_qat`` (torchao's ``QATConfig`` prepare, int8 
 activations and int4 weights in groups of 32; torchao only fake-quantizes ``nn.Linear``, so ConvNeXt's
 convolutions stay in float there) and ``torch_lsq`` (our quantizers with PyTorch's learnable fake-quant ops,
 ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``, in place of our fused op). A peer that
-cannot run (torchao not installed) is skipped with the reason printed.
+cannot run (torchao not installed) is skipped with the reason printed. ``qat_kd`` and ``saq_kd`` (only when named):
+``qat`` and ``saq`` distilled from an FP teacher of the same architecture (``SAQTrainer(teacher_model=...)``).
 
 Peak memory counts tensors only, the same way on both devices: bytes live when a step starts (parameters,
 buffers, gradients, optimizer state of that mode's model) + the highest running total of what the step
@@ -102,12 +103,16 @@ MODES = {
                                    "torch_compile_mode": "reduce-overhead"}),
     "torchao_qat": ("torchao", {"saq_mode": "qat"}),
     "torch_lsq": ("torch_lsq", {"saq_mode": "qat"}),
+    # Distillation from a full-precision teacher of the same architecture (SAQTrainer(teacher_model=...)).
+    "qat_kd": ("lsq", {"saq_mode": "qat"}),
+    "saq_kd": ("lsq", {"saq_mode": "saq"}),
 }
+KD_MODES = ("qat_kd", "saq_kd")
 # A full SAQ step every k-th step, a cheaper one in between.
 AMORTISED = tuple(mode for mode, (_, fields) in MODES.items() if fields.get("saq_strategy") in ("every_k", "looksam"))
 COMPILED_MODES = [mode for mode, (_, fields) in MODES.items() if fields.get("torch_compile")]
 # Run only when named in --modes: the compiled LookSAM step and the CUDA-graph modes.
-OPT_IN_MODES = ["looksam_compiled"] + [mode for mode in MODES if mode.endswith("_cudagraphs")]
+OPT_IN_MODES = ["looksam_compiled"] + [mode for mode in MODES if mode.endswith("_cudagraphs")] + list(KD_MODES)
 
 
 def peer_unavailable(mode: str) -> str | None:
@@ -207,7 +212,9 @@ class ModeRun:
         args = SAQTrainingArguments(output_dir=out, per_device_train_batch_size=batch_size, learning_rate=1e-4, rho=0.05,
                                     saq_start_ratio=0.0, saq_interval=interval, report_to=[], use_cpu=device.type == "cpu", seed=0,
                                     bf16=bf16, **fields)
-        self.trainer = SAQTrainer(model=self.model, args=args)
+        # The KD modes' teacher: an FP model of the same architecture (its own random weights; the cost is the same).
+        teacher = build_model(family, kwargs, image_size, "fp") if mode in KD_MODES else None
+        self.trainer = SAQTrainer(model=self.model, args=args, teacher_model=teacher)
         if checkpointing:  # what Trainer.train() does with gradient_checkpointing=True
             enable = getattr(self.model, "activation_checkpointing_enable", None) or \
                 self.model.gradient_checkpointing_enable
@@ -313,6 +320,8 @@ RATIOS = {  # name -> (numerator mode, denominator mode, time or memory)
     "qat_cudagraphs_over_fp_cudagraphs_time": ("qat_cudagraphs", "fp_cudagraphs", "step_ms"),
     "saq_cudagraphs_over_qat_cudagraphs_time": ("saq_cudagraphs", "qat_cudagraphs", "step_ms"),
     "looksam_cudagraphs_over_qat_cudagraphs_time": ("looksam_cudagraphs", "qat_cudagraphs", "step_ms"),
+    "qat_kd_over_qat_time": ("qat_kd", "qat", "step_ms"),
+    "saq_kd_over_saq_time": ("saq_kd", "saq", "step_ms"),
 }
 
 
@@ -329,6 +338,8 @@ GOALS = {  # ratio -> (upper bound, configs it applies to: None = all) (issue 11
     "saq_over_qat_memory": (1.10, "batch >= 32"),
     "looksam_over_qat_time": (1.2, None),  # issue 9: the efficient mode at <= 1.2x the QAT step
     "qat_over_torchao_qat_time": (0.8, None),
+    "qat_kd_over_qat_time": (1.35, None),  # distillation: one teacher forward without gradients per micro-batch
+    "saq_kd_over_saq_time": (1.2, None),  # ... shared by SAQ's two passes
 }
 
 
@@ -370,6 +381,7 @@ TABLE = [  # (header, mode (its step ms) or ratio, format)
     ("g.qat/g.fp", "qat_cudagraphs_over_fp_cudagraphs_time", "{:.2f}"),
     ("g.saq/g.qat", "saq_cudagraphs_over_qat_cudagraphs_time", "{:.2f}"),
     ("g.look/g.qat", "looksam_cudagraphs_over_qat_cudagraphs_time", "{:.2f}"),
+    ("qat_kd/qat", "qat_kd_over_qat_time", "{:.2f}"), ("saq_kd/saq", "saq_kd_over_saq_time", "{:.2f}"),
 ]
 
 
@@ -397,7 +409,8 @@ def plot(results: dict, path: Path, title: str) -> None:
         ("every_k/qat time", "every_k_over_qat_time"), ("looksam/qat time", "looksam_over_qat_time"),
         ("reuse_grad/qat time", "reuse_grad_over_qat_time"),
         ("saq/qat memory", "saq_over_qat_memory"), ("compiled qat/fp time", "qat_compiled_over_fp_compiled_time"),
-        ("compiled saq/eager saq", "saq_compiled_over_saq_time"), ("qat/torchao time", "qat_over_torchao_qat_time")]
+        ("compiled saq/eager saq", "saq_compiled_over_saq_time"), ("qat/torchao time", "qat_over_torchao_qat_time"),
+        ("qat+kd/qat time", "qat_kd_over_qat_time"), ("saq+kd/saq time", "saq_kd_over_saq_time")]
         if all(key in results[n]["ratios"] for n in results)]
     if not series:  # a run of one mode (or of modes without a ratio between them) has nothing to plot
         return
