@@ -35,7 +35,8 @@ SAM at ``saq_val``'s radius; noisy part), and the efficient strategies at ``rho=
 ``qat_kd`` and ``saq_kd`` are ``qat`` and ``saq`` distilled from the run's own FP model (each seed's, trained on
 the labels the student sees; ``SAQTrainer(teacher_model=...)`` with the library's ``distill_alpha`` and
 ``distill_temperature``), in the long-QAT and noisy cells; the report adds their seed-paired pairs QAT+KD − QAT,
-SAQ+KD − QAT+KD and SAQ − QAT (``distill`` in the JSON; ``--name`` writes the JSON and a figure of those pairs under
+SAQ+KD − QAT+KD and SAQ − QAT (and ``saq_auto_kd``, ``rho="auto"`` with the teacher, against QAT+KD in the noisy
+cells; ``distill`` in the JSON; ``--name`` writes the JSON and a figure of those pairs under
 another name, e.g. ``--part noisy --modes qat,qat_kd,saq,saq_kd --name distill``).
 ``MODES`` also keeps the strategies at the fixed default radius (``saq_every_k``, ``saq_looksam``,
 ``saq_looksam_k10``, ``saq_reuse_grad``) for a plan that lists them. Differences to QAT are seed-paired, with a 95 % t-interval; the
@@ -91,9 +92,9 @@ EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_looksam_k10"
 # saq_at_once differs from saq only on a model that starts untrained.
 # Distillation needs a teacher: the run's own FP model (the transfer regime's FP model never saw digits).
 ONLY_IN_REGIMES = {"saq_at_once": ("scratch",), "qat_kd": ("long_qat", "noisy_long_qat"),
-                   "saq_kd": ("long_qat", "noisy_long_qat")}
+                   "saq_kd": ("long_qat", "noisy_long_qat"), "saq_auto_kd": ("long_qat", "noisy_long_qat")}
 # The distillation comparisons (mode, baseline), seed-paired: what KD buys, what SAQ adds on top of KD, SAQ alone.
-KD_PAIRS = (("qat_kd", "qat"), ("saq_kd", "qat_kd"), ("saq", "qat"))
+KD_PAIRS = (("qat_kd", "qat"), ("saq_kd", "qat_kd"), ("saq", "qat"), ("saq_auto_kd", "qat_kd"))
 LOOKSAM_ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0 is every_k
 # Label -> SAQTrainingArguments fields. ``rho: None`` means "the validation-chosen radius".
 MODES = {
@@ -103,6 +104,7 @@ MODES = {
     # noisy part): SAQTrainer(teacher_model=...) with the library's distill_alpha and distill_temperature.
     "qat_kd": {"saq_mode": "qat", "teacher": "fp"},  # QAD
     "saq_kd": {"saq_mode": "saq", "teacher": "fp"},
+    "saq_auto_kd": {"saq_mode": "saq", "rho": "auto", "teacher": "fp"},  # the radius rule reads the label CE
     "saq_auto": {"saq_mode": "saq", "rho": "auto"},
     "saq_val": {"saq_mode": "saq", "rho": None},
     "case1": {"saq_mode": "case1"},
@@ -395,7 +397,7 @@ class Plan:
     noise_rates: tuple = (0.2, 0.4)
     noisy_bits: tuple = (2, 3, 4)
     noisy_modes: tuple = ("qat", "case1_val", "case2_val", "saq", "saq_val", "saq_auto", "auto_looksam_k10",
-                          "auto_reuse_grad", "qat_kd", "saq_kd")
+                          "auto_reuse_grad", "qat_kd", "saq_kd", "saq_auto_kd")
     noisy_val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)
     noisy_sweep_seeds: tuple = (100, 101)
     limit: int | None = None
@@ -658,7 +660,7 @@ def distill_pairs(rows: list[dict], group_keys: tuple) -> list[dict]:
     for r in rows:
         by[(tuple(r[k] for k in group_keys), r["mode"])][r["seed"]] = r["accuracy"]
     table = []
-    for cell in sorted({cell for cell, mode in by if mode in ("qat_kd", "saq_kd")}):
+    for cell in sorted({cell for cell, mode in by if MODES[mode].get("teacher")}):
         qat = by.get((cell, BASELINE), {})
         entry = {**dict(zip(group_keys, cell)), "qat_accuracy": float(np.mean(list(qat.values()))) if qat else None,
                  "qat_n": len(qat)}
@@ -688,7 +690,7 @@ def plot_distill(table: list[dict], group_keys: tuple, path: Path) -> None:
                        else str(t[k]) for k in group_keys if not (k == "noise" and not t[k]) and k != "regime")
               for t in table]
     fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(table) + 1.5), 3.4))
-    for k, ((mode, base), colour) in enumerate(zip(KD_PAIRS, ("tab:green", "tab:red", "tab:gray"))):
+    for k, ((mode, base), colour) in enumerate(zip(KD_PAIRS, ("tab:green", "tab:red", "tab:gray", "tab:purple"))):
         xs, ys, lo, hi = [], [], [], []
         for i, t in enumerate(table):
             pair = t.get(f"{mode}-{base}")
@@ -697,7 +699,8 @@ def plot_distill(table: list[dict], group_keys: tuple, path: Path) -> None:
                 ys.append(pair["delta"])
                 lo.append(pair["delta"] - pair["ci95"][0])
                 hi.append(pair["ci95"][1] - pair["delta"])
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=2, color=colour, label=f"{mode} − {base}")
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=2, color=colour, label=f"{mode} − {base}")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(table)), labels, fontsize=8)
     ax.set_ylabel("Δ test top-1 (pt)", fontsize=8)
