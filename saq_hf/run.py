@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, Trainer, set_seed
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers.models.auto.image_processing_auto import (
     IMAGE_PROCESSOR_MAPPING_NAMES,
     get_image_processor_class_from_name,
@@ -236,11 +238,28 @@ def _short(names: list) -> str:
     return f"[{text}{', ...' if len(names) > 6 else ''}]"
 
 
+def _named_image_processor(source: str, hub_kwargs: dict[str, Any]):
+    """The transformers class ``preprocessor_config.json`` names, loaded directly; ``None`` if it names none. (Some
+    releases' ``AutoImageProcessor`` insists on the torchvision backend where the class itself falls back to PIL:
+    transformers 5.17 without torchvision.)"""
+    try:
+        config, _ = ImageProcessingMixin.get_image_processor_dict(source, **hub_kwargs)
+        cls = getattr(transformers, str(config.get("image_processor_type")), None)
+        if isinstance(cls, type) and issubclass(cls, ImageProcessingMixin):
+            return cls.from_pretrained(source, **hub_kwargs)
+    except Exception:  # noqa: BLE001 - the caller reports AutoImageProcessor's own error
+        return None
+    return None
+
+
 def _load_image_processor(source: str, hub_kwargs: dict[str, Any] | None = None):
     refuse_custom_code(source)
     try:
         return AutoImageProcessor.from_pretrained(source, trust_remote_code=False, **(hub_kwargs or {}))
     except Exception as err:
+        named = _named_image_processor(source, hub_kwargs or {})
+        if named is not None:
+            return named
         raise UserInputError(f"could not load the image processor of {source!r}: {_first_line(err)} "
                              "(a run or model folder needs preprocessor_config.json)") from None
 

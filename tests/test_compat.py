@@ -73,3 +73,26 @@ def test_a_create_optimizer_without_the_model_argument_builds_the_same_groups(tm
 def test_the_declared_transformers_floor_is_the_one_the_checks_name():
     text = (ROOT / "pyproject.toml").read_text()
     assert f'"transformers>={TRANSFORMERS_FLOOR}"' in text
+
+
+def test_a_processor_folder_loads_where_auto_image_processor_insists_on_torchvision(tmp_path, monkeypatch):
+    """transformers 5.17 without torchvision: AutoImageProcessor refuses a PIL processor folder that the class it
+    names still loads. The run pipeline falls back to that class (a transformers class: no remote code)."""
+    import saq_hf.run
+    from conftest import ViTImageProcessorPil
+    from saq_hf.args import UserInputError
+    from saq_hf.run import _load_image_processor
+
+    ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "p")
+
+    class Refusing:  # what AutoImageProcessor of transformers 5.17 does there (the real class is left alone)
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(saq_hf.run, "AutoImageProcessor", Refusing)
+    processor = _load_image_processor(str(tmp_path / "p"))
+    assert processor.size["height"] == 16 and type(processor).__module__.startswith("transformers.")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="could not load the image processor of .*Torchvision"):
+        _load_image_processor(str(tmp_path / "empty"))
