@@ -228,9 +228,10 @@ def _check_teacher_fits(config, source: str, data: ImageClassificationData, imag
     size = getattr(config, "image_size", None)
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size) if isinstance(size, int) else None
     if size is not None and size != (height, width) or getattr(config, "num_channels", channels) != channels:
-        raise UserInputError(f"{where} takes {getattr(config, 'num_channels', channels)}-channel images of "
-                             f"{size[0]}x{size[1]} and this run feeds {channels}x{height}x{width}: distill from a "
-                             "model trained at the student's input size")
+        takes = f" of {size[0]}x{size[1]}" if size is not None else ""
+        raise UserInputError(f"{where} takes {getattr(config, 'num_channels', channels)}-channel images{takes} and "
+                             f"this run feeds {channels}x{height}x{width}: distill from a model trained at the "
+                             "student's input size")
 
 
 def _short(names: list) -> str:
