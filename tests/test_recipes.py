@@ -41,7 +41,7 @@ def test_paper_recipe_is_w4a4_adamw_cosine_with_warmup_and_rho_in_methods_range(
     assert training.lr_scheduler_type.value == "cosine"
     assert 0 < training.warmup_steps < 1  # a warm-up fraction
     assert training.saq_mode == "saq"
-    assert training.rho == 0.002 and training.saq_radius == "relative"  # the validated default
+    assert training.rho == "auto" and training.saq_radius == "relative"  # the library default
     assert training.remove_unused_columns is False
     if "flowers" in name:  # the official Flowers-102 validation split, not a carved one
         assert data.validation_split == "validation"
@@ -54,7 +54,7 @@ def test_demo_recipe_trains_a_small_vit_from_scratch_on_the_bundled_digits(tmp_p
     assert data.dataset_name == DEMO_DATASET
     assert data.random_flip is False  # mirrored digits are not digits
     assert quant.quant_config().tag == "W4A4"
-    assert training.saq_mode == "saq" and training.rho == 0.002 and training.saq_radius == "relative"
+    assert training.saq_mode == "saq" and training.rho == "auto" and training.saq_radius == "relative"
 
 
 def test_command_line_flags_override_the_recipe(tmp_path):

@@ -39,20 +39,20 @@ def test_differences_to_qat_are_paired_by_seed():
 def test_the_validation_sweep_never_uses_a_reported_seed():
     plan = regimes.FULL
     assert not set(plan.sweep_seeds) & set(plan.seeds)
-    assert regimes.SAQ_DEFAULT_RHO in plan.val_grid
+    assert regimes.FIXED_RHO in plan.val_grid
 
 
 def test_validation_rows_reuse_the_default_runs_only_where_validation_chose_the_default():
     plan = regimes.FULL
     arch = regimes.Arch("vit", 64, 2)
     # The radius is chosen per cell: regime, model and bits.
-    chosen = {(regime, arch.name, bits): regimes.SAQ_DEFAULT_RHO for regime in plan.regimes for bits in plan.bits}
+    chosen = {(regime, arch.name, bits): regimes.FIXED_RHO for regime in plan.regimes for bits in plan.bits}
     chosen[("transfer", arch.name, 3)] = 0.005
     other = {(r, "convnext-64", b): 0.001 for r in plan.regimes for b in plan.bits}
     runs = regimes.main_runs(plan, {}, {**chosen, **other})
     val_runs = [r for r in runs if r.mode == "saq_val" and r.arch == arch]
     assert {(r.regime, r.bits) for r in val_runs} == {("transfer", 3)} and {r.rho for r in val_runs} == {0.005}
-    saq_rows = [dict(row("saq", 0, 90.0, regime=reg), model="vit", width=64, w_bits=b, key=f"k{reg}{b}")
+    saq_rows = [dict(row("saq_fixed", 0, 90.0, regime=reg), model="vit", width=64, w_bits=b, key=f"k{reg}{b}")
                 for reg in plan.regimes for b in (2, 3)]
     relabelled = [r for r in regimes.with_val_rows(saq_rows, plan, chosen) if r["mode"] == "saq_val"]
     assert {(r["regime"], r["w_bits"]) for r in relabelled} == \
@@ -98,7 +98,7 @@ def test_a_distillation_run_is_keyed_apart_and_needs_an_fp_model(monkeypatch):
     assert "distill_alpha" not in regimes.effective_settings("saq")
     defaults = regimes.library_defaults
 
-    def changed(prefixes=("saq_", "rho")):
+    def changed(prefixes=("saq_", "rho", "step_size_")):
         out = defaults(prefixes)
         return {**out, "distill_alpha": 0.5} if "distill_alpha" in out else out
 
@@ -107,3 +107,23 @@ def test_a_distillation_run_is_keyed_apart_and_needs_an_fp_model(monkeypatch):
     # From scratch there is no FP model to teach: the map plans no KD run there.
     runs = regimes.main_runs(replace(regimes.FULL, modes=("qat", "qat_kd", "saq_kd")), {}, {})
     assert {r.regime for r in runs if r.mode in ("qat_kd", "saq_kd")} == {"long_qat"}
+
+
+def test_a_run_key_follows_the_step_size_scale_and_the_radius_rule(monkeypatch):
+    from saq_hf.sharpness import LossDrivenRadius
+
+    arch, schedule = regimes.Arch("vit", 64, 2), regimes.Schedule(20, 5e-4, 128)
+
+    def key(mode):
+        return regimes.Run("long_qat", arch, 2, mode, 0, schedule, fp_path="/fp/vit", fp_seed=0).key()
+
+    assert regimes.effective_settings("saq")["step_size_lr_scale"] == 30.0
+    assert regimes.effective_settings("saq")["rho"] == "auto"  # the map's saq rows are the library's defaults
+    before = {mode: key(mode) for mode in ("saq", "saq_fixed", "auto_l50_f05")}
+    assert len(set(before.values())) == 3  # a rule variant is keyed apart from the default rule
+    regimes._LIBRARY_RULE.clear()
+    monkeypatch.setattr(LossDrivenRadius, "FALL_ZERO", 0.3)
+    try:
+        assert key("saq") != before["saq"] and key("saq_fixed") == before["saq_fixed"]
+    finally:
+        regimes._LIBRARY_RULE.clear()

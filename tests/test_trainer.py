@@ -7,7 +7,7 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model
-from saq_hf.sharpness import SharpnessPerturbation
+from saq_hf.sharpness import LossDrivenRadius, SharpnessPerturbation
 
 FAST = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
 
@@ -307,9 +307,11 @@ class StopAt(TrainerCallback):
 
 
 @pytest.mark.parametrize("radius", [PAPER, dict(rho="auto")], ids=["paper", "defaults-auto"])
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, radius):
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, radius, monkeypatch):
     # Interval 3: steps 0 and 3 are SAQ steps, so the resumed half has a plain and a full SAQ step. With
-    # rho="auto" the resumed run restores the rule's running mean of the loss (the SAQ step 3 reads it).
+    # rho="auto" the resumed run restores the rule's running means of the loss and its count (the SAQ step 3 reads
+    # them; a warm-up of 2 micro-batches, so step 3's radius is not 0 and a lost count would make it 0).
+    monkeypatch.setattr(LossDrivenRadius, "WARMUP", 2)
     common = dict(max_steps=4, saq_strategy="every_k", saq_interval=3, logging_steps=1,
                   **{**PAPER, **radius, "saq_radius": "relative" if radius is not PAPER else "absolute",
                      "saq_clean_step_sizes": radius is not PAPER})
@@ -361,7 +363,7 @@ def test_arguments_parse_from_command_line_and_recipe_dict(tmp_path):
                                                   "--saq_start_ratio", "0.25"])
     assert (auto.rho, auto.saq_start_ratio) == ("auto", 0.25)
     (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
-    assert (default.rho, default.saq_start_ratio) == (0.002, "auto")
+    assert (default.rho, default.saq_start_ratio) == ("auto", "auto")
     (recipe,) = parser.parse_dict({"output_dir": str(tmp_path), "saq_mode": "case2", "rho": 0.02})
     assert (recipe.saq_mode, recipe.rho, recipe.saq_strategy) == ("case2", 0.02, "full")
     with pytest.raises(SystemExit):
