@@ -12,7 +12,8 @@ from .layers import (
     quantized_layers,
     recomputes_activations,
 )
-from .lsq import LSQQuantizer, quant_range
+from .lsq import quant_range
+from .quantizer import LSQQuantizer
 
 __all__ = [
     "LSQQuantizer",

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lsq import LSQQuantizer, lsq_fake_quantize_many
+from .lsq import lsq_fake_quantize_many
+from .quantizer import LSQQuantizer
 
 
 class QuantLayerMixin:
