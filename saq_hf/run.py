@@ -753,7 +753,7 @@ def train(setup: RunSetup) -> RunResult:
     run_info = _run_info(setup, results, train_runtime, train_output.global_step)
     run_info["distillation"] = _distillation_info(setup, trainer, run_info["fp_model"])
     if args.saq_mode != "qat":
-        # The radius the run trained with: with rho="auto", the value measured before the first step.
+        # The radius the run trained with: with rho="auto", the last one the rule set (its run mean: rho_auto).
         run_info["saq"]["rho_used"] = trainer.rho
         if getattr(trainer, "rho_auto_measurement", None):
             run_info["saq"]["rho_auto"] = trainer.rho_auto_measurement

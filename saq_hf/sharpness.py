@@ -370,7 +370,7 @@ class LossDrivenRadius:
     def observe(self, loss: torch.Tensor) -> None:
         loss = loss.detach().float()
         if self.fast is None:
-            self.fast, self.slow = loss, loss
+            self.fast, self.slow = loss, loss.clone()  # two tensors: a checkpoint saves both
         else:
             self.fast = torch.lerp(self.fast, loss, 1 - self.FAST_DECAY)
             self.slow = torch.lerp(self.slow, loss, 1 - self.SLOW_DECAY)
@@ -395,7 +395,7 @@ class LossDrivenRadius:
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.fast is None:
             return {}
-        return {"rho_auto.fast": self.fast.reshape(1), "rho_auto.slow": self.slow.reshape(1),
+        return {"rho_auto.fast": self.fast.detach().clone().reshape(1), "rho_auto.slow": self.slow.detach().clone().reshape(1),
                 "rho_auto.observed": torch.tensor([self.observed], dtype=torch.int64)}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -407,5 +407,5 @@ class LossDrivenRadius:
             self.slow = tensors.pop("rho_auto.slow").float().reshape(())
             self.observed = int(tensors.pop("rho_auto.observed").reshape(()))
         elif old is not None:
-            self.fast = self.slow = old.float().reshape(())
+            self.fast, self.slow = old.float().reshape(()), old.float().reshape(()).clone()
             self.observed = self.WARMUP

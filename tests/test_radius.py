@@ -121,6 +121,17 @@ def test_loss_driven_radius_fades_linearly_across_its_fall_band():
     assert float(rule.rho) == pytest.approx(0.01)
 
 
+def test_loss_driven_radius_state_saves_to_safetensors_after_a_single_loss(tmp_path):
+    # One observation: both means are the same value; a checkpoint must still hold two tensors (no shared memory).
+    from safetensors.torch import load_file, save_file
+
+    rule, _ = rule_radii([1.2])
+    save_file(rule.state_dict(), str(tmp_path / "state.safetensors"))
+    restored = LossDrivenRadius(num_classes=10, rho_max=0.02, loss_share=0.5)
+    restored.load_state_dict(load_file(str(tmp_path / "state.safetensors")))
+    assert (float(restored.fast), float(restored.slow), restored.observed) == pytest.approx((1.2, 1.2, 1))
+
+
 def test_loss_driven_radius_state_round_trips_and_reads_the_earlier_rules_file():
     rule, _ = rule_radii([1.0 + 0.01 * t for t in range(35)])
     restored = LossDrivenRadius(num_classes=10, rho_max=0.02, loss_share=0.5)

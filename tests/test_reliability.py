@@ -736,6 +736,7 @@ def test_case16_every_file_of_a_run_folder_and_the_fp_cache_follows_the_umask(tm
     finally:
         os.umask(previous)
     files = [p for folder in ("run", "fp_cache") for p in (tmp_path / folder).rglob("*") if p.is_file()]
-    assert len([p for p in files if p.suffix == ".safetensors"]) == 4  # run, checkpoint-1, checkpoint-2, FP cache
+    # run, checkpoint-1 and -2 (each with rho="auto"'s state beside its weights), FP cache
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 6
     assert {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
         str(p.relative_to(tmp_path)): "0o644" for p in files}
