@@ -92,9 +92,9 @@ EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_looksam_k10"
 # saq_at_once differs from saq only on a model that starts untrained.
 # Distillation needs a teacher: the run's own FP model (the transfer regime's FP model never saw digits).
 ONLY_IN_REGIMES = {"saq_at_once": ("scratch",), "fp": ("long_qat", "noisy_long_qat", "transfer"), "qat_kd": ("long_qat", "noisy_long_qat"),
-                   "saq_kd": ("long_qat", "noisy_long_qat")}
+                   "saq_kd": ("long_qat", "noisy_long_qat"), "saq_fixed_kd": ("long_qat", "noisy_long_qat")}
 # The distillation comparisons (mode, baseline), seed-paired: what KD buys, what SAQ adds on top of KD, SAQ alone.
-KD_PAIRS = (("qat_kd", "qat"), ("saq_kd", "qat_kd"), ("saq", "qat"))
+KD_PAIRS = (("qat_kd", "qat"), ("saq_kd", "qat_kd"), ("saq", "qat"), ("saq_fixed_kd", "qat_kd"), ("saq_fixed", "qat"))
 LOOKSAM_ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0 is every_k
 # Label -> SAQTrainingArguments fields. ``rho: None`` means "the validation-chosen radius".
 MODES = {
@@ -106,6 +106,7 @@ MODES = {
     # noisy part): SAQTrainer(teacher_model=...) with the library's distill_alpha and distill_temperature.
     "qat_kd": {"saq_mode": "qat", "teacher": "fp"},  # QAD
     "saq_kd": {"saq_mode": "saq", "teacher": "fp"},
+    "saq_fixed_kd": {"saq_mode": "saq", "rho": FIXED_RHO, "teacher": "fp"},
     # Validation variants of rho="auto"'s rule (sweep seeds only): the loss level at full radius, the fall band.
     "auto_l50_f05": {"saq_mode": "saq", "rho": "auto", "rho_auto_loss_share": 0.5,
                      "rule": {"FALL_FULL": 0.05, "FALL_ZERO": 0.15}},
@@ -424,7 +425,7 @@ class Plan:
     archs: tuple = (Arch("vit", 64, 2), Arch("convnext", 64))
     bits: tuple = (2, 3, 4)
     modes: tuple = ("qat", "fp", "saq", "saq_fixed", "saq_at_once", "saq_val", "saq_looksam_k10", "saq_reuse_grad",
-                    "qat_kd", "saq_kd")
+                    "qat_kd", "saq_kd", "saq_fixed_kd")
     seeds: tuple = (0, 1, 2, 3, 4)
     val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)  # relative radii for saq_val
     sweep_seeds: tuple = (100,)  # the validation sweep uses seeds of its own, never the reported ones
@@ -446,7 +447,7 @@ class Plan:
     noise_rates: tuple = (0.2, 0.4)
     noisy_bits: tuple = (2, 3, 4)
     noisy_modes: tuple = ("qat", "fp", "case1_val", "case2_val", "saq", "saq_fixed", "saq_val", "saq_looksam_k10",
-                          "saq_reuse_grad", "qat_kd", "saq_kd")
+                          "saq_reuse_grad", "qat_kd", "saq_kd", "saq_fixed_kd")
     noisy_val_grid: tuple = (0.001, 0.002, 0.005, 0.01, 0.02)
     noisy_sweep_seeds: tuple = (100, 101)
     limit: int | None = None
@@ -739,7 +740,7 @@ def plot_distill(table: list[dict], group_keys: tuple, path: Path) -> None:
                        else str(t[k]) for k in group_keys if not (k == "noise" and not t[k]) and k != "regime")
               for t in table]
     fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(table) + 1.5), 3.4))
-    for k, ((mode, base), colour) in enumerate(zip(KD_PAIRS, ("tab:green", "tab:red", "tab:gray", "tab:purple"))):
+    for k, ((mode, base), colour) in enumerate(zip(KD_PAIRS, ("tab:green", "tab:red", "tab:gray", "tab:purple", "tab:orange"))):
         xs, ys, lo, hi = [], [], [], []
         for i, t in enumerate(table):
             pair = t.get(f"{mode}-{base}")

@@ -286,7 +286,7 @@ def _add_search(commands) -> None:
                         help="packed weight bytes of all quantized layers, as saq-hf export writes them")
     parser.add_argument("--measure", choices=["sharpness", "hessian"], default="sharpness",
                         help="sharpness: loss increase with the layer quantized and adversarially perturbed at the "
-                             "training radius (default); hessian: Hutchinson Hessian trace x quantization error")
+                             "radius --rho (default); hessian: Hutchinson Hessian trace x quantization error")
     parser.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4, 8], help="bit-widths to choose from")
     parser.add_argument("--out", default="bits_plan.yaml", help="plan file to write (default: bits_plan.yaml)")
     parser.add_argument("--dataset", help="dataset to measure on (default: the run's): Hub id, 'imagefolder' or "
@@ -294,7 +294,7 @@ def _add_search(commands) -> None:
     parser.add_argument("--data_dir", help="imagefolder root (implies --dataset imagefolder)")
     parser.add_argument("--batches", type=int, default=2, help="training batches measured on (default 2)")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--rho", type=float, default=0.002, help="relative training radius of the sharpness measure")
+    parser.add_argument("--rho", type=float, default=0.002, help="relative radius of the sharpness measure (default 0.002)")
     parser.add_argument("--weights_only", action="store_true",
                         help="search weight bits only (inputs keep the recipe's a_bits); default: a_bits = w_bits")
     parser.add_argument("--seed", type=int, default=42)

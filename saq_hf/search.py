@@ -50,7 +50,7 @@ from .sharpness import SharpnessPerturbation
 DEFAULT_CANDIDATES = (2, 3, 4, 8)
 MEASURES = ("sharpness", "hessian")
 PLAN_VERSION = 1
-DEFAULT_RHO = 0.002  # SAQTrainingArguments' default relative radius: the radius the model will train with
+DEFAULT_RHO = 0.002  # relative radius of the sharpness measure: a fixed radius the search was validated with (docs/MIXED.md)
 
 
 @dataclass
