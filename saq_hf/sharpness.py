@@ -395,7 +395,8 @@ class LossDrivenRadius:
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.fast is None:
             return {}
-        return {"rho_auto.fast": self.fast.detach().clone().reshape(1), "rho_auto.slow": self.slow.detach().clone().reshape(1),
+        return {"rho_auto.fast": self.fast.detach().clone().reshape(1),
+                "rho_auto.slow": self.slow.detach().clone().reshape(1),
                 "rho_auto.observed": torch.tensor([self.observed], dtype=torch.int64)}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
