@@ -35,8 +35,9 @@ with SAQ from the first step, ``saq_start_ratio=0``; from scratch only), ``saq_v
 at the default radius (``saq_looksam_k10``, LookSAM with k = 10: 1.1 passes per step; ``saq_reuse_grad``, 1 pass per
 step; at W2A2 only in the clean map), and ``auto_*`` variants of the radius rule's constants (validation sweep
 seeds only). ``qat_kd`` and ``saq_kd`` are ``qat`` and ``saq`` distilled from the run's own FP model (each seed's,
-trained on the labels the student sees; ``SAQTrainer(teacher_model=...)`` with the library's ``distill_alpha`` and
-``distill_temperature``), in the long-QAT and noisy cells; the report adds their seed-paired pairs QAT+KD − QAT,
+trained on the labels the student sees; in ``transfer``, the MNIST model fine-tuned in full precision on the same
+100 digits images with the student's schedule; ``SAQTrainer(teacher_model=...)`` with the library's ``distill_alpha``
+and ``distill_temperature``), in the long-QAT, noisy and transfer cells; the report adds their seed-paired pairs QAT+KD − QAT,
 SAQ+KD − QAT+KD and SAQ − QAT (``distill`` in the JSON; ``--name`` writes the JSON and a figure of those pairs
 under another name, e.g. ``--part noisy --modes qat,qat_kd,saq,saq_kd --name distill``).
 ``MODES`` also keeps the strategies at the fixed radius (``saq_every_k``, ``saq_looksam``) for a plan that lists
@@ -51,6 +52,7 @@ perturbed point and SAQ from the first step: the library's default before the ra
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -90,9 +92,10 @@ FIXED_RHO = 0.002  # the fixed relative radius of ``saq_fixed`` (the library's d
 # The efficient strategy is measured where SAQ's gain is largest (W2A2): the CPU budget does not cover every cell.
 EFFICIENT_ONLY_AT = {"saq_every_k": (2,), "saq_looksam": (2,), "saq_looksam_k10": (2,), "saq_reuse_grad": (2,)}
 # saq_at_once differs from saq only on a model that starts untrained.
-# Distillation needs a teacher: the run's own FP model (the transfer regime's FP model never saw digits).
-ONLY_IN_REGIMES = {"saq_at_once": ("scratch",), "fp": ("long_qat", "noisy_long_qat", "transfer"), "qat_kd": ("long_qat", "noisy_long_qat"),
-                   "saq_kd": ("long_qat", "noisy_long_qat"), "saq_fixed_kd": ("long_qat", "noisy_long_qat")}
+# Distillation needs a teacher: the run's own FP model (in transfer, that model fine-tuned on the few-shot images).
+_WITH_FP = ("long_qat", "noisy_long_qat", "transfer")
+ONLY_IN_REGIMES = {"saq_at_once": ("scratch",), "fp": _WITH_FP, "qat_kd": _WITH_FP, "saq_kd": _WITH_FP,
+                   "saq_fixed_kd": ("long_qat", "noisy_long_qat")}
 # The distillation comparisons (mode, baseline), seed-paired: what KD buys, what SAQ adds on top of KD, SAQ alone.
 KD_PAIRS = (("qat_kd", "qat"), ("saq_kd", "qat_kd"), ("saq", "qat"), ("saq_fixed_kd", "qat_kd"), ("saq_fixed", "qat"))
 LOOKSAM_ALPHA_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0 is every_k
@@ -233,15 +236,20 @@ def fp_model(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: in
              seed: int = 0, noise: float = 0.0) -> Path:
     """An FP model trained from scratch on ``source`` (digits or mnist8; with ``noise``, digits with that share of
     noisy labels drawn for ``seed``), initialised and shuffled with ``seed``, cached by its settings."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
-
     quiet()
     torch.set_num_threads(threads)
     path = fp_dir(arch, source, schedule, cache, limit, seed, noise)
     if (path / "model.safetensors").exists():
         return path
     splits = mnist_8x8(limit) if source == "mnist8" else data_for("long_qat", limit, noise, seed)
-    model = build(arch, seed)
+    return train_fp(build(arch, seed), splits, schedule, path, seed, threads)
+
+
+def train_fp(model, splits: Splits, schedule: Schedule, path: Path, seed: int, threads: int) -> Path:
+    """``model`` trained in full precision by a plain ``Trainer`` on ``splits``' training images and saved to
+    ``path`` (staged: a model another process saved there meanwhile is kept)."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
     args = TrainingArguments(num_train_epochs=schedule.epochs, learning_rate=schedule.lr,
                              weight_decay=schedule.weight_decay, per_device_train_batch_size=schedule.batch_size,
                              warmup_steps=0.05, **_common_args(path / "trainer", seed, threads))
@@ -250,13 +258,29 @@ def fp_model(arch: Arch, source: str, schedule: Schedule, cache: Path, limit: in
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     shutil.rmtree(path / "trainer", ignore_errors=True)
-    staging = path.with_name(path.name + ".partial")
+    staging = path.with_name(f"{path.name}.partial-{os.getpid()}")
     model.save_pretrained(staging)
-    if (path / "model.safetensors").exists():  # another process trained the same model meanwhile
-        shutil.rmtree(staging, ignore_errors=True)
-    else:
+    try:
         staging.rename(path)
+    except OSError:  # another process saved the same model meanwhile
+        if not (path / "model.safetensors").exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def fine_tuned_teacher(run: "Run", splits: Splits, threads: int) -> Path:
+    """The transfer regime's teacher: the run's FP model (pretrained on MNIST) fine-tuned in full precision on the
+    images the student sees, with the student's schedule and seed; cached beside the FP model."""
+    from transformers import AutoModelForImageClassification
+
+    source = Path(run.fp_path)
+    path = source.with_name(f"{source.name}_ft_{settings_key(run.regime, run.schedule, run.limit, run.seed)}")
+    if (path / "model.safetensors").exists():
+        return path
+    torch.manual_seed(run.seed)
+    return train_fp(AutoModelForImageClassification.from_pretrained(source), splits, run.schedule, path, run.seed,
+                    threads)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -284,6 +308,8 @@ class Run:
             settings.update(start_rule())  # it decides when SAQ starts on a model that starts untrained
         if settings.get("rho") == "auto":
             settings.update(radius_rule(self.mode))
+        if settings.get("teacher") and fp_source(self.regime) == "mnist8":
+            settings["teacher"] = "fp_fine_tuned"  # see fine_tuned_teacher
         return settings_key(fields, settings)
 
 
@@ -351,10 +377,12 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
     torch.manual_seed(run.seed)
     calibrate(model, batches_of(splits.train_x, splits.train_y, run.schedule.batch_size, 4 * run.schedule.batch_size))
     teacher = None
-    if MODES[run.mode].get("teacher") == "fp":  # a fresh, unquantized copy of the FP model the student starts from
+    if MODES[run.mode].get("teacher") == "fp":  # an unquantized FP model trained on the labels the student sees
         if not run.fp_path:
             raise ValueError(f"{run.mode} distills from the run's FP model: regime {run.regime} has none")
-        teacher = AutoModelForImageClassification.from_pretrained(run.fp_path)
+        # The FP model the student starts from; in transfer that one never saw digits, so its fine-tuned copy.
+        teacher_path = fine_tuned_teacher(run, splits, threads) if fp_source(run.regime) == "mnist8" else run.fp_path
+        teacher = AutoModelForImageClassification.from_pretrained(teacher_path)
     from saq_hf.sharpness import LossDrivenRadius
 
     for name, value in radius_rule(run.mode).items():  # a validation variant's constants, else the library's
@@ -387,7 +415,8 @@ def run_one(run: Run, threads: int, scratch: Path) -> dict:
             else trainer.saq_start_step,
             "teacher": MODES[run.mode].get("teacher"),
             **({"distill_alpha": args.distill_alpha, "distill_temperature": args.distill_temperature,
-                "teacher_forwards": trainer.distiller.forwards} if teacher is not None else {}),
+                "teacher_forwards": trainer.distiller.forwards,
+                "teacher_accuracy": accuracy(teacher, splits.test_x, splits.test_y)} if teacher is not None else {}),
             "key": run.key()}
 
 
@@ -869,7 +898,7 @@ def plot_map(summary: list[dict], plan: Plan, path: Path) -> None:
             if j == 0:
                 ax.set_ylabel("SAQ − QAT, test top-1 (pt)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(modes), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(modes)), fontsize=8)
     fig.suptitle("Regime map: seed-paired difference to plain QAT (95 % CI); dotted: −1 pt", fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
@@ -1012,7 +1041,7 @@ def main(argv=None) -> dict:
         if unknown:
             raise SystemExit(f"regimes.py: unknown mode(s) {sorted(unknown)}; choose from "
                              f"{sorted(set(plan.modes) | set(plan.noisy_modes))}")
-        plan = replace(plan, modes=tuple(m for m in plan.modes if m in modes),
+        plan = replace(plan, modes=tuple(m for m in dict.fromkeys(plan.modes + plan.noisy_modes) if m in modes),
                        noisy_modes=tuple(m for m in plan.noisy_modes if m in modes))
     args.results.mkdir(parents=True, exist_ok=True)
     if args.report and args.part != "noisy":

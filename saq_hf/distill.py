@@ -7,6 +7,7 @@ micro-batch and hands the same tensor to every pass over it (SAQ's ascent and de
 compiled run's eager initialisation): see docs/METHOD.md, "Distillation".
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -63,7 +64,8 @@ class Distiller:
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.name = teacher_name(teacher)
         self._fingerprint: str | None = None
-        self._cached: tuple[list, torch.Tensor] | None = None  # (the micro-batch's input tensors, teacher logits)
+        self._cached: tuple[list, torch.Tensor] | None = None  # (the micro-batch's input shapes, teacher logits)
+        self._in_micro_batch = False
         self.forwards = 0  # teacher forward passes so far
         self._sums = {"label_loss": 0.0, "distill_loss": 0.0, "count": 0}
         self._last_terms: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -75,31 +77,44 @@ class Distiller:
             self._fingerprint = teacher_fingerprint(self.teacher)
         return self._fingerprint
 
+    @contextlib.contextmanager
+    def micro_batch(self):
+        """The scope of one micro-batch (``SAQTrainer.training_step``): the teacher's logits are computed on its first
+        pass and handed to every later one (they do not depend on the student nor on ε); on leaving, forgotten and
+        the terms of its last pass (SAQ's descent pass, whose loss the Trainer logs as ``loss``) logged."""
+        self._in_micro_batch = True
+        try:
+            yield
+        finally:
+            self._in_micro_batch = False
+            self._cached = None
+            if self._last_terms is not None:
+                sums = self._sums
+                sums["label_loss"] = sums["label_loss"] + self._last_terms[0]
+                sums["distill_loss"] = sums["distill_loss"] + self._last_terms[1]
+                sums["count"] += 1
+                self._last_terms = None
+
     def teacher_logits(self, inputs: dict, context) -> torch.Tensor:
-        """The teacher's logits for the micro-batch ``inputs`` (the student's inputs without labels), computed on the
-        first call for it and returned from the cache on every later one. A micro-batch is recognised by the
-        identity of its tensors (the Trainer hands each pass the same prepared tensors); ``clear`` ends it."""
-        tensors = [value for value in inputs.values() if isinstance(value, torch.Tensor)]
-        if self._cached is not None and len(self._cached[0]) == len(tensors) and \
-                all(a is b for a, b in zip(self._cached[0], tensors)):
+        """The teacher's logits for ``inputs`` (the student's inputs without labels) under ``context`` (the student's
+        autocast). Inside :meth:`micro_batch`, computed once and reused by every pass over the micro-batch; the
+        passes may hold copies of the batch (the Trainer prepares the inputs for each pass, and ``.to("cpu:0")``
+        copies), so a later pass is checked by the shapes of its tensors, never by a host-syncing comparison of
+        values. Outside it (a direct ``compute_loss`` call) every call runs the teacher."""
+        shapes = [(key, tuple(value.shape)) for key, value in inputs.items() if isinstance(value, torch.Tensor)]
+        if self._in_micro_batch and self._cached is not None:
+            if self._cached[0] != shapes:
+                raise RuntimeError(f"one training step passed two different micro-batches to compute_loss "
+                                   f"({self._cached[0]} and {shapes}): the teacher's logits are shared by the "
+                                   "passes over one micro-batch")
             return self._cached[1]
         self.teacher.eval()  # a caller's model.train() on a module holding the teacher must not turn on its dropout
         with torch.no_grad(), context():
             logits = _logits(self.teacher(**inputs)).detach()
         self.forwards += 1
-        self._cached = (tensors, logits)
+        if self._in_micro_batch:
+            self._cached = (shapes, logits)
         return logits
-
-    def clear(self) -> None:
-        """End the micro-batch: forget the teacher's logits, and log the terms of its last pass (SAQ's descent pass,
-        whose loss the Trainer logs as ``loss``)."""
-        self._cached = None
-        if self._last_terms is not None:
-            sums = self._sums
-            sums["label_loss"] = sums["label_loss"] + self._last_terms[0]
-            sums["distill_loss"] = sums["distill_loss"] + self._last_terms[1]
-            sums["count"] += 1
-            self._last_terms = None
 
     def loss(self, student_logits, teacher_logits, labels, label_smoothing: float, num_items_in_batch, scale: float):
         """The micro-batch's loss, normalised as the Trainer's rule expects the label loss to be: each sample's

@@ -421,7 +421,8 @@ class SAQTrainer(Trainer):
                                         num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
         inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        teacher_logits = self.distiller.teacher_logits(inputs, self.compute_loss_context_manager)
+        # The student's autocast is accelerate's wrapper of its forward: the unwrapped teacher needs its own.
+        teacher_logits = self.distiller.teacher_logits(inputs, self.accelerator.autocast)
         outputs = model(**inputs)
         scaled = num_items_in_batch is not None and self._loss_is_scaled_for_ga(num_items_in_batch)
         # The stock compute_loss's factor for a loss normalised by a count taken over all processes.
@@ -543,11 +544,10 @@ class SAQTrainer(Trainer):
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        try:
+        if self.distiller is None:
             return self._compiled_or_eager_training_step(model, inputs, num_items_in_batch)
-        finally:
-            if self.distiller is not None:
-                self.distiller.clear()  # the teacher's logits are kept for one micro-batch
+        with self.distiller.micro_batch():  # one teacher forward, shared by every pass over the micro-batch
+            return self._compiled_or_eager_training_step(model, inputs, num_items_in_batch)
 
     def _compiled_or_eager_training_step(self, model, inputs, num_items_in_batch):
         if not self.args.torch_compile:

@@ -139,3 +139,27 @@ def test_the_noisy_cells_report_from_the_journal_alone_and_count_what_is_missing
     partial = json.loads((tmp_path / "partial" / "noisy_quick.json").read_text())
     assert partial["missing_runs"] == 1 and len(partial["rows"]) == len(ran["rows"]) - 1
     assert len(journal.read_text().splitlines()) == len(lines) - 1
+
+
+def test_transfer_distills_from_the_fp_model_fine_tuned_on_the_few_shot_images(tmp_path):
+    """The transfer regime's FP model never saw digits: its teacher is that model fine-tuned in full precision on
+    the images the student sees, trained once per seed and cached beside it."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    run("regimes.py", "--quick", "--part", "regimes", "--regimes", "transfer", "--modes", "qat,qat_kd,saq_kd",
+        "--jobs", "1", "--cache", cache, "--results", tmp_path / "ran")
+    ran = json.loads((tmp_path / "ran" / "transfer_quick.json").read_text())
+    kd = [r for r in ran["rows"] if r["mode"] in ("qat_kd", "saq_kd")]
+    assert len(kd) == 4 and all(r["teacher"] == "fp" and 0 < r["teacher_forwards"] <= r["steps"] for r in kd)
+    assert all(0.0 <= r["teacher_accuracy"] <= 100.0 for r in kd)
+    assert {d["regime"] for d in ran["distill"]} == {"transfer"}
+    fp_models = sorted(p for p in (cache / "regimes_fp").iterdir())
+    sources = [p for p in fp_models if "_ft_" not in p.name]
+    tuned = [p for p in fp_models if "_ft_" in p.name]
+    assert len(sources) == 2 and len(tuned) == 2  # one teacher per model and seed, shared by qat_kd and saq_kd
+    for source in sources:
+        teacher = next(p for p in tuned if p.name.startswith(source.name + "_ft_"))
+        before, after = load_file(source / "model.safetensors"), load_file(teacher / "model.safetensors")
+        assert before.keys() == after.keys()
+        assert max((before[k] - after[k]).abs().max().item() for k in before) > 0  # it was trained

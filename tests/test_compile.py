@@ -49,7 +49,7 @@ class CompileCounters(TrainerCallback):
             self.after_warmup = counters["stats"]["unique_graphs"]
 
 
-def train(tmp_path, arch, compiled, backend="inductor", **fields):
+def train(tmp_path, arch, compiled, backend="inductor", teacher=False, **fields):
     model = quantize_model(MODELS[arch](), QuantConfig(w_bits=4, a_bits=4))
     args = SAQTrainingArguments(output_dir=str(tmp_path / f"{arch}-{compiled}"), max_steps=STEPS, learning_rate=1e-3,
                                 per_device_train_batch_size=8, logging_steps=1, report_to=[], use_cpu=True, seed=0,
@@ -57,7 +57,14 @@ def train(tmp_path, arch, compiled, backend="inductor", **fields):
                                 torch_compile_backend=backend if compiled else None,
                                 **{"saq_start_ratio": 0.0, **fields})  # SAQ from step 0 on these untrained models
     callback = CompileCounters()
-    trainer = SAQTrainer(model=model, args=args, train_dataset=ToyImages(8 * STEPS), callbacks=[callback])
+    # A teacher: the unquantized model of another seed (frozen, eager, outside the compiled graphs).
+    teacher_model = MODELS[arch]().requires_grad_(False) if teacher else None
+    if teacher:
+        with torch.no_grad():
+            for p in teacher_model.parameters():
+                p.mul_(1.5)
+    trainer = SAQTrainer(model=model, args=args, train_dataset=ToyImages(8 * STEPS), callbacks=[callback],
+                         teacher_model=teacher_model)
     torch._dynamo.reset()  # a model of the same structure would reuse an earlier test's graphs
     counters.clear()
     trainer.train()
@@ -88,7 +95,9 @@ def test_compiled_qat_step_matches_eager_with_inductor(tmp_path):
     ("vit", {"saq_mode": "case2"}),
     ("vit", {"saq_mode": "saq", "saq_strategy": "every_k", "saq_interval": 2}),
     ("vit", {"saq_mode": "saq", "saq_strategy": "reuse_grad"}),
-], ids=["vit-saq", "convnext-qat", "convnext-saq", "vit-case1", "vit-case2", "vit-every_k", "vit-reuse_grad"])
+    ("vit", {"saq_mode": "saq", "teacher": True, "distill_alpha": 0.5, "distill_temperature": 2.0}),
+], ids=["vit-saq", "convnext-qat", "convnext-saq", "vit-case1", "vit-case2", "vit-every_k", "vit-reuse_grad",
+        "vit-saq-teacher"])
 def test_every_mode_and_strategy_compiles_without_graph_breaks_or_recompiles(tmp_path, arch, fields):
     assert_compiled_run_matches_eager(tmp_path, arch, "aot_eager", **fields)
 

@@ -318,3 +318,84 @@ def test_cli_help_names_the_teacher_fields(capsys):
     out = capsys.readouterr().out
     assert "--distill " in out and "--distill_alpha" in out and "--distill_temperature" in out
     assert "the run's own full-precision model" in out
+
+
+# --- the Trainer switches with a teacher ------------------------------------------------------------------------------
+# DDP with a teacher: tests/test_data_parallel.py; compile with a teacher: tests/test_compile.py.
+
+@pytest.mark.parametrize("mode", ["saq", "qat"])
+def test_activation_checkpointing_with_a_teacher_gives_the_same_step_bit_for_bit(tmp_path, mode):
+    from saq_hf.quant import recomputes_activations
+
+    common = dict(saq_mode=mode, max_steps=3, learning_rate=1e-3, distill_alpha=0.5, distill_temperature=2.0)
+    plain = distilled(quantized(tiny_vit), tmp_path / "plain", teacher(), **common)
+    teach = teacher()
+    calls = counting(teach)
+    checkpointed = distilled(quantized(tiny_vit), tmp_path / "checkpointed", teach, gradient_checkpointing=True,
+                             **common)
+    assert recomputes_activations(checkpointed.model)
+    assert len(calls) == checkpointed.distiller.forwards == 3  # the recomputed forwards do not call the teacher
+    assert_same(params(plain.model), params(checkpointed.model))
+    assert max((params(plain.model)[n] - params(quantized(tiny_vit))[n]).abs().max().item()
+               for n in params(plain.model)) > 1e-4  # the steps moved the weights
+
+
+def test_bf16_autocast_runs_teacher_and_both_passes_under_autocast_and_gives_the_reference_step(tmp_path):
+    """The reference: SAQ's two passes by hand under ``torch.autocast(bfloat16)`` on the distillation loss, the
+    teacher's logits taken once under the same autocast; one SGD step, lr 1 (as the bf16 test of test_switches)."""
+    from saq_hf.sharpness import SharpnessPerturbation
+    from test_trainer import PAPER
+
+    alpha, T = 0.5, 2.0
+    model = quantized(tiny_vit)
+    model(**image_batch(0))
+    reference_model = quantized(tiny_vit)
+    reference_model.load_state_dict(model.state_dict())
+    data = ToyImages(1)
+    x, y = data.pixel_values, data.labels
+    sgd = dict(max_steps=1, per_device_train_batch_size=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+               weight_decay=0.0, lr_scheduler_type="constant", step_size_lr_scale=1.0, distill_alpha=alpha,
+               distill_temperature=T)
+    teach = teacher()
+    dtypes = []
+    teach.register_forward_hook(lambda _m, _i, out: dtypes.append(out.logits.dtype))
+    distilled(model, tmp_path / "bf16", teach, dataset=data, bf16=True, **sgd)
+    assert dtypes == [torch.bfloat16]  # one teacher forward, under the student's autocast
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z_t = teacher()(pixel_values=x).logits.float()
+    perturbation = SharpnessPerturbation(reference_model, case="saq", rho=PAPER["rho"], radius="absolute")
+    reference_model.train()
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z_s = reference_model(pixel_values=x).logits.float()
+        kl = F.kl_div(F.log_softmax(z_s / T, -1), F.log_softmax(z_t / T, -1), reduction="sum", log_target=True)
+        return (1 - alpha) * F.cross_entropy(z_s, y) + alpha * T * T * kl
+
+    eps = perturbation.compute_epsilon(perturbation.ascent_gradients(loss))
+    with perturbation.perturbed(eps):
+        loss().backward()
+    expected = {n: p - p.grad for n, p in reference_model.named_parameters()}
+    got = params(model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_outside_a_training_step_every_call_runs_the_teacher_and_inside_a_second_batch_is_refused(tmp_path):
+    student, teach = quantized(tiny_vit), teacher()
+    calls = counting(teach)
+    trainer = SAQTrainer(model=student, args=saq_args(tmp_path), teacher_model=teach, train_dataset=ToyImages())
+    student.train()
+    first = trainer.compute_loss(student, image_batch(0))
+    other = trainer.compute_loss(student, image_batch(4))  # a direct call never reuses another batch's logits
+    assert len(calls) == 2 and first.item() != other.item()
+    with trainer.distiller.micro_batch():
+        trainer.compute_loss(student, image_batch(0))
+        copy = {k: v.clone() for k, v in image_batch(0).items()}  # a pass over a copy of the batch shares the logits
+        trainer.compute_loss(student, copy)
+        assert len(calls) == 3
+        with pytest.raises(RuntimeError, match="two different micro-batches"):
+            trainer.compute_loss(student, {k: v[:2] for k, v in image_batch(0).items()})
+    trainer.compute_loss(student, image_batch(0))
+    assert len(calls) == 4
