@@ -1,6 +1,6 @@
 """``saq-hf``: train a recipe, evaluate a run folder, push it to the Hub, export integer weights, search bit-widths.
 
-A thin shell over :mod:`saq_hf.run` and :mod:`saq_hf.hub`. Each subcommand is a ``_add_<name>`` function that
+A thin shell over :mod:`saq_hf.run`, :mod:`saq_hf.evaluate`, :mod:`saq_hf.export` and :mod:`saq_hf.hub`. Each subcommand is a ``_add_<name>`` function that
 declares its arguments and a handler returning the exit status; bad input (a :class:`UserInputError`) becomes
 one line on stderr and exit status 2.
 """
@@ -93,7 +93,10 @@ def _train(ns: argparse.Namespace) -> int:
 
     from . import run
     from .args import DataArguments, ModelArguments, QuantArguments, parse_recipe
+    from .evaluate import format_results
     from .hub import work_offline_if_hub_unreachable
+    from .loading import DISTILL_FP
+    from .run_folder import interrupted
     from .trainer import SAQTrainingArguments
 
     recipe = _recipe_path(ns.recipe)
@@ -108,19 +111,19 @@ def _train(ns: argparse.Namespace) -> int:
                                (ModelArguments, DataArguments, QuantArguments, SAQTrainingArguments))
     model_args, data_args, _, training_args = recipe_args
     if _uses_hub(model_args.model_name_or_path, data_args.dataset_name) or training_args.push_to_hub or \
-            model_args.distill != run.DISTILL_FP and _uses_hub(model_args.distill, None):
+            model_args.distill != DISTILL_FP and _uses_hub(model_args.distill, None):
         work_offline_if_hub_unreachable()
     try:
         result = run.train(run.prepare(*recipe_args))
     except KeyboardInterrupt:
-        print(f"saq-hf: {run.interrupted(training_args, _train_command(ns))}", file=sys.stderr)
+        print(f"saq-hf: {interrupted(training_args, _train_command(ns))}", file=sys.stderr)
         return INTERRUPTED
     info = result.run_info
     results, training = info["results"], info["training"]
     print(f"\nsaq-hf run {result.output_dir}: {info['quantization']['tag']}, saq_mode={info['saq']['saq_mode']}, "
           f"rho={info['saq']['rho']}, {training['global_steps']} steps in {training['train_runtime_s']:.0f} s")
     print(f"{info['data']['dataset_name']}, split {results['split']} ({results['num_examples']} images)")
-    print(run.format_results(results, info["quantization"]["tag"]))
+    print(format_results(results, info["quantization"]["tag"]))
     if result.push_url:
         print(f"pushed: {result.push_url}")
     if result.push_error:
@@ -167,7 +170,7 @@ def _uses_hub(model: str | None, dataset: str | None) -> bool:
 def _eval(ns: argparse.Namespace) -> int:
     import json
 
-    from . import run
+    from . import evaluate
     from .hub import RUN_INFO_NAME, work_offline_if_hub_unreachable
 
     try:
@@ -179,14 +182,15 @@ def _eval(ns: argparse.Namespace) -> int:
     if ns.data_dir is None and _uses_hub(info.get("fp_model"), ns.dataset or data_info.get("dataset_name")):
         work_offline_if_hub_unreachable()
 
-    results = run.evaluate_run(ns.run_dir, dataset_name=ns.dataset, data_dir=ns.data_dir, split=ns.split,
-                               batch_size=ns.batch_size, max_eval_samples=ns.max_eval_samples,
-                               sharpness=ns.sharpness, sharpness_rho=ns.sharpness_rho,
-                               sharpness_batches=ns.sharpness_batches)
+    results = evaluate.evaluate_run(ns.run_dir, dataset_name=ns.dataset, data_dir=ns.data_dir, split=ns.split,
+                                    batch_size=ns.batch_size, max_eval_samples=ns.max_eval_samples,
+                                    sharpness=ns.sharpness, sharpness_rho=ns.sharpness_rho,
+                                    sharpness_batches=ns.sharpness_batches)
     print(f"{ns.run_dir}: {results['dataset']}, split {results['split']} ({results['num_examples']} images)")
-    print(run.format_results(results, results["tag"]))
+    print(evaluate.format_results(results, results["tag"]))
     if "sharpness" in results:
-        print(run.format_sharpness(results["sharpness"], info.get("saq") if isinstance(info.get("saq"), dict) else None))
+        print(evaluate.format_sharpness(results["sharpness"],
+                                        info.get("saq") if isinstance(info.get("saq"), dict) else None))
     return 0
 
 
@@ -255,16 +259,16 @@ def _add_export(commands) -> None:
 
 
 def _search(ns: argparse.Namespace) -> int:
-    from . import run
+    from .evaluate import search_run
     from .search import format_plan
 
     if (ns.target_bits is None) == (ns.target_bytes is None):
         raise UserInputError("give one budget: --target_bits (average weight bits) or --target_bytes (weight bytes)")
     try:
-        plan = run.search_run(ns.run_or_model, ns.out, target_bits=ns.target_bits, target_bytes=ns.target_bytes,
-                              measure=ns.measure, candidates=ns.candidates, dataset_name=ns.dataset,
-                              data_dir=ns.data_dir, batches=ns.batches, batch_size=ns.batch_size, rho=ns.rho,
-                              weights_only=ns.weights_only, seed=ns.seed)
+        plan = search_run(ns.run_or_model, ns.out, target_bits=ns.target_bits, target_bytes=ns.target_bytes,
+                          measure=ns.measure, candidates=ns.candidates, dataset_name=ns.dataset,
+                          data_dir=ns.data_dir, batches=ns.batches, batch_size=ns.batch_size, rho=ns.rho,
+                          weights_only=ns.weights_only, seed=ns.seed)
     except ValueError as err:  # UserInputError is not a ValueError: it reaches main() as it is
         raise UserInputError(str(err).splitlines()[0]) from None
     print(format_plan(plan))

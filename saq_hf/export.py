@@ -15,16 +15,15 @@ as the quantizer's forward computes it) and hands that state dict with ``config.
 ``from_pretrained``, which rebuilds the model through the saq HfQuantizer like any saved saq-hf run. That
 weight is a fixed point of the quantizer: ``fl(c·s) / s`` lies within a few ulp of the integer ``c``, so it
 rounds back to ``c`` and the reloaded layer multiplies by exactly the fake-quant model's ``Q(w)``. Both export
-and load check this per layer instead of assuming it (it can fail for 8-bit codes in bfloat16).
+and load check this per layer instead of assuming it (it can fail for 8-bit codes in bfloat16). The ONNX graph is
+:mod:`saq_hf.onnx_export`'s; ``export_command`` is ``saq-hf export``.
 """
 
 import copy
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,9 +35,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import __version__
-from .config import QUANT_METHOD, QuantConfig
+from .config import QUANT_METHOD
+from .export_layers import _check_fixed_point, _dequantize, _dtype_name, _exportable_layers
+from .file_modes import follow_umask
+from .onnx_export import ONNX_FILE, _require_onnx, export_onnx
 from .packing import pack_codes, unpack_codes
-from .quant import LSQQuantizer, QuantConv2d, quantized_layers
+from .quant import LSQQuantizer, quantized_layers
 
 FORMAT = "saq-hf-export"
 FORMAT_VERSION = 1
@@ -46,75 +48,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "export_manifest.json"
 EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)
-ONNX_FILE = "model.onnx"
 PACKING = "offset-binary (code - qmin), `bits` bits per code, LSB-first bit stream, zero-padded to a byte"
-ONNX_INSTALL = 'pip install "saq-hf[onnx]"'
-
-
-def _require_onnx() -> None:
-    if importlib.util.find_spec("onnx") is None:
-        raise ModuleNotFoundError(f"ONNX export needs the onnx package: {ONNX_INSTALL}", name="onnx")
-
-
-def _process_umask() -> int:
-    mask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def follow_umask(*paths: str | os.PathLike) -> None:
-    """Give ``paths`` the mode every other file gets (``0o666`` less the umask): safetensors (0.8) writes through a
-    private temporary file and leaves its files at mode 600, unreadable to anyone else."""
-    mode = 0o666 & ~_process_umask()
-    for path in paths:
-        os.chmod(path, mode)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dequantize(codes: torch.Tensor, step_size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Same operands, dtype and broadcast as LSQ's forward (`codes * step_size.to(x.dtype)`), so bit-identical.
-    return codes.to(dtype) * step_size.to(dtype)
-
-
-def _check_fixed_point(name: str, layer: nn.Module, weight: torch.Tensor, codes: torch.Tensor) -> None:
-    changed = int((layer.weight_quantizer.codes(weight) != codes).sum())
-    if changed:
-        raise ValueError(
-            f"re-quantizing the dequantized {_dtype_name(weight.dtype)} weight of '{name}' changes {changed} "
-            "codes, so it would not reload exactly: export the model in float32 (model.float())"
-        )
-
-
-def _exportable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: layer}`` of a saq-hf model that is ready to export; ``ValueError`` saying what to do otherwise."""
-    layers = dict(quantized_layers(model))
-    if not layers:
-        raise ValueError("model is not quantized with saq-hf: run saq_hf.quantize_model first")
-    quant_config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if isinstance(quant_config, QuantConfig):
-        quant_config = quant_config.to_dict()
-    if not isinstance(model, PreTrainedModel) or (quant_config or {}).get("quant_method") != QUANT_METHOD:
-        raise ValueError(
-            "export needs a transformers model with a saq quantization_config on its config: quantize it with "
-            "saq_hf.quantize_model, or load the saved run with from_pretrained after import saq_hf"
-        )
-    for name, layer in layers.items():
-        if layer.weight_perturbation is not None:
-            raise ValueError(f"layer '{name}' carries a SAQ weight perturbation: export outside "
-                             "perturb_quantized_weights()")
-        if not bool(layer.weight_quantizer.initialized):
-            raise ValueError(f"weight step size of '{name}' is not initialised: quantize the model with "
-                             "saq_hf.quantize_model before exporting")
-        if layer.input_quantizer is not None and not bool(layer.input_quantizer.initialized):
-            raise ValueError(f"activation step size of '{name}' is not initialised: run saq_hf.calibrate(model, "
-                             "batches) or train the model before exporting")
-        layer.weight_quantizer.check_step_size(f"{name}.weight_quantizer.step_size")
-        if layer.input_quantizer is not None:
-            layer.input_quantizer.check_step_size(f"{name}.input_quantizer.step_size")
-    return layers
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -388,118 +322,6 @@ def size_table(out_dir: str | os.PathLike) -> str:
     lines.append(f"unquantized tensors, kept as they are (biases, norms, embeddings, ...): {other_bytes:,} bytes")
     lines.append(f"{folder / WEIGHTS_FILE}: {(folder / WEIGHTS_FILE).stat().st_size:,} bytes on disk")
     return "\n".join(lines)
-
-
-class _ActivationQDQ(torch.autograd.Function):
-    """LSQ's activation fake-quant; in ONNX ``QuantizeLinear`` -> ``Clip`` to the b-bit range -> ``DequantizeLinear``.
-
-    QuantizeLinear saturates to the 8-bit range only; clipping the integers to ``qmin..qmax`` afterwards equals
-    LSQ's clamp-then-round because the bounds are integers.
-    """
-
-    @staticmethod
-    def forward(ctx, x, step_size, qmin, qmax):
-        return torch.clamp(x / step_size, qmin, qmax).round() * step_size
-
-    @staticmethod
-    def symbolic(g, x, step_size, qmin, qmax):
-        dtype = torch.int8 if qmin < 0 else torch.uint8
-        zero_point = g.op("Constant", value_t=torch.tensor(0, dtype=dtype))
-        codes = g.op("QuantizeLinear", x, step_size, zero_point)
-        codes = g.op("Clip", codes, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
-                     g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)))
-        return g.op("DequantizeLinear", codes, step_size, zero_point)
-
-
-class _WeightDQ(torch.autograd.Function):
-    """``codes * step_size`` from int8 codes; in ONNX one ``DequantizeLinear`` (per output channel: axis 0)."""
-
-    @staticmethod
-    def forward(ctx, codes, step_size):
-        shape = (-1,) + (1,) * (codes.dim() - 1) if step_size.dim() else ()
-        return _dequantize(codes, step_size.reshape(shape), step_size.dtype)
-
-    @staticmethod
-    def symbolic(g, codes, step_size):
-        return g.op("DequantizeLinear", codes, step_size, axis_i=0)
-
-
-class _OnnxQuantLayer(nn.Module):
-    """A quantized layer as the ONNX graph holds it: int8 weight codes, step sizes, Q/DQ nodes, float bias."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        quantizer = layer.weight_quantizer
-        self.register_buffer("weight_codes", quantizer.codes(layer.weight).to(torch.int8))
-        step_size = quantizer.step_size.detach().clone()
-        self.register_buffer("weight_step_size", step_size.flatten() if quantizer.per_channel else step_size)
-        self.bias = layer.bias
-        self.conv_args = None
-        if isinstance(layer, QuantConv2d):
-            if layer.padding_mode != "zeros":
-                raise ValueError(f"export_onnx supports zero-padded convolutions only, got padding_mode="
-                                 f"{layer.padding_mode!r}; use export_quantized for this model")
-            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
-        self.activation_range = layer.input_quantizer.qrange() if layer.input_quantizer is not None else None
-        if layer.input_quantizer is not None:
-            self.register_buffer("input_step_size", layer.input_quantizer.step_size.detach().clone())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # transformers reads `<layer>.weight.dtype` in some forwards (ViT's patch embedding).
-        return _WeightDQ.apply(self.weight_codes, self.weight_step_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_range is not None:
-            x = _ActivationQDQ.apply(x, self.input_step_size, *self.activation_range)
-        if self.conv_args is not None:
-            return nn.functional.conv2d(x, self.weight, self.bias, *self.conv_args)
-        return nn.functional.linear(x, self.weight, self.bias)
-
-
-class _Logits(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
-
-
-@torch.no_grad()
-def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17) -> Path:
-    """Write ``model`` as an ONNX graph ``pixel_values -> logits`` with int8 weight codes and Q/DQ nodes.
-
-    Each quantized layer becomes ``DequantizeLinear(int8 codes, step sizes)`` for its weight and, when its input
-    is quantized, ``QuantizeLinear -> Clip(qmin, qmax) -> DequantizeLinear`` on its input; everything else is
-    the model's float graph. Weight codes are stored one per byte (ONNX has no 2/3-bit type). The batch size is
-    dynamic, the image size is ``config.image_size``. Uses torch's TorchScript ONNX exporter (deprecated since
-    torch 2.9, still in 2.13), which needs the ``onnx`` package but not ``onnxscript``.
-    """
-    _require_onnx()
-    layers = _exportable_layers(model)
-    config = model.config
-    size = getattr(config, "image_size", None)
-    if size is None or getattr(config, "num_channels", None) is None:
-        raise ValueError("export_onnx needs an image model whose config has image_size and num_channels")
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    graph_model = copy.deepcopy(model).eval()
-    for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(graph_model.get_submodule(parent) if parent else graph_model, child, _OnnxQuantLayer(layer))
-    parameter = next(graph_model.parameters())
-    example = torch.zeros(1, config.num_channels, height, width, dtype=parameter.dtype, device=parameter.device)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # Expected for this path: the TorchScript exporter's deprecation notice and tracer notes on the image
-        # size checks in transformers' forwards (the image size is fixed by the config anyway).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(_Logits(graph_model), (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["pixel_values"], output_names=["logits"],
-                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
-    return path
 
 
 def _json_object(path: Path) -> dict | None:

@@ -9,7 +9,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .compat import check_loading_internals
 from .config import QUANT_METHOD
-from .quant.convert import convert_layers
+from .quant.convert import convert_layers, resolve_defaults
 from .quant.layers import quantized_layers
 
 QUANTIZER_TENSOR = re.compile(r"(^|\.)(weight_quantizer|input_quantizer)\.")
@@ -72,8 +72,6 @@ class SAQHfQuantizer(HfQuantizer):
                 if layer.input_quantizer is not None:
                     layer.input_quantizer.check_step_size(f"{name}.input_quantizer.step_size")
         if not self.pre_quantized:
-            from .quantize import resolve_defaults
-
             convert_layers(model, resolve_defaults(model, self.quantization_config))
         return model
 

@@ -3,16 +3,7 @@
 from torch import nn
 
 from .config import QuantConfig
-from .quant.convert import convert_layers, default_bits_overrides, quantized_layer_bits
-
-
-def resolve_defaults(model: nn.Module, config: QuantConfig) -> QuantConfig:
-    """Fill the architecture-dependent defaults into ``config`` so the saved config is explicit."""
-    if config.modules_to_not_convert is None:
-        config.modules_to_not_convert = []
-    if config.bits_overrides is None:
-        config.bits_overrides = default_bits_overrides(model)
-    return config
+from .quant.convert import convert_layers, quantized_layer_bits, resolve_defaults
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, verbose: bool = False) -> nn.Module:

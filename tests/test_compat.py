@@ -78,10 +78,10 @@ def test_the_declared_transformers_floor_is_the_one_the_checks_name():
 def test_a_processor_folder_loads_where_auto_image_processor_insists_on_torchvision(tmp_path, monkeypatch):
     """transformers 5.17 without torchvision: AutoImageProcessor refuses a PIL processor folder that the class it
     names still loads. The run pipeline falls back to that class (a transformers class: no remote code)."""
-    import saq_hf.run
+    import saq_hf.loading
     from conftest import ViTImageProcessorPil
     from saq_hf.args import UserInputError
-    from saq_hf.run import _load_image_processor
+    from saq_hf.loading import _load_image_processor
 
     ViTImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "p")
 
@@ -90,7 +90,7 @@ def test_a_processor_folder_loads_where_auto_image_processor_insists_on_torchvis
         def from_pretrained(*args, **kwargs):
             raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
 
-    monkeypatch.setattr(saq_hf.run, "AutoImageProcessor", Refusing)
+    monkeypatch.setattr(saq_hf.loading, "AutoImageProcessor", Refusing)
     processor = _load_image_processor(str(tmp_path / "p"))
     assert processor.size["height"] == 16 and type(processor).__module__.startswith("transformers.")
     (tmp_path / "empty").mkdir()

@@ -384,12 +384,12 @@ def test_export_command_on_a_folder_without_a_model_says_what_to_pass(tmp_path):
 
 def test_export_onnx_without_the_onnx_package_is_one_line_exit_2_naming_the_extra_and_writes_nothing(
         tmp_path, monkeypatch, capfd):
-    from saq_hf import export
+    from saq_hf import onnx_export
     from saq_hf.cli import main
 
     trained_like("vit").save_pretrained(tmp_path / "run")
-    find_spec = export.importlib.util.find_spec
-    monkeypatch.setattr(export.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a))
+    find_spec = onnx_export.importlib.util.find_spec
+    monkeypatch.setattr(onnx_export.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a))
     capfd.readouterr()
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--onnx"]) == 2
     captured = capfd.readouterr()

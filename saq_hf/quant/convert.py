@@ -41,6 +41,15 @@ def default_bits_overrides(model: nn.Module) -> dict[str, dict[str, int]]:
     return {name: dict(eight_bit) for name in dict.fromkeys(names[:1] + names[-1:])}
 
 
+def resolve_defaults(model: nn.Module, config):
+    """Fill the architecture-dependent defaults into ``config`` (a ``QuantConfig``) so the saved config is explicit."""
+    if config.modules_to_not_convert is None:
+        config.modules_to_not_convert = []
+    if config.bits_overrides is None:
+        config.bits_overrides = default_bits_overrides(model)
+    return config
+
+
 def resolve_layer_bits(name: str, config) -> tuple[int, int | None] | None:
     """``(w_bits, a_bits)`` for the layer called ``name``; ``None`` when it stays unconverted."""
     if any(name_matches(name, pattern) for pattern in config.modules_to_not_convert or []):
