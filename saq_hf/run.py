@@ -22,6 +22,7 @@ from transformers import Trainer, set_seed
 
 from . import __version__
 from .args import DataArguments, ModelArguments, QuantArguments, UserInputError, check_training_args
+from .bits_plan import check_plan
 from .console import say
 from .data import ImageClassificationData, collate_fn, data_fingerprint, load_image_data, with_transforms
 from .evaluate import _warn_if_small, evaluate_run, format_results  # noqa: F401  (the latter two: their old home)
@@ -118,8 +119,6 @@ def _check_device_precision(args: SAQTrainingArguments) -> None:
 def _check_quantizable(model: torch.nn.Module, quant_args: QuantArguments) -> dict[str, Any] | None:
     """The quantization settings applied to the FP model leave something to quantize and every pattern matches;
     a bits plan names exactly the model's layers and meets its budget. Returns the plan's allocation (or None)."""
-    from .search import check_plan
-
     plan = None
     if quant_args.plan is not None:
         try:

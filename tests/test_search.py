@@ -307,7 +307,7 @@ def tiny_convnext():
 def test_measuring_forwards_that_reuse_earlier_outputs_give_the_same_sensitivities(monkeypatch, case):
     import contextlib
 
-    from saq_hf import search as search_module
+    from saq_hf import sensitivity
     if case in ("in_place", "shared"):
         model = InPlaceAfterLayer(share=case == "shared")
         batches = residual_batches(model)
@@ -317,7 +317,7 @@ def test_measuring_forwards_that_reuse_earlier_outputs_give_the_same_sensitiviti
     candidates = (2, 3, 8)
     reused = search_bits(model, batches, target_bits=3, candidates=candidates)
     skipped = []
-    monkeypatch.setattr(search_module._EarlierOutputs, "reused_before",
+    monkeypatch.setattr(sensitivity._EarlierOutputs, "reused_before",
                         lambda self, layer: skipped.append(len(self.reuse.get(layer, []))) or contextlib.nullcontext())
     fresh = search_bits(model, batches, target_bits=3, candidates=candidates)
     if case == "in_place":
