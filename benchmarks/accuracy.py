@@ -32,13 +32,13 @@ from common import (  # noqa: E402
     in_parallel,
     load_splits,
     machine,
-    mean_std,
     plateau,
     pyplot,
     run_all,
     save_figure,
     train_fp,
 )
+from stats import mean_std  # noqa: E402
 
 BASELINE, METHOD = "qat", "saq"
 EFFICIENT = ("saq_every_k", "saq_reuse_grad")

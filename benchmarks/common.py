@@ -445,9 +445,3 @@ def run_all(specs: list[RunSpec], jobs: int, threads: int, journal: Path, scratc
 
     return journaled(qat_run, specs, jobs, threads, journal, scratch, describe,
                      redo=lambda s: bool(s.save_to) and not Path(s.save_to).exists(), progress=progress)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-

@@ -43,14 +43,15 @@ from common import (  # noqa: E402
     in_parallel,
     journaled,
     machine,
-    mean_std,
     pyplot,
     quiet,
     read_journal,
     settings_key,
     train_timed,
 )
-from regimes import FIXED_RHO, Arch, Schedule, data_for, fp_dir, fp_model, t_interval  # noqa: E402
+from digits import Arch, Schedule, data_for, fp_dir, fp_model  # noqa: E402
+from regime_run import FIXED_RHO  # noqa: E402
+from stats import mean_std, t_interval  # noqa: E402
 
 MEASURES = ("sharpness", "hessian")
 # Label -> SAQTrainingArguments fields of the training schedule every allocation gets.

@@ -8,7 +8,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import digits  # noqa: E402
+import regime_run  # noqa: E402
 import regimes  # noqa: E402
+import regimes_report  # noqa: E402
+import stats  # noqa: E402
 
 
 def row(mode, seed, accuracy, regime="scratch", model="vit", bits=2, seconds=1.0):
@@ -18,7 +22,7 @@ def row(mode, seed, accuracy, regime="scratch", model="vit", bits=2, seconds=1.0
 
 def test_t_interval_matches_the_textbook_value():
     # mean 2, sample std 1, n = 3: half width t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321 = 2.4841
-    mean, low, high = regimes.t_interval([1.0, 2.0, 3.0])
+    mean, low, high = stats.t_interval([1.0, 2.0, 3.0])
     assert mean == pytest.approx(2.0)
     assert high - mean == pytest.approx(2.4841, abs=1e-3)
     assert mean - low == pytest.approx(2.4841, abs=1e-3)
@@ -28,7 +32,7 @@ def test_differences_to_qat_are_paired_by_seed():
     # SAQ is exactly 1 pt above QAT on every seed while both vary a lot across seeds: paired, the interval is 0.
     rows = [row("qat", s, 80.0 + 5 * s) for s in range(3)] + \
         [row("saq", s, 81.0 + 5 * s, seconds=2.0) for s in range(3)]
-    summary = {s["mode"]: s for s in regimes.summarize(rows, ("regime", "model", "w_bits"))}
+    summary = {s["mode"]: s for s in stats.summarize(rows, ("regime", "model", "w_bits"))}
     assert summary["saq"]["delta_vs_qat"] == pytest.approx(1.0)
     assert summary["saq"]["delta_ci95"] == pytest.approx([1.0, 1.0])
     assert summary["saq"]["accuracy_std"] == pytest.approx(5.0)
@@ -44,7 +48,7 @@ def test_the_validation_sweep_never_uses_a_reported_seed():
 
 def test_validation_rows_reuse_the_default_runs_only_where_validation_chose_the_default():
     plan = regimes.FULL
-    arch = regimes.Arch("vit", 64, 2)
+    arch = digits.Arch("vit", 64, 2)
     # The radius is chosen per cell: regime, model and bits.
     chosen = {(regime, arch.name, bits): regimes.FIXED_RHO for regime in plan.regimes for bits in plan.bits}
     chosen[("transfer", arch.name, 3)] = 0.005
@@ -78,7 +82,7 @@ def test_the_distillation_pairs_are_seed_paired_against_their_own_baseline():
         [row("qat_kd", s, 83.0 + 5 * s + (s == 2), regime="long_qat") for s in range(3)] + \
         [row("saq_kd", s, 84.0 + 5 * s + (s == 2), regime="long_qat") for s in range(3)] + \
         [row("saq", s, 80.5 + 5 * s, regime="long_qat") for s in range(2)]  # seed 2 missing: n 2
-    (cell,) = regimes.distill_pairs(rows, ("regime", "model", "w_bits"))
+    (cell,) = regimes_report.distill_pairs(rows, ("regime", "model", "w_bits"))
     assert cell["qat_accuracy"] == pytest.approx(85.0) and cell["qat_n"] == 3
     assert cell["qat_kd-qat"]["delta"] == pytest.approx(10 / 3) and cell["qat_kd-qat"]["n"] == 3
     assert cell["saq_kd-qat_kd"]["ci95"] == pytest.approx([1.0, 1.0])
@@ -86,44 +90,44 @@ def test_the_distillation_pairs_are_seed_paired_against_their_own_baseline():
 
 
 def test_a_distillation_run_is_keyed_apart_and_needs_an_fp_model(monkeypatch):
-    arch, schedule = regimes.Arch("vit", 64, 2), regimes.Schedule(20, 5e-4, 128)
+    arch, schedule = digits.Arch("vit", 64, 2), digits.Schedule(20, 5e-4, 128)
 
     def key(mode):
-        return regimes.Run("long_qat", arch, 2, mode, 0, schedule, fp_path="/fp/vit", fp_seed=0).key()
+        return regime_run.Run("long_qat", arch, 2, mode, 0, schedule, fp_path="/fp/vit", fp_seed=0).key()
 
     plain, kd = key("qat"), key("qat_kd")
     assert plain != kd
     # The library's distillation defaults are part of a KD run's key, and of no other run's.
-    assert "distill_alpha" in regimes.effective_settings("saq_kd")
-    assert "distill_alpha" not in regimes.effective_settings("saq")
-    defaults = regimes.library_defaults
+    assert "distill_alpha" in regime_run.effective_settings("saq_kd")
+    assert "distill_alpha" not in regime_run.effective_settings("saq")
+    defaults = regime_run.library_defaults
 
     def changed(prefixes=("saq_", "rho", "step_size_")):
         out = defaults(prefixes)
         return {**out, "distill_alpha": 0.5} if "distill_alpha" in out else out
 
-    monkeypatch.setattr(regimes, "library_defaults", changed)
+    monkeypatch.setattr(regime_run, "library_defaults", changed)
     assert key("qat_kd") != kd and key("qat") == plain
     # From scratch there is no FP model to teach: the map plans no KD run there.
     runs = regimes.main_runs(replace(regimes.FULL, modes=("qat", "qat_kd", "saq_kd")), {}, {})
-    assert {r.regime for r in runs if r.mode in ("qat_kd", "saq_kd")} == {"long_qat"}
+    assert {r.regime for r in runs if r.mode in ("qat_kd", "saq_kd")} == {"long_qat", "transfer"}
 
 
 def test_a_run_key_follows_the_step_size_scale_and_the_radius_rule(monkeypatch):
     from saq_hf.sharpness import LossDrivenRadius
 
-    arch, schedule = regimes.Arch("vit", 64, 2), regimes.Schedule(20, 5e-4, 128)
+    arch, schedule = digits.Arch("vit", 64, 2), digits.Schedule(20, 5e-4, 128)
 
     def key(mode):
-        return regimes.Run("long_qat", arch, 2, mode, 0, schedule, fp_path="/fp/vit", fp_seed=0).key()
+        return regime_run.Run("long_qat", arch, 2, mode, 0, schedule, fp_path="/fp/vit", fp_seed=0).key()
 
-    assert regimes.effective_settings("saq")["step_size_lr_scale"] == 30.0
-    assert regimes.effective_settings("saq")["rho"] == "auto"  # the map's saq rows are the library's defaults
+    assert regime_run.effective_settings("saq")["step_size_lr_scale"] == 30.0
+    assert regime_run.effective_settings("saq")["rho"] == "auto"  # the map's saq rows are the library's defaults
     before = {mode: key(mode) for mode in ("saq", "saq_fixed", "auto_l50_f05")}
     assert len(set(before.values())) == 3  # a rule variant is keyed apart from the default rule
-    regimes._LIBRARY_RULE.clear()
+    regime_run._LIBRARY_RULE.clear()
     monkeypatch.setattr(LossDrivenRadius, "FALL_ZERO", 0.3)
     try:
         assert key("saq") != before["saq"] and key("saq_fixed") == before["saq_fixed"]
     finally:
-        regimes._LIBRARY_RULE.clear()
+        regime_run._LIBRARY_RULE.clear()
