@@ -21,7 +21,6 @@ One step reads like ``sam.py``::
     optimizer.step()
 """
 
-import math
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 
@@ -35,6 +34,7 @@ from .quant import (
     quantized_layers,
     recomputes_activations,
 )
+from .radius import LossDrivenRadius  # noqa: F401  (its earlier home: benchmarks/regimes.py imports it from here)
 
 CASES = ("saq", "case1", "case2")
 PERTURB_CHOICES = ("none", "bias_norm", "bias_norm_step_size")
@@ -337,76 +337,31 @@ def frozen_running_stats(model: nn.Module):
                 torch._foreach_copy_(buffers, saved)
 
 
-class LossDrivenRadius:
-    """``rho="auto"``: a relative radius for a training loss that is high *and* has stopped falling,
+@contextmanager
+def recording(params):
+    """The gradient each of ``params`` gets from the backward inside the block (before it is accumulated into
+    ``.grad`` or all-reduced), left unchanged."""
+    found = [None] * len(params)
 
-    ``ρ = rho_max · min(1, L_fast / (loss_share · ln C)) · clamp((FALL_ZERO − d) / (FALL_ZERO − FALL_FULL), 0, 1)``,
-    ``d = (L_slow − L_fast) / L_slow``,
+    def keep(i):
+        # Summed: under reentrant activation checkpointing a tensor's gradient can arrive in parts.
+        def hook(grad):
+            found[i] = grad if found[i] is None else found[i] + grad
 
-    with ``L_fast`` and ``L_slow`` a fast and a slow exponential mean of the unperturbed training loss (weights
-    ``1 − FAST_DECAY`` and ``1 − SLOW_DECAY`` for the newest micro-batch) and ``C`` the number of classes.
+        return hook
 
-    A high loss alone does not tell "cannot fit" from "not fitted yet": a small fine-tuning set starts with a
-    high loss too, and sharpness-aware steps there only cost. ``d`` tells them apart: while the loss still falls
-    (the fast mean more than ``FALL_FULL`` below the slow one) the model is fitting and ρ shrinks, to 0 at a fall of
-    ``FALL_ZERO``; once the loss has stopped falling, ρ follows its level, the largest where the labels cannot be
-    fitted (noisy labels, where SAQ gains most) and near 0 where they were fitted. ρ is 0 for the first
-    ``WARMUP`` micro-batches, before the slow mean means anything. The means are tensors, so the rule never waits
-    for the device; each data-parallel worker follows its own micro-batches.
-    """
+    handles = [p.register_hook(keep(i)) for i, p in enumerate(params)]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
-    FAST_DECAY, SLOW_DECAY, WARMUP = 0.9, 0.97, 30
-    FALL_FULL, FALL_ZERO = 0.10, 0.25
 
-    def __init__(self, num_classes: int, rho_max: float, loss_share: float):
-        if num_classes < 2:
-            raise ValueError(f"rho='auto' needs a classifier with >= 2 classes, got {num_classes}: set rho to a number")
-        self.num_classes, self.scale = num_classes, loss_share * math.log(num_classes)
-        self.rho_max = rho_max
-        self.fast: torch.Tensor | None = None
-        self.slow: torch.Tensor | None = None
-        self.observed = 0
-
-    def observe(self, loss: torch.Tensor) -> None:
-        loss = loss.detach().float()
-        if self.fast is None:
-            self.fast, self.slow = loss, loss.clone()  # two tensors: a checkpoint saves both
-        else:
-            self.fast = torch.lerp(self.fast, loss, 1 - self.FAST_DECAY)
-            self.slow = torch.lerp(self.slow, loss, 1 - self.SLOW_DECAY)
-        self.observed += 1
-
-    @property
-    def fall(self) -> torch.Tensor | None:
-        """``d``: how far the fast mean of the loss lies below the slow one, relative to the slow one."""
-        if self.fast is None:
-            return None
-        return (self.slow - self.fast) / self.slow.clamp(min=torch.finfo(torch.float32).tiny)
-
-    @property
-    def rho(self) -> torch.Tensor | float:
-        """The radius for the next step (a 0-dim tensor on the loss's device; 0 during the warm-up)."""
-        if self.fast is None or self.observed < self.WARMUP:
-            return 0.0
-        level = torch.clamp(self.fast / self.scale, max=1.0)
-        plateau = torch.clamp((self.FALL_ZERO - self.fall) / (self.FALL_ZERO - self.FALL_FULL), min=0.0, max=1.0)
-        return self.rho_max * level * plateau
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.fast is None:
-            return {}
-        return {"rho_auto.fast": self.fast.detach().clone().reshape(1),
-                "rho_auto.slow": self.slow.detach().clone().reshape(1),
-                "rho_auto.observed": torch.tensor([self.observed], dtype=torch.int64)}
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restores what :meth:`state_dict` saved (and pops its keys from ``tensors``). A file of the earlier rule,
-        one running mean, restarts both means from it, past the warm-up."""
-        old = tensors.pop("rho_auto.mean_loss", None)
-        if "rho_auto.fast" in tensors:
-            self.fast = tensors.pop("rho_auto.fast").float().reshape(())
-            self.slow = tensors.pop("rho_auto.slow").float().reshape(())
-            self.observed = int(tensors.pop("rho_auto.observed").reshape(()))
-        elif old is not None:
-            self.fast, self.slow = old.float().reshape(()), old.float().reshape(()).clone()
-            self.observed = self.WARMUP
+def same_random_draws(device: torch.device):
+    """Fork the RNG for the ascent pass, so the descent pass draws the same dropout masks (and the
+    random stream stays the one plain QAT would see)."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)

@@ -153,7 +153,7 @@ def test_push_to_hub_in_the_recipe_uploads_the_run_folder_with_the_saq_card(tmp_
     assert api.calls[0] == ("create_repo", "me/tiny")  # before training: a bad token fails fast
     assert api.calls[-1] == ("upload_folder", "me/tiny", ["README.md", "config.json", "model.safetensors",
                                                            "preprocessor_config.json", "saq_run.json",
-                                                           "train_log.json", "training_args.bin"])
+                                                           "train_log.json", "training_args.json"])
     assert "base_model_relation" not in api.readme and "- saq" in api.readme  # our card, not the Trainer's
     assert 'from_pretrained("me/tiny")' in api.readme
     captured = capfd.readouterr()

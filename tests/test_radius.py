@@ -8,11 +8,12 @@ from conftest import NUM_LABELS, ToyImages, tiny_vit
 from sklearn.datasets import load_digits
 from transformers import ViTConfig, ViTForImageClassification
 
-import saq_hf.trainer as trainer_module
+import saq_hf.start_rule as start_rule_module
 from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model
-from saq_hf.trainer import FIT_SHARE, FIT_WINDOW, WAITING
 from saq_hf.quant import LSQQuantizer
-from saq_hf.sharpness import LossDrivenRadius, SharpnessPerturbation
+from saq_hf.radius import LossDrivenRadius
+from saq_hf.sharpness import SharpnessPerturbation
+from saq_hf.start_rule import FIT_SHARE, FIT_WINDOW, WAITING
 
 FAST = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
 
@@ -325,7 +326,7 @@ def test_an_untrained_model_trains_plain_qat_until_it_fits_and_says_so(tmp_path)
             trainer.train()
         runs[mode] = (trainer, len(forwards))
     trainer, forwards = runs["saq"]
-    assert trainer.saq_start_step == WAITING and trainer._fit_threshold == pytest.approx(FIT_SHARE * math.log(NUM_LABELS))
+    assert trainer.saq_start_step == WAITING and trainer.start_rule.fit_threshold == pytest.approx(FIT_SHARE * math.log(NUM_LABELS))
     assert [h["saq_start_step"] for h in trainer.state.log_history if "saq_start_step" in h] == [WAITING]
     assert forwards == 1 + 4  # the look at the first batch, then four plain QAT steps
     for (name, a), b in zip(trainer.model.named_parameters(), runs["qat"][0].model.parameters()):
@@ -333,7 +334,7 @@ def test_an_untrained_model_trains_plain_qat_until_it_fits_and_says_so(tmp_path)
 
 
 def test_saq_starts_at_the_first_window_whose_loss_is_below_the_threshold(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "FIT_SHARE", 100.0)  # any loss counts as fitted
+    monkeypatch.setattr(start_rule_module, "FIT_SHARE", 100.0)  # any loss counts as fitted
     model = quantized(tiny_vit())
     forwards = counting_forwards(model)
     trainer = SAQTrainer(model=model, args=args(tmp_path, max_steps=FIT_WINDOW + 2, saq_start_ratio="auto"),
@@ -350,7 +351,7 @@ def test_a_resumed_run_goes_on_waiting_or_keeps_its_start(tmp_path):
         resumed = SAQTrainer(model=quantized(tiny_vit()), args=args(tmp_path, saq_start_ratio="auto"),
                              train_dataset=ToyImages())
         resumed.state.log_history = [{"saq_start_step": value, "step": 0} for value in history]
-        assert resumed._resolve_start_step(resumed.model, batch()) == expected
+        assert resumed.start_rule.resolve(resumed, resumed.model, batch()) == expected
 
 
 def test_a_trained_model_starts_saq_at_once_and_the_check_changes_nothing(tmp_path):

@@ -13,7 +13,7 @@ from saq_hf.args import (
     parse_overrides,
     parse_recipe,
 )
-from saq_hf.trainer import SAQTrainingArguments
+from saq_hf.training_args import SAQTrainingArguments
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 GROUPS = (ModelArguments, DataArguments, QuantArguments, SAQTrainingArguments)

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from saq_hf import QuantConfig, SAQTrainer, quantize_model
 from saq_hf.quant import recomputes_activations
+from saq_hf.guards import refuse_unsupported_switches
 from saq_hf.sharpness import SharpnessPerturbation
 
 # --- activation (gradient) checkpointing ------------------------------------------------------------------------
@@ -207,9 +208,9 @@ def test_sharded_training_is_refused_for_saq_and_allowed_for_qat(tmp_path, switc
     trainer = SAQTrainer(model=quantized(tiny_vit), args=saq_args(tmp_path), train_dataset=ToyImages())
     setattr(trainer, switch, True)
     with pytest.raises(ValueError, match=message):
-        trainer._refuse_unsupported_switches()
+        refuse_unsupported_switches(trainer)
     trainer.args.saq_mode = "qat"
-    trainer._refuse_unsupported_switches()
+    refuse_unsupported_switches(trainer)
 
 
 # --- resume mid-run, every strategy -------------------------------------------------------------------------------
@@ -232,10 +233,10 @@ def test_resume_mid_run_matches_the_uninterrupted_run_for_every_strategy(tmp_pat
 def test_cuda_graph_compile_mode_asks_for_static_batch_shapes(tmp_path, drop_last, warned):
     from transformers.testing_utils import CaptureLogger
 
-    import saq_hf.trainer as trainer_module
+    import saq_hf.guards as guards_module
 
     args = saq_args(tmp_path, torch_compile=True, torch_compile_mode="reduce-overhead", dataloader_drop_last=drop_last)
-    with CaptureLogger(trainer_module.logger) as captured:
+    with CaptureLogger(guards_module.logger) as captured:
         SAQTrainer(model=quantized(tiny_vit), args=args, train_dataset=ToyImages())
     assert ("dataloader_drop_last=True" in captured.out) == warned
 
@@ -266,5 +267,5 @@ def test_logged_losses_and_the_fit_watch_read_per_sample_means_under_gradient_ac
     waiting = SAQTrainer(model=initialised(), args=saq_args(tmp_path / "w", gradient_accumulation_steps=2),
                          train_dataset=ToyImages())
     waiting.current_gradient_accumulation_steps = 2  # set by train() for each step
-    waiting._watch_for_fit(torch.tensor(0.5), num_items_in_batch=torch.tensor(8))
-    assert float(waiting._fit_losses[0]) == pytest.approx(1.0)  # the returned share, scaled back to the mean
+    waiting.start_rule.watch_for_fit(waiting, torch.tensor(0.5))
+    assert float(waiting.start_rule.fit_losses[0]) == pytest.approx(1.0)  # the returned share, scaled back to the mean

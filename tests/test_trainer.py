@@ -7,7 +7,8 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from saq_hf import QuantConfig, SAQTrainer, SAQTrainingArguments, quantize_model
-from saq_hf.sharpness import LossDrivenRadius, SharpnessPerturbation
+from saq_hf.radius import LossDrivenRadius
+from saq_hf.sharpness import SharpnessPerturbation
 
 FAST = dict(report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
 
