@@ -40,7 +40,7 @@ def _recipe_path(recipe: str) -> Path:
 
 def _recipe_groups():
     from .args import DataArguments, ModelArguments, QuantArguments
-    from .trainer import SAQTrainingArguments
+    from .training_args import SAQTrainingArguments
 
     saq_fields = [f.name for f in dataclasses.fields(SAQTrainingArguments) if f.name.startswith(("saq_", "rho", "distill_"))]
     return (("model", ModelArguments, None), ("data", DataArguments, None), ("quantization", QuantArguments, None),
@@ -97,7 +97,7 @@ def _train(ns: argparse.Namespace) -> int:
     from .hub import work_offline_if_hub_unreachable
     from .loading import DISTILL_FP
     from .run_folder import interrupted
-    from .trainer import SAQTrainingArguments
+    from .training_args import SAQTrainingArguments
 
     recipe = _recipe_path(ns.recipe)
     if "--help" in ns.overrides or "-h" in ns.overrides:

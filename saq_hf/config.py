@@ -6,7 +6,7 @@ from transformers.quantizers.auto import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "saq"
-STEP_SIZE_FORMATS = ("log", "linear")  # as saq_hf.quant.lsq (config.py stays free of torch)
+STEP_SIZE_FORMATS = ("log", "linear")  # as saq_hf.quant.quantizer (config.py stays free of torch)
 
 
 def _check_bits(field: str, value: Any, allow_none: bool = False) -> None:

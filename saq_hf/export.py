@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import __version__
+from ._version import __version__
 from .config import QUANT_METHOD
 from .export_layers import _check_fixed_point, _dequantize, _dtype_name, _exportable_layers
 from .file_modes import follow_umask

@@ -19,7 +19,7 @@ import huggingface_hub.constants
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import filter_repo_objects
 
-from . import __version__
+from ._version import __version__
 from .args import DEMO_DATASET, UserInputError
 
 RUN_INFO_NAME = "saq_run.json"

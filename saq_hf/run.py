@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from transformers import Trainer, set_seed
 
-from . import __version__
+from ._version import __version__
 from .args import DataArguments, ModelArguments, QuantArguments, UserInputError, check_training_args
 from .bits_plan import check_plan
+from .checkpoint_state import save_arguments_as_json
 from .console import say
 from .data import ImageClassificationData, collate_fn, data_fingerprint, load_image_data, with_transforms
 from .evaluate import _warn_if_small, evaluate_run, format_results  # noqa: F401  (the latter two: their old home)
@@ -222,6 +223,7 @@ def _train_full_precision(setup: RunSetup) -> None:
         trainer.train()
         if fp_args.should_save:
             trainer.save_model(str(partial))
+            save_arguments_as_json(fp_args, str(partial))  # the stock Trainer's pickle of them, replaced
             follow_umask(*partial.rglob("*.safetensors"))
             _replace_folder(partial, setup.fp_dir)
     finally:

@@ -114,6 +114,10 @@ def test_demo_recipe_runs_offline_and_reuses_its_cached_fp_model(tmp_path, capsy
     assert a["base_model"] is None and a["quantization"]["tag"] == "W4A4"
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (config["image_size"], config["patch_size"], len(config["id2label"])) == (28, 7, 10)
+    # The cached FP model's folder holds its training arguments as JSON, no pickle.
+    fp_folder = Path(a["fp_model"])
+    assert json.loads((fp_folder / "training_args.json").read_text())["max_steps"] == 4
+    assert not [p.name for p in fp_folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
 
 
 class HubRecorder:

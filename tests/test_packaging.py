@@ -26,7 +26,7 @@ def tracked_text_files() -> list[Path]:
 
 def test_version_is_written_once_in_saq_hf_init():
     assert "version" not in PYPROJECT["project"] and PYPROJECT["project"]["dynamic"] == ["version"]
-    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "saq_hf.__version__"}
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "saq_hf._version.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", saq_hf.__version__)
 
 

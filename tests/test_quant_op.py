@@ -132,10 +132,3 @@ def test_a_quantizer_whose_step_size_has_another_dtype_keeps_exp_and_the_cast_be
     assert type(out.grad_fn.next_functions[1][0]).__name__ == "ToCopyBackward0"
     assert quantizer.log_step_size.grad.dtype == torch.float32 and quantizer.log_step_size.grad != 0
 
-
-def test_the_module_class_is_still_importable_from_the_op_module():
-    from saq_hf.quant import quantizer
-
-    assert lsq.LSQQuantizer is quantizer.LSQQuantizer is LSQQuantizer
-    with pytest.raises(AttributeError):
-        lsq.NoSuchThing  # noqa: B018

@@ -362,12 +362,3 @@ def lsq_fake_quantize_many(xs: list[torch.Tensor], step_params: list[torch.Tenso
         return ()
     return _LSQFakeQuantizeMany.apply(tuple(specs), *xs, *step_params)
 
-
-def __getattr__(name: str):
-    # The module class lived here before it moved to quantizer.py (which imports this module): imports and pickles
-    # that name it here still find it.
-    if name in ("LSQQuantizer", "STEP_SIZE_FORMATS"):
-        from . import quantizer
-
-        return getattr(quantizer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
