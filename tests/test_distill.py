@@ -343,8 +343,7 @@ def test_activation_checkpointing_with_a_teacher_gives_the_same_step_bit_for_bit
 def test_bf16_autocast_runs_teacher_and_both_passes_under_autocast_and_gives_the_reference_step(tmp_path):
     """The reference: SAQ's two passes by hand under ``torch.autocast(bfloat16)`` on the distillation loss, the
     teacher's logits taken once under the same autocast; one SGD step, lr 1 (as the bf16 test of test_switches)."""
-    from saq_hf.sharpness import SharpnessPerturbation
-    from test_trainer import PAPER
+    from test_switches import assert_params_close, sgd_saq_step_by_hand
 
     alpha, T = 0.5, 2.0
     model = quantized(tiny_vit)
@@ -364,22 +363,13 @@ def test_bf16_autocast_runs_teacher_and_both_passes_under_autocast_and_gives_the
 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         z_t = teacher()(pixel_values=x).logits.float()
-    perturbation = SharpnessPerturbation(reference_model, case="saq", rho=PAPER["rho"], radius="absolute")
-    reference_model.train()
-
     def loss():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             z_s = reference_model(pixel_values=x).logits.float()
         kl = F.kl_div(F.log_softmax(z_s / T, -1), F.log_softmax(z_t / T, -1), reduction="sum", log_target=True)
         return (1 - alpha) * F.cross_entropy(z_s, y) + alpha * T * T * kl
 
-    eps = perturbation.compute_epsilon(perturbation.ascent_gradients(loss))
-    with perturbation.perturbed(eps):
-        loss().backward()
-    expected = {n: p - p.grad for n, p in reference_model.named_parameters()}
-    got = params(model)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_params_close(params(model), sgd_saq_step_by_hand(reference_model, loss))
 
 
 def test_outside_a_training_step_every_call_runs_the_teacher_and_inside_a_second_batch_is_refused(tmp_path):

@@ -157,6 +157,23 @@ def test_saq_with_gradient_accumulation_sums_each_micro_batch_at_its_own_epsilon
 
 # --- bf16 autocast ------------------------------------------------------------------------------------------------
 
+def sgd_saq_step_by_hand(model, loss) -> dict:
+    """The paper's SAQ step by hand (absolute radius ``PAPER["rho"]``): ε from the ascent gradients of ``loss()``, the
+    gradient at the perturbed point, one SGD step of learning rate 1; the stepped parameters."""
+    perturbation = SharpnessPerturbation(model, case="saq", rho=PAPER["rho"], radius="absolute")
+    model.train()
+    eps = perturbation.compute_epsilon(perturbation.ascent_gradients(loss))
+    with perturbation.perturbed(eps):
+        loss().backward()
+    return {n: p - p.grad for n, p in model.named_parameters()}
+
+
+def assert_params_close(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bf16_autocast_runs_both_passes_under_autocast_and_gives_the_reference_step(tmp_path):
     """The reference: the two passes by hand under ``torch.autocast(bfloat16)``; one SGD step, lr 1."""
     model = quantized(tiny_vit)
@@ -172,20 +189,12 @@ def test_bf16_autocast_runs_both_passes_under_autocast_and_gives_the_reference_s
                weight_decay=0.0, lr_scheduler_type="constant", step_size_lr_scale=1.0)
     train(model, tmp_path / "bf16", data, bf16=True, **sgd)
 
-    perturbation = SharpnessPerturbation(reference_model, case="saq", rho=PAPER["rho"], radius="absolute")
-    reference_model.train()
-
     def loss():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return reference_model(**batch, num_items_in_batch=torch.tensor(1)).loss
 
-    eps = perturbation.compute_epsilon(perturbation.ascent_gradients(loss))
-    with perturbation.perturbed(eps):
-        loss().backward()
-    expected = {n: p - p.grad for n, p in reference_model.named_parameters()}
-    got = params(model)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    expected = sgd_saq_step_by_hand(reference_model, loss)
+    assert_params_close(params(model), expected)
     # Autocast was on: the same step in float32 lands elsewhere, by far more than that.
     fp32 = params(train(fp32_model, tmp_path / "fp32", data, **sgd).model)
     assert max((fp32[n] - expected[n]).abs().max().item() for n in expected) > 1e-3
