@@ -1,4 +1,5 @@
-"""The fused LSQ op gives bit for bit the outputs and gradients of the unfused autograd function it replaced.
+"""The fused LSQ op gives bit for bit the outputs and gradients of the unfused autograd function it replaced: here its
+compiled (Inductor) kernels and its plain-ops path, with the C++ CPU kernels off (those: tests/test_native_quant.py).
 
 CPU always; on a machine with CUDA (``benchmarks/gpu_check.sh``) the same checks run on the GPU, with fp16 too.
 """
@@ -6,7 +7,7 @@ CPU always; on a machine with CUDA (``benchmarks/gpu_check.sh``) the same checks
 import pytest
 import torch
 
-from saq_hf.quant import lsq
+from saq_hf.quant import lsq, native
 from saq_hf.quant.lsq import lsq_fake_quantize, quant_range
 
 
@@ -72,7 +73,13 @@ def same_bits(a, b):
 
 
 @pytest.fixture
-def always_fused(monkeypatch):
+def no_native(monkeypatch):
+    """The op's other paths: the C++ CPU kernels off, as where they cannot be built."""
+    monkeypatch.setattr(native, "kernels", lambda: None)
+
+
+@pytest.fixture
+def always_fused(monkeypatch, no_native):
     """Small test tensors go through the compiled kernels too (by default they are left to plain ops)."""
     monkeypatch.setattr(lsq, "_FUSED_MIN_NUMEL", dict.fromkeys(lsq._FUSED_MIN_NUMEL, 0))
 
@@ -115,7 +122,8 @@ def test_double_backward_runs_through_plain_ops_and_matches_the_reference(always
 
 @pytest.mark.parametrize("device,dtype", CASES, ids=[f"{d}-{str(t)[6:]}" for d, t in CASES])
 @pytest.mark.parametrize("path", ["fused", "plain"])
-def test_without_the_step_size_gradient_x_gets_the_same_bits_and_the_step_size_zero(device, dtype, path, monkeypatch):
+def test_without_the_step_size_gradient_x_gets_the_same_bits_and_the_step_size_zero(device, dtype, path, monkeypatch,
+                                                                                    no_native):
     # step_grad=False (SAQ's descent pass, whose step-size gradient is replaced anyway) skips the step size's
     # per-element terms; the output and x's gradient are those of the full op, bit for bit. (Compiled, the same:
     # tests/test_compile.py.)

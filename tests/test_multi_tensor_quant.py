@@ -9,7 +9,7 @@ import torch
 from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
 
 from saq_hf import QuantConfig, quantize_model
-from saq_hf.quant import lsq, perturb_quantized_weights, quantized_layers
+from saq_hf.quant import lsq, native, perturb_quantized_weights, quantized_layers
 from saq_hf.quant.lsq import lsq_fake_quantize, lsq_fake_quantize_many, quant_range
 from test_fused_quant import CASES, LAYOUTS, inputs, same_bits
 
@@ -54,12 +54,15 @@ def assert_same(a, b, what):
 
 
 @pytest.mark.parametrize("device,dtype", CASES, ids=[f"{d}-{str(t)[6:]}" for d, t in CASES])
-@pytest.mark.parametrize("sizes", ["as_configured", "one_at_a_time", "all_together"])
+@pytest.mark.parametrize("sizes", ["native", "as_configured", "one_at_a_time", "all_together"])
 def test_many_tensors_at_once_are_bit_identical_to_one_op_call_each(device, dtype, sizes, monkeypatch):
-    # as_configured: these small tensors take the multi-tensor ops (forward and backward); one_at_a_time: every
-    # tensor takes the single-tensor path inside the multi-tensor node (what large tensors do on a CPU); all_together:
-    # the multi-tensor ops whatever the size.
-    if sizes != "as_configured":
+    # native: float32 on a CPU takes the C++ kernels (one call per direction for all tensors, each with the same
+    # kernels as a single op call); with them off: as_configured: these small tensors take the multi-tensor ops
+    # (forward and backward); one_at_a_time: every tensor takes the single-tensor path inside the multi-tensor node
+    # (what large tensors do on a CPU); all_together: the multi-tensor ops whatever the size.
+    if sizes != "native":
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    if sizes not in ("native", "as_configured"):
         monkeypatch.setattr(lsq, "_one_at_a_time", lambda fn_name, x: sizes == "one_at_a_time")
     checked = 0
     for bits in range(2, 9):
@@ -74,6 +77,7 @@ def test_many_tensors_at_once_are_bit_identical_to_one_op_call_each(device, dtyp
 
 
 def test_the_multi_tensor_path_really_runs_the_multi_tensor_ops(monkeypatch):
+    monkeypatch.setattr(native, "kernels", lambda: None)  # the path where the C++ kernels cannot be built
     xs, params, specs, grads = tensor_set(torch.float32, "cpu", 4, True, 0)
     calls = []
     for name in ("_foreach_fake_quantize", "_foreach_fake_quantize_grads", "_lsq_grads", "_run"):

@@ -8,9 +8,9 @@ CPU always; with CUDA the same checks run on the GPU, with fp16 too.
 import pytest
 import torch
 
-from saq_hf.quant import LSQQuantizer, lsq
+from saq_hf.quant import LSQQuantizer, lsq, native
 from saq_hf.quant.lsq import lsq_fake_quantize, quant_range
-from test_fused_quant import CASES, LAYOUTS, UnfusedLSQ, inputs, outputs_and_grads, same_bits
+from test_fused_quant import CASES, LAYOUTS, UnfusedLSQ, inputs, no_native, outputs_and_grads, same_bits  # noqa: F401
 
 IDS = [f"{d}-{str(t)[6:]}" for d, t in CASES]
 # Between the sizes where the backward used to take the compiled kernel (2^14) and where it does now.
@@ -23,7 +23,7 @@ def assert_same(results, expected, context):
 
 
 @pytest.mark.parametrize("device,dtype", CASES, ids=IDS)
-def test_plain_ops_are_bit_identical_to_the_reference_at_every_bit_width(device, dtype):
+def test_plain_ops_are_bit_identical_to_the_reference_at_every_bit_width(device, dtype, no_native):
     # The sizes here stay below every fused threshold: the eager plain ops, mask and all, against the reference.
     for shape, _ in LAYOUTS + MID_SIZED:
         assert torch.Size(shape).numel() < min(lsq._FUSED_MIN_NUMEL.values())
@@ -53,8 +53,10 @@ def test_the_mask_written_into_the_dtype_is_the_comparison_converted(device, dty
 
 
 @pytest.mark.parametrize("device,dtype", CASES, ids=IDS)
-@pytest.mark.parametrize("path", ["plain", "fused"])
+@pytest.mark.parametrize("path", ["plain", "fused", "native"])
 def test_a_log_step_size_inside_the_op_gives_the_bits_of_exp_before_it(device, dtype, path, monkeypatch):
+    if path != "native":
+        monkeypatch.setattr(native, "kernels", lambda: None)
     if path == "fused":
         monkeypatch.setattr(lsq, "_FUSED_MIN_NUMEL", dict.fromkeys(lsq._FUSED_MIN_NUMEL, 0))
     for bits in (2, 4, 8):

@@ -2,9 +2,11 @@
 ``LSQQuantizer`` in ``quantizer.py``).
 
 The op is written once, as the elementwise arithmetic of LSQ's forward and backward (``_fake_quantize``,
-``_fake_quantize_grads``), and reaches fusion two ways:
+``_fake_quantize_grads``), and reaches fusion three ways:
 
-- eager: each of the two functions runs as one kernel compiled by Inductor (C++ on CPU, Triton on CUDA),
+- eager, float32/float64 on a CPU: the same arithmetic in C++ (``native.py``, ``csrc/lsq_cpu.cpp``), one pass and
+  one call per direction at every size, the same bits;
+- eager elsewhere (and where the C++ kernels cannot be built): each of the two functions runs as one kernel compiled by Inductor (C++ on CPU, Triton on CUDA),
   one pass over the tensor instead of four (forward) and nine (backward), for tensors large enough that
   this beats the call cost (``_FUSED_MIN_NUMEL``; smaller ones run the same code as plain in-place ops, as few
   of them as give the same bits: there the cost of each call is what counts);
@@ -21,6 +23,8 @@ import types
 import warnings
 
 import torch
+
+from . import native
 
 
 # Clip points tried when initialising a step size, as fractions of max|x| (log-spaced: low bit-widths clip hard).
@@ -144,9 +148,40 @@ def _compiled(fn, x: torch.Tensor, per_channel: bool, qn: int):
     return kernel
 
 
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _native_layout(step_size: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the C++ kernels take these tensors (``x`` last) as they are: a per-tensor step size with tensors of one
+    memory format, contiguous or channels-last (a convolution's input after a permute), or one step per row (dim 0) of
+    contiguous tensors."""
+    x = tensors[-1]
+    if step_size.numel() == 1 and step_size.dim() <= x.dim():
+        return all(t.is_contiguous() for t in tensors) or (
+            x.dim() == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
+    return (step_size.dim() == x.dim() > 0 and step_size.shape[0] == x.shape[0] == step_size.numel()
+            and all(t.is_contiguous() for t in tensors))
+
+
+def _native_kernels(step_size: torch.Tensor, *tensors: torch.Tensor):
+    """The C++ kernels where they compute this call (eager, CPU, float32/float64, a layout they take), else ``None``."""
+    x = tensors[-1]
+    if (x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES or step_size.dtype != x.dtype
+            or step_size.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or not _native_layout(step_size, *tensors)):
+        return None
+    return native.kernels()
+
+
 def _run(fn, step_size: torch.Tensor, qn: int, qp: int, *tensors: torch.Tensor):
     """``fn(*tensors, step_size, qn, qp)`` as a fused kernel where one can run, else as plain torch ops."""
     x = tensors[-1]
+    kernels = _native_kernels(step_size, *tensors)
+    if kernels is not None:
+        if fn is _fake_quantize:
+            return kernels.forward(x, step_size, qn, qp)
+        grad_x, grad_s = kernels.backward(*tensors, step_size, qn, qp, fn is _fake_quantize_grads)
+        return (grad_x, grad_s) if fn is _fake_quantize_grads else grad_x
     # The size first: it decides for the small tensors, where this function's own cost matters.
     if x.numel() < _FUSED_MIN_NUMEL[fn.__name__]:
         return fn(*tensors, step_size, qn, qp)
@@ -275,6 +310,23 @@ def _foreach_fake_quantize_grads(grads, xs, steps, qns, qps, step_grad: bool):
     return grad_x, clipped
 
 
+def _sum_step_grads(indices, gx, per_element, steps, specs, step_grad: bool, grad_x: list, grad_s: list) -> None:
+    """Store x's gradients and the step sizes' (per-element terms summed per step size, times the gradient scale;
+    zeros without ``step_grad``) of the tensors ``indices`` into ``grad_x`` and ``grad_s``."""
+    if step_grad:
+        sums = []
+        for i, g in zip(indices, per_element):
+            if steps[i].dim() == 0:
+                sums.append(g.sum())
+            else:
+                sums.append(g.sum(dim=[d for d in range(g.dim()) if steps[i].shape[d] == 1], keepdim=True))
+        gs = torch._foreach_mul(sums, [specs[i][2] for i in indices])
+    else:
+        gs = [torch.zeros_like(steps[i]) for i in indices]
+    for i, a, b in zip(indices, gx, gs):
+        grad_x[i], grad_s[i] = a, b
+
+
 class _LSQFakeQuantizeMany(torch.autograd.Function):
     """``_LSQFakeQuantize`` over many tensors in one autograd node, bit for bit: ``apply(specs, *xs, *step_params)``
     with one ``(qn, qp, grad_scale, step_grad, log_step)`` per tensor, where ``log_step`` says the step-size parameter
@@ -296,7 +348,15 @@ class _LSQFakeQuantizeMany(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         out: list = [None] * n
         together = []
+        mine = [i for i in range(n) if _native_kernels(steps[i], xs[i]) is not None]
+        if mine:
+            results = native.kernels().forward_many([xs[i] for i in mine], [steps[i] for i in mine],
+                                                    [specs[i][0] for i in mine], [specs[i][1] for i in mine])
+            for i, q in zip(mine, results):
+                out[i] = q
         for i in range(n):
+            if out[i] is not None:
+                continue
             if _one_at_a_time("_fake_quantize", xs[i]):
                 out[i] = _run(_fake_quantize, steps[i], specs[i][0], specs[i][1], xs[i])
             else:
@@ -320,32 +380,27 @@ class _LSQFakeQuantizeMany(torch.autograd.Function):
         single = torch.is_grad_enabled()
         for step_grad in (True, False):
             kernel = "_fake_quantize_grads" if step_grad else "_fake_quantize_grad_x"
-            together = []
+            together, mine = [], []
             for i in used:
                 if specs[i][3] != step_grad:
                     continue
-                if single or _one_at_a_time(kernel, xs[i]):
+                if _native_kernels(steps[i], grads[i], xs[i]) is not None:
+                    mine.append(i)
+                elif single or _one_at_a_time(kernel, xs[i]):
                     qn, qp, grad_scale = specs[i][:3]
                     grad_x[i], grad_s[i] = _lsq_grads(grads[i], xs[i], steps[i], qn, qp, grad_scale, step_grad)
                 else:
                     together.append(i)
-            if not together:
-                continue
-            gx, per_element = _foreach_fake_quantize_grads(
-                [grads[i] for i in together], [xs[i] for i in together], [steps[i] for i in together],
-                [specs[i][0] for i in together], [specs[i][1] for i in together], step_grad)
-            if step_grad:
-                sums = []
-                for i, g in zip(together, per_element):
-                    if steps[i].dim() == 0:
-                        sums.append(g.sum())
-                    else:
-                        sums.append(g.sum(dim=[d for d in range(g.dim()) if steps[i].shape[d] == 1], keepdim=True))
-                gs = torch._foreach_mul(sums, [specs[i][2] for i in together])
-            else:
-                gs = [torch.zeros_like(steps[i]) for i in together]
-            for i, a, b in zip(together, gx, gs):
-                grad_x[i], grad_s[i] = a, b
+            if mine:
+                gx, per_element = native.kernels().backward_many(
+                    [grads[i] for i in mine], [xs[i] for i in mine], [steps[i] for i in mine],
+                    [specs[i][0] for i in mine], [specs[i][1] for i in mine], step_grad)
+                _sum_step_grads(mine, gx, per_element, steps, specs, step_grad, grad_x, grad_s)
+            if together:
+                gx, per_element = _foreach_fake_quantize_grads(
+                    [grads[i] for i in together], [xs[i] for i in together], [steps[i] for i in together],
+                    [specs[i][0] for i in together], [specs[i][1] for i in together], step_grad)
+                _sum_step_grads(together, gx, per_element, steps, specs, step_grad, grad_x, grad_s)
         logs = [i for i in used if specs[i][4]]
         if logs:
             for i, g in zip(logs, torch._foreach_mul([grad_s[i] for i in logs], [steps[i] for i in logs])):

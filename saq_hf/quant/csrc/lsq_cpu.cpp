@@ -1,0 +1,157 @@
+// LSQ fake quantization on the CPU: the forward and the backward each one pass over the tensor, one C++ call each.
+//
+// The same elementwise arithmetic as saq_hf/quant/lsq.py's ``_fake_quantize`` and ``_fake_quantize_grads``, written
+// with ATen's vector types (the ones ATen's own eager kernels use), so every element gets the same bits as the
+// unfused torch ops: IEEE division, NaN-propagating clamp, round half to even, no fused multiply-add. Built on first
+// use by torch.utils.cpp_extension (saq_hf/quant/native.py) for float32 and float64 tensors.
+//
+// Layouts: per tensor (``step`` has one element), tensors contiguous in one memory format (the pass runs over storage
+// order); per channel (``step`` has ``x.size(0)`` elements), contiguous tensors (the pass runs row by
+// row). The caller checks both.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kGrain = 32768;  // elements per task, as ATen's elementwise kernels split their work
+
+// body(row, begin, end) over [0, rows * cols) in flat order, split into tasks that never cross a row.
+template <typename F>
+void over_rows(int64_t rows, int64_t cols, const F& body) {
+  at::parallel_for(0, rows * cols, kGrain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t row = begin / cols;
+      const int64_t stop = std::min(end, (row + 1) * cols);
+      body(row, begin, stop);
+      begin = stop;
+    }
+  });
+}
+
+template <typename T>
+void forward_range(const T* x, T s, T qn, T qp, T* out, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const V vs(s), vqn(qn), vqp(qp);
+  auto one = [&](int64_t i, int64_t count) {
+    V v = V::loadu(x + i, count) / vs;
+    v = at::vec::clamp(v, vqn, vqp);
+    (v.round() * vs).store(out + i, count);
+  };
+  int64_t i = begin;
+  for (; i + V::size() <= end; i += V::size()) one(i, V::size());
+  if (i < end) one(i, end - i);
+}
+
+// grad_x = g * inside; grad_s (per element, when wanted) = (round(clipped) - scaled * inside) * g.
+template <typename T>
+void backward_range(const T* g, const T* x, T s, T qn, T qp, T* gx, T* gs, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const V vs(s), vqn(qn), vqp(qp);
+  auto one = [&](int64_t i, int64_t count) {
+    const V vg = V::loadu(g + i, count);
+    const V scaled = V::loadu(x + i, count) / vs;
+    const V clipped = at::vec::clamp(scaled, vqn, vqp);
+    const V inside = clipped.eq(scaled);  // 1 or 0 in T
+    (vg * inside).store(gx + i, count);
+    if (gs != nullptr) ((clipped.round() - scaled * inside) * vg).store(gs + i, count);
+  };
+  int64_t i = begin;
+  for (; i + V::size() <= end; i += V::size()) one(i, V::size());
+  if (i < end) one(i, end - i);
+}
+
+void check(const at::Tensor& x, const at::Tensor& step) {
+  TORCH_CHECK(x.device().is_cpu() && step.device().is_cpu(), "saq_hf native LSQ: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == step.scalar_type(), "saq_hf native LSQ: x and step size of different dtypes");
+  TORCH_CHECK(x.is_contiguous(x.suggest_memory_format()), "saq_hf native LSQ: x must be contiguous");
+  const bool per_channel = step.numel() != 1;
+  TORCH_CHECK(!per_channel || (x.dim() > 0 && x.is_contiguous() && step.numel() == x.size(0)),
+              "saq_hf native LSQ: a per-channel step size needs a contiguous x with one step per row");
+}
+
+int64_t rows_of(const at::Tensor& x, const at::Tensor& step) {
+  return step.numel() == 1 ? 1 : x.size(0);
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& step, int64_t qn, int64_t qp) {
+  check(x, step);
+  at::Tensor out = at::empty_like(x);
+  const at::Tensor steps = step.contiguous();
+  const int64_t rows = rows_of(x, step), numel = x.numel();
+  if (numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saq_hf_lsq_forward", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = steps.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    over_rows(rows, numel / rows, [&](int64_t row, int64_t begin, int64_t end) {
+      forward_range<scalar_t>(xp, sp[row], static_cast<scalar_t>(qn), static_cast<scalar_t>(qp), op, begin, end);
+    });
+  });
+  return out;
+}
+
+// (grad_x, per-element step-size gradient, or an undefined tensor without ``step_grad``)
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& step,
+                                            int64_t qn, int64_t qp, bool step_grad) {
+  check(x, step);
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.sizes() == x.sizes() &&
+                  grad.is_contiguous(x.suggest_memory_format()) && x.is_contiguous(x.suggest_memory_format()),
+              "saq_hf native LSQ: the gradient must have x's dtype, shape and memory format");
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gs = step_grad ? at::empty_like(x) : at::Tensor();
+  const at::Tensor steps = step.contiguous();
+  const int64_t rows = rows_of(x, step), numel = x.numel();
+  if (numel == 0) return {gx, gs};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saq_hf_lsq_backward", [&] {
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = steps.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    scalar_t* gsp = step_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr;
+    over_rows(rows, numel / rows, [&](int64_t row, int64_t begin, int64_t end) {
+      backward_range<scalar_t>(gp, xp, sp[row], static_cast<scalar_t>(qn), static_cast<scalar_t>(qp), gxp, gsp,
+                               begin, end);
+    });
+  });
+  return {gx, gs};
+}
+
+std::vector<at::Tensor> forward_many(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& steps,
+                                     const std::vector<int64_t>& qns, const std::vector<int64_t>& qps) {
+  std::vector<at::Tensor> out;
+  out.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) out.push_back(forward(xs[i], steps[i], qns[i], qps[i]));
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_many(
+    const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& steps,
+    const std::vector<int64_t>& qns, const std::vector<int64_t>& qps, bool step_grad) {
+  std::vector<at::Tensor> gx, gs;
+  gx.reserve(xs.size());
+  gs.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    auto result = backward(grads[i], xs[i], steps[i], qns[i], qps[i], step_grad);
+    gx.push_back(std::get<0>(result));
+    gs.push_back(std::get<1>(result));
+  }
+  return {gx, gs};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "LSQ fake quantization: round(clamp(x / s, qn, qp)) * s");
+  m.def("backward", &backward, "LSQ gradients: x's, and the step size's per element");
+  m.def("forward_many", &forward_many, "forward of each tensor of a list");
+  m.def("backward_many", &backward_many, "backward of each tensor of a list");
+}

@@ -1,0 +1,187 @@
+"""The LSQ op's C++ CPU kernels (saq_hf/quant/native.py, csrc/lsq_cpu.cpp) give the reference op's bits: every
+bit-width, sign and layout of tests/test_fused_quant.py, float32 and float64, ties, clip points and special values,
+tasks split across threads and rows; layouts and dtypes they do not take go to the other paths; a failed build warns
+once and leaves the op working."""
+
+import warnings
+
+import pytest
+import torch
+
+from saq_hf.quant import lsq, native
+from saq_hf.quant.lsq import lsq_fake_quantize, lsq_fake_quantize_many, quant_range
+from test_fused_quant import LAYOUTS, UnfusedLSQ, inputs, outputs_and_grads, same_bits
+
+# Per-tensor activations in channels-last (a convolution's input after a permute), and sizes the kernels split into
+# several tasks (32768 elements each) whose edges fall inside rows and vectors.
+EXTRA_LAYOUTS = [((4, 8, 5, 5), "channels_last"), ((3, 40001), ()), ((7, 10001), (7, 1))]
+
+
+def laid_out(shape, step_shape, dtype, seed):
+    if step_shape == "channels_last":
+        x, step, grad = inputs(shape, (), dtype, seed)
+        return x.to(memory_format=torch.channels_last), step, grad.to(memory_format=torch.channels_last)
+    return inputs(shape, step_shape, dtype, seed)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The names of the C++ functions called."""
+    module = native.kernels()
+    assert module is not None, "the C++ LSQ kernels did not build on this machine"
+    names = []
+
+    class Spy:
+        def __getattr__(self, name):
+            function = getattr(module, name)
+            return lambda *args: names.append(name) or function(*args)
+
+    monkeypatch.setattr(native, "kernels", lambda: Spy())
+    return names
+
+
+def bits(t):
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int64)
+
+
+def assert_same(results, expected, context):
+    for name, a, b in zip(("output", "grad x", "grad step"), results, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b)), (name, context)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cpp_kernels_give_the_reference_bits_at_every_bit_width_and_layout(dtype, calls):
+    checked = 0
+    for n_bits in range(2, 9):
+        for signed in (True, False):
+            qn, qp = quant_range(n_bits, signed)
+            for seed, (shape, step_shape) in enumerate(LAYOUTS + EXTRA_LAYOUTS):
+                x, step, grad = laid_out(shape, step_shape, dtype, seed + 100 * n_bits)
+                grad_scale = 1.0 / (x.numel() * qp) ** 0.5
+                expected = outputs_and_grads(UnfusedLSQ.apply, x, step, grad, qn, qp, grad_scale)
+                calls.clear()
+                results = outputs_and_grads(lsq_fake_quantize, x, step, grad, qn, qp, grad_scale)
+                assert calls == ["forward", "backward"], (shape, step_shape)
+                assert expected[1].any() and expected[2].any()
+                assert_same(results, expected, (n_bits, signed, shape, step_shape))
+                if step_shape == "channels_last":
+                    assert results[0].is_contiguous(memory_format=torch.channels_last)
+                checked += 1
+    assert checked == 7 * 2 * len(LAYOUTS + EXTRA_LAYOUTS)
+
+
+def test_threads_split_the_work_without_changing_a_bit(calls):
+    x, step, grad = inputs((7, 10001), (7, 1), torch.float32, 5)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            runs.append(outputs_and_grads(lsq_fake_quantize, x, step, grad, -8, 7, 0.01))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(runs[1], runs[0], "1 vs 3 threads")
+
+
+def test_special_values_get_the_reference_bits(calls):
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.05, -0.05, 0.7, -0.8, 0.75, -0.85, float("inf"), float("-inf"),
+                            float("nan"), 1e-40, -1e-40, 3e38, -3e38])
+    x = torch.cat([special, torch.randn(100, generator=torch.Generator().manual_seed(0))])
+    grad = torch.cat([torch.tensor([float("nan"), float("inf"), -0.0]), torch.randn(x.numel() - 3)])
+    for qn, qp in ((-8, 7), (0, 15), (-2, 1)):
+        expected = outputs_and_grads(UnfusedLSQ.apply, x, torch.tensor(0.1), grad, qn, qp, 0.5)
+        results = outputs_and_grads(lsq_fake_quantize, x, torch.tensor(0.1), grad, qn, qp, 0.5)
+        for a, b in zip(results, expected):  # NaN payloads aside, the same values and signs
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(bits(a)[~a.isnan()], bits(b)[~b.isnan()])
+
+
+@pytest.mark.parametrize("log_step", [False, True])
+@pytest.mark.parametrize("step_grad", [True, False])
+def test_without_the_step_grad_or_with_a_log_step_size_the_same_bits(step_grad, log_step, calls):
+    for seed, (shape, step_shape) in enumerate(LAYOUTS + EXTRA_LAYOUTS):
+        x, step, grad = laid_out(shape, step_shape, torch.float32, seed)
+        param = step.log() if log_step else step
+        runs = []
+        for path in ("reference", "native"):
+            xs, ps = x.clone().requires_grad_(), param.clone().requires_grad_()
+            if path == "reference":
+                out = UnfusedLSQ.apply(xs, ps.exp() if log_step else ps, -4, 3, 0.1)
+            else:
+                out = lsq_fake_quantize(xs, ps, -4, 3, 0.1, step_grad, log_step)
+            out.backward(grad)
+            runs.append((out.detach(), xs.grad, ps.grad))
+        expected = runs[0] if step_grad else (*runs[0][:2], torch.zeros_like(param))
+        assert_same(runs[1], expected, (shape, step_shape))
+    assert "backward" in calls
+
+
+def test_many_tensors_take_one_cpp_call_per_direction_with_the_reference_bits(calls):
+    xs, steps, specs, grads = [], [], [], []
+    for seed, (shape, step_shape) in enumerate(LAYOUTS + EXTRA_LAYOUTS):
+        x, step, grad = laid_out(shape, step_shape, torch.float32, seed)
+        xs.append(x), steps.append(step.log()), grads.append(grad)
+        specs.append((-4, 3, 0.1, True, True))
+    leaves = [x.clone().requires_grad_() for x in xs] + [s.clone().requires_grad_() for s in steps]
+    outputs = lsq_fake_quantize_many(leaves[:len(xs)], leaves[len(xs):], specs)
+    torch.autograd.backward(outputs, grads)
+    assert calls == ["forward_many", "backward_many"]
+    for i, (x, step, grad) in enumerate(zip(xs, steps, grads)):
+        expected = outputs_and_grads(lambda x, s, *a: UnfusedLSQ.apply(x, s.exp(), *a), x, step, grad, -4, 3, 0.1)
+        assert_same((outputs[i].detach(), leaves[i].grad, leaves[len(xs) + i].grad), expected, i)
+
+
+def test_what_the_kernels_do_not_take_runs_the_other_paths_with_the_reference_bits(calls):
+    x, step, grad = inputs((6, 40), (), torch.float32, 1)
+    cases = {
+        "transposed x": (x.t(), step, grad.t().contiguous()),
+        "gradient in another layout": (x, step, grad.t().contiguous().t()),
+        "bfloat16": (x.bfloat16(), step.bfloat16(), grad.bfloat16()),
+        "step size broadcast along the last dim": (x[:, :6], torch.rand(1, 6) * 0.1 + 0.01, grad[:, :6]),
+    }
+    for name, (x_, step_, grad_) in cases.items():
+        calls.clear()
+        expected = outputs_and_grads(UnfusedLSQ.apply, x_, step_, grad_, -8, 7, 0.1)
+        results = outputs_and_grads(lsq_fake_quantize, x_, step_, grad_, -8, 7, 0.1)
+        assert all(same_bits(a, b) for a, b in zip(results, expected)), name
+        assert "backward" not in calls, name
+
+
+def test_double_backward_takes_the_differentiable_ops(calls):
+    x, step, _ = inputs((4, 32), (), torch.float32, 0)
+    results = []
+    for function in (UnfusedLSQ.apply, lsq_fake_quantize):
+        xs = x.clone().requires_grad_()
+        out = function(xs * xs, step, -8, 7, 0.1)
+        (g,) = torch.autograd.grad(out.sum(), xs, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), xs)
+        results.append((g.detach(), gg))
+    assert calls == ["forward"]  # the backward ran as torch ops, so it could be differentiated again
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_a_failed_build_warns_once_and_the_op_still_gives_the_reference_bits(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+
+    def fail():
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(native, "_build", fail)
+    x, step, grad = inputs((6, 40), (), torch.float32, 2)
+    expected = outputs_and_grads(UnfusedLSQ.apply, x, step, grad, -8, 7, 0.1)
+    with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
+        results = outputs_and_grads(lsq_fake_quantize, x, step, grad, -8, 7, 0.1)
+    assert all(same_bits(a, b) for a, b in zip(results, expected))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs_and_grads(lsq_fake_quantize, x, step, grad, -8, 7, 0.1)
+
+
+def test_the_environment_variable_turns_them_off(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_build", lambda: pytest.fail("built although turned off"))
+    monkeypatch.setenv("SAQ_HF_NATIVE_KERNELS", "0")
+    assert native.kernels() is None
+    x, step, grad = inputs((6, 40), (), torch.float32, 2)
+    expected = outputs_and_grads(UnfusedLSQ.apply, x, step, grad, -8, 7, 0.1)
+    assert all(same_bits(a, b) for a, b in zip(outputs_and_grads(lsq_fake_quantize, x, step, grad, -8, 7, 0.1),
+                                               expected))
