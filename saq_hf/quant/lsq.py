@@ -151,24 +151,22 @@ def _compiled(fn, x: torch.Tensor, per_channel: bool, qn: int):
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
-def _native_layout(step_size: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether the C++ kernels take these tensors (``x`` last) as they are: a per-tensor step size with tensors of one
-    memory format, contiguous or channels-last (a convolution's input after a permute), or one step per row (dim 0) of
-    contiguous tensors."""
-    x = tensors[-1]
-    if step_size.numel() == 1 and step_size.dim() <= x.dim():
-        return all(t.is_contiguous() for t in tensors) or (
-            x.dim() == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors))
+def _native_layout(step_size: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the C++ kernels take ``x`` as it is: a per-tensor step size with ``x`` contiguous or channels-last (a
+    convolution's input after a permute), or one step per row (dim 0) of a contiguous ``x``. (They take the gradient
+    in ``x``'s memory format, copying it where it is in another.)"""
+    if step_size.numel() == 1 and (step_size.dim() == 0 or step_size.dim() == x.dim()):
+        return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
     return (step_size.dim() == x.dim() > 0 and step_size.shape[0] == x.shape[0] == step_size.numel()
-            and all(t.is_contiguous() for t in tensors))
+            and x.is_contiguous())
 
 
-def _native_kernels(step_size: torch.Tensor, *tensors: torch.Tensor):
+def _native_kernels(step_size: torch.Tensor, x: torch.Tensor, grad: torch.Tensor | None = None):
     """The C++ kernels where they compute this call (eager, CPU, float32/float64, a layout they take), else ``None``."""
-    x = tensors[-1]
     if (x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES or step_size.dtype != x.dtype
             or step_size.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch.jit.is_tracing() or not _native_layout(step_size, *tensors)):
+            or torch.jit.is_tracing() or (grad is not None and grad.dtype != x.dtype)
+            or not _native_layout(step_size, x)):
         return None
     return native.kernels()
 
@@ -176,7 +174,7 @@ def _native_kernels(step_size: torch.Tensor, *tensors: torch.Tensor):
 def _run(fn, step_size: torch.Tensor, qn: int, qp: int, *tensors: torch.Tensor):
     """``fn(*tensors, step_size, qn, qp)`` as a fused kernel where one can run, else as plain torch ops."""
     x = tensors[-1]
-    kernels = _native_kernels(step_size, *tensors)
+    kernels = _native_kernels(step_size, x, tensors[0] if len(tensors) > 1 else None)
     if kernels is not None:
         if fn is _fake_quantize:
             return kernels.forward(x, step_size, qn, qp)
@@ -243,15 +241,25 @@ class _LSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step_size, qn, qp, grad_scale, step_grad=True, log_step=False):
+        ctx.qn, ctx.qp, ctx.grad_scale, ctx.step_grad, ctx.log_step = qn, qp, grad_scale, step_grad, log_step
+        kernels = _native_kernels(step_size, x)
+        if kernels is not None:  # the whole op in one call (exp included), the same bits
+            out, step_size = kernels.op_forward(x, step_size, qn, qp, log_step)
+            ctx.save_for_backward(x, step_size)
+            return out
         if log_step:
             step_size = step_size.exp()
         ctx.save_for_backward(x, step_size)
-        ctx.qn, ctx.qp, ctx.grad_scale, ctx.step_grad, ctx.log_step = qn, qp, grad_scale, step_grad, log_step
         return _run(_fake_quantize, step_size, qn, qp, x)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, step_size = ctx.saved_tensors
+        kernels = _native_kernels(step_size, x, grad_output)
+        if kernels is not None:
+            grad_x, grad_s = kernels.op_backward(grad_output, x, step_size, ctx.qn, ctx.qp, ctx.grad_scale,
+                                                 ctx.step_grad, ctx.log_step)
+            return grad_x, grad_s, None, None, None, None, None
         grad_x, grad_s = _lsq_grads(grad_output, x, step_size, ctx.qn, ctx.qp, ctx.grad_scale, ctx.step_grad)
         if ctx.log_step:
             grad_s = grad_s * step_size
@@ -310,23 +318,6 @@ def _foreach_fake_quantize_grads(grads, xs, steps, qns, qps, step_grad: bool):
     return grad_x, clipped
 
 
-def _sum_step_grads(indices, gx, per_element, steps, specs, step_grad: bool, grad_x: list, grad_s: list) -> None:
-    """Store x's gradients and the step sizes' (per-element terms summed per step size, times the gradient scale;
-    zeros without ``step_grad``) of the tensors ``indices`` into ``grad_x`` and ``grad_s``."""
-    if step_grad:
-        sums = []
-        for i, g in zip(indices, per_element):
-            if steps[i].dim() == 0:
-                sums.append(g.sum())
-            else:
-                sums.append(g.sum(dim=[d for d in range(g.dim()) if steps[i].shape[d] == 1], keepdim=True))
-        gs = torch._foreach_mul(sums, [specs[i][2] for i in indices])
-    else:
-        gs = [torch.zeros_like(steps[i]) for i in indices]
-    for i, a, b in zip(indices, gx, gs):
-        grad_x[i], grad_s[i] = a, b
-
-
 class _LSQFakeQuantizeMany(torch.autograd.Function):
     """``_LSQFakeQuantize`` over many tensors in one autograd node, bit for bit: ``apply(specs, *xs, *step_params)``
     with one ``(qn, qp, grad_scale, step_grad, log_step)`` per tensor, where ``log_step`` says the step-size parameter
@@ -338,25 +329,22 @@ class _LSQFakeQuantizeMany(torch.autograd.Function):
     def forward(ctx, specs, *tensors):
         n = len(specs)
         xs, params = list(tensors[:n]), list(tensors[n:])
+        ctx.specs = specs
+        ctx.set_materialize_grads(False)
+        if all(_native_kernels(params[i], xs[i]) is not None for i in range(n)):  # one C++ call for all, exp included
+            out, steps = native.kernels().op_forward_many(xs, params, [spec[0] for spec in specs],
+                                                           [spec[1] for spec in specs], [spec[4] for spec in specs])
+            ctx.save_for_backward(*xs, *steps)
+            return tuple(out)
         logs = [i for i, spec in enumerate(specs) if spec[4]]
         steps = list(params)
         if logs:
             for i, s in zip(logs, torch._foreach_exp([params[i] for i in logs])):
                 steps[i] = s
         ctx.save_for_backward(*xs, *steps)
-        ctx.specs = specs
-        ctx.set_materialize_grads(False)
         out: list = [None] * n
         together = []
-        mine = [i for i in range(n) if _native_kernels(steps[i], xs[i]) is not None]
-        if mine:
-            results = native.kernels().forward_many([xs[i] for i in mine], [steps[i] for i in mine],
-                                                    [specs[i][0] for i in mine], [specs[i][1] for i in mine])
-            for i, q in zip(mine, results):
-                out[i] = q
         for i in range(n):
-            if out[i] is not None:
-                continue
             if _one_at_a_time("_fake_quantize", xs[i]):
                 out[i] = _run(_fake_quantize, steps[i], specs[i][0], specs[i][1], xs[i])
             else:
@@ -376,31 +364,43 @@ class _LSQFakeQuantizeMany(torch.autograd.Function):
         grad_x: list = [None] * n
         grad_s: list = [None] * n
         used = [i for i in range(n) if grads[i] is not None]
+        if all(_native_kernels(steps[i], xs[i], grads[i]) is not None for i in used):  # one C++ call for all
+            gx, gs = native.kernels().op_backward_many(
+                [grads[i] for i in used], [xs[i] for i in used], [steps[i] for i in used],
+                *([specs[i][k] for i in used] for k in (0, 1, 2, 3, 4)))
+            for i, a, b in zip(used, gx, gs):
+                grad_x[i], grad_s[i] = a, b
+            return (None, *grad_x, *grad_s)
         # Double backward (create_graph) needs differentiable ops: the single-tensor path's plain ones.
         single = torch.is_grad_enabled()
         for step_grad in (True, False):
             kernel = "_fake_quantize_grads" if step_grad else "_fake_quantize_grad_x"
-            together, mine = [], []
+            together = []
             for i in used:
                 if specs[i][3] != step_grad:
                     continue
-                if _native_kernels(steps[i], grads[i], xs[i]) is not None:
-                    mine.append(i)
-                elif single or _one_at_a_time(kernel, xs[i]):
+                if single or _one_at_a_time(kernel, xs[i]):
                     qn, qp, grad_scale = specs[i][:3]
                     grad_x[i], grad_s[i] = _lsq_grads(grads[i], xs[i], steps[i], qn, qp, grad_scale, step_grad)
                 else:
                     together.append(i)
-            if mine:
-                gx, per_element = native.kernels().backward_many(
-                    [grads[i] for i in mine], [xs[i] for i in mine], [steps[i] for i in mine],
-                    [specs[i][0] for i in mine], [specs[i][1] for i in mine], step_grad)
-                _sum_step_grads(mine, gx, per_element, steps, specs, step_grad, grad_x, grad_s)
-            if together:
-                gx, per_element = _foreach_fake_quantize_grads(
-                    [grads[i] for i in together], [xs[i] for i in together], [steps[i] for i in together],
-                    [specs[i][0] for i in together], [specs[i][1] for i in together], step_grad)
-                _sum_step_grads(together, gx, per_element, steps, specs, step_grad, grad_x, grad_s)
+            if not together:
+                continue
+            gx, per_element = _foreach_fake_quantize_grads(
+                [grads[i] for i in together], [xs[i] for i in together], [steps[i] for i in together],
+                [specs[i][0] for i in together], [specs[i][1] for i in together], step_grad)
+            if step_grad:
+                sums = []
+                for i, g in zip(together, per_element):
+                    if steps[i].dim() == 0:
+                        sums.append(g.sum())
+                    else:
+                        sums.append(g.sum(dim=[d for d in range(g.dim()) if steps[i].shape[d] == 1], keepdim=True))
+                gs = torch._foreach_mul(sums, [specs[i][2] for i in together])
+            else:
+                gs = [torch.zeros_like(steps[i]) for i in together]
+            for i, a, b in zip(together, gx, gs):
+                grad_x[i], grad_s[i] = a, b
         logs = [i for i in used if specs[i][4]]
         if logs:
             for i, g in zip(logs, torch._foreach_mul([grad_s[i] for i in logs], [steps[i] for i in logs])):

@@ -5,9 +5,9 @@
 // unfused torch ops: IEEE division, NaN-propagating clamp, round half to even, no fused multiply-add. Built on first
 // use by torch.utils.cpp_extension (saq_hf/quant/native.py) for float32 and float64 tensors.
 //
-// Layouts: per tensor (``step`` has one element), tensors contiguous in one memory format (the pass runs over storage
-// order); per channel (``step`` has ``x.size(0)`` elements), contiguous tensors (the pass runs row by
-// row). The caller checks both.
+// Layouts: per tensor (``step`` has one element), x contiguous or channels-last (the pass runs over storage order);
+// per channel (``step`` has ``x.size(0)`` elements), x contiguous (the pass runs row by row). The gradient is taken
+// in x's memory format (copied where it is in another).
 
 #include <torch/extension.h>
 
@@ -69,13 +69,19 @@ void backward_range(const T* g, const T* x, T s, T qn, T qp, T* gx, T* gs, int64
   if (i < end) one(i, end - i);
 }
 
-void check(const at::Tensor& x, const at::Tensor& step) {
+// The memory format x's pass runs in (checked): contiguous, or channels-last for a per-tensor step size.
+at::MemoryFormat check(const at::Tensor& x, const at::Tensor& step) {
   TORCH_CHECK(x.device().is_cpu() && step.device().is_cpu(), "saq_hf native LSQ: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == step.scalar_type(), "saq_hf native LSQ: x and step size of different dtypes");
-  TORCH_CHECK(x.is_contiguous(x.suggest_memory_format()), "saq_hf native LSQ: x must be contiguous");
-  const bool per_channel = step.numel() != 1;
-  TORCH_CHECK(!per_channel || (x.dim() > 0 && x.is_contiguous() && step.numel() == x.size(0)),
-              "saq_hf native LSQ: a per-channel step size needs a contiguous x with one step per row");
+  if (step.numel() != 1) {
+    TORCH_CHECK(x.dim() > 0 && x.is_contiguous() && step.numel() == x.size(0),
+                "saq_hf native LSQ: a per-channel step size needs a contiguous x with one step per row");
+    return at::MemoryFormat::Contiguous;
+  }
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "saq_hf native LSQ: x must be contiguous or channels-last");
+  return at::MemoryFormat::ChannelsLast;
 }
 
 int64_t rows_of(const at::Tensor& x, const at::Tensor& step) {
@@ -102,17 +108,17 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& step, int64_t qn, int6
 // (grad_x, per-element step-size gradient, or an undefined tensor without ``step_grad``)
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& step,
                                             int64_t qn, int64_t qp, bool step_grad) {
-  check(x, step);
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && grad.sizes() == x.sizes() &&
-                  grad.is_contiguous(x.suggest_memory_format()) && x.is_contiguous(x.suggest_memory_format()),
-              "saq_hf native LSQ: the gradient must have x's dtype, shape and memory format");
+  // The gradient in x's memory format (a copy where it is not: a Linear weight's gradient is a transposed view).
+  const at::Tensor g = grad.contiguous(check(x, step));
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.sizes() == x.sizes(),
+              "saq_hf native LSQ: the gradient must have x's dtype and shape");
   at::Tensor gx = at::empty_like(x);
   at::Tensor gs = step_grad ? at::empty_like(x) : at::Tensor();
   const at::Tensor steps = step.contiguous();
   const int64_t rows = rows_of(x, step), numel = x.numel();
   if (numel == 0) return {gx, gs};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saq_hf_lsq_backward", [&] {
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* sp = steps.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
@@ -125,26 +131,67 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Te
   return {gx, gs};
 }
 
-std::vector<at::Tensor> forward_many(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& steps,
-                                     const std::vector<int64_t>& qns, const std::vector<int64_t>& qps) {
-  std::vector<at::Tensor> out;
-  out.reserve(xs.size());
-  for (size_t i = 0; i < xs.size(); ++i) out.push_back(forward(xs[i], steps[i], qns[i], qps[i]));
-  return out;
+// The whole single-tensor op, as saq_hf/quant/lsq.py's _LSQFakeQuantize computes it with torch ops (the same ATen
+// calls, so the same bits): forward from the step-size parameter (log(s) with ``log_step``), returning the output and
+// the step size to save; backward to the gradients w.r.t. x and that parameter.
+std::tuple<at::Tensor, at::Tensor> op_forward(const at::Tensor& x, const at::Tensor& param, int64_t qn, int64_t qp,
+                                              bool log_step) {
+  at::Tensor step = log_step ? param.exp() : param;
+  return {forward(x, step, qn, qp), step};
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_many(
-    const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& steps,
-    const std::vector<int64_t>& qns, const std::vector<int64_t>& qps, bool step_grad) {
-  std::vector<at::Tensor> gx, gs;
-  gx.reserve(xs.size());
-  gs.reserve(xs.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    auto result = backward(grads[i], xs[i], steps[i], qns[i], qps[i], step_grad);
-    gx.push_back(std::get<0>(result));
-    gs.push_back(std::get<1>(result));
+std::tuple<at::Tensor, at::Tensor> op_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& step,
+                                               int64_t qn, int64_t qp, double grad_scale, bool step_grad,
+                                               bool log_step) {
+  auto [grad_x, per_element] = backward(grad, x, step, qn, qp, step_grad);
+  at::Tensor grad_s;
+  if (!step_grad) {
+    grad_s = at::zeros_like(step);
+  } else {
+    at::Tensor sum;
+    if (step.dim() == 0) {
+      sum = per_element.sum();
+    } else {
+      std::vector<int64_t> dims;
+      for (int64_t d = 0; d < per_element.dim(); ++d)
+        if (step.size(d) == 1) dims.push_back(d);
+      sum = per_element.sum(dims, /*keepdim=*/true);
+    }
+    grad_s = (sum * grad_scale).to(step.scalar_type());
   }
-  return {gx, gs};
+  if (log_step) grad_s = grad_s * step;
+  return {grad_x, grad_s};
+}
+
+// op_forward / op_backward of each tensor of a list (a model's weights: one call for all of them).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> op_forward_many(
+    const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& params, const std::vector<int64_t>& qns,
+    const std::vector<int64_t>& qps, const std::vector<bool>& log_steps) {
+  std::vector<at::Tensor> out, steps;
+  out.reserve(xs.size());
+  steps.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    auto [q, step] = op_forward(xs[i], params[i], qns[i], qps[i], log_steps[i]);
+    out.push_back(q);
+    steps.push_back(step);
+  }
+  return {out, steps};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> op_backward_many(
+    const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& steps,
+    const std::vector<int64_t>& qns, const std::vector<int64_t>& qps, const std::vector<double>& grad_scales,
+    const std::vector<bool>& step_grads, const std::vector<bool>& log_steps) {
+  std::vector<at::Tensor> grad_x, grad_s;
+  grad_x.reserve(xs.size());
+  grad_s.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    auto [gx, gs] = op_backward(grads[i], xs[i], steps[i], qns[i], qps[i], grad_scales[i], step_grads[i],
+                                log_steps[i]);
+    grad_x.push_back(gx);
+    grad_s.push_back(gs);
+  }
+  return {grad_x, grad_s};
 }
 
 }  // namespace
@@ -152,6 +199,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_many(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "LSQ fake quantization: round(clamp(x / s, qn, qp)) * s");
   m.def("backward", &backward, "LSQ gradients: x's, and the step size's per element");
-  m.def("forward_many", &forward_many, "forward of each tensor of a list");
-  m.def("backward_many", &backward_many, "backward of each tensor of a list");
+  m.def("op_forward", &op_forward, "the op's forward from its step-size parameter: (output, step size)");
+  m.def("op_backward", &op_backward, "the op's backward: gradients w.r.t. x and the step-size parameter");
+  m.def("op_forward_many", &op_forward_many, "op_forward of each tensor of a list");
+  m.def("op_backward_many", &op_backward_many, "op_backward of each tensor of a list");
 }
