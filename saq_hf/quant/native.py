@@ -11,11 +11,14 @@ a failed build warns once and the op runs as before (compiled kernels or plain t
 """
 
 import hashlib
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "lsq_cpu.cpp"
 _state: dict = {}
@@ -38,12 +41,14 @@ def _build():
     flags = ["-O3", "-ffp-contract=off", *_ISA_FLAGS.get(capability, [])]
     # One build per source, flags and torch release, so an upgrade never loads a module built against another torch.
     tag = hashlib.sha256(f"{SOURCE.read_bytes()!r}{flags}{torch.__version__}".encode()).hexdigest()[:12]
+    logger.info("saq_hf: loading the LSQ op's C++ CPU kernels (built on first use, about 20 s, then cached)")
     return cpp_extension.load(name=f"saq_hf_lsq_cpu_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
                               verbose=False)
 
 
 def kernels():
-    """The built module (``forward``, ``backward``, ``forward_many``, ``backward_many``), or ``None``."""
+    """The built module (``op_forward``/``op_backward``: the whole op for one tensor; ``op_forward_many``/
+    ``op_backward_many``: for a list; ``forward``/``backward``: the elementwise passes alone), or ``None``."""
     if "module" in _state:
         return _state["module"]
     if not enabled():
