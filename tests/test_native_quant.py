@@ -132,30 +132,39 @@ def test_many_tensors_take_one_cpp_call_per_direction_with_the_reference_bits(ca
 
 def test_what_the_kernels_do_not_take_runs_the_other_paths_with_the_reference_bits(calls):
     x, step, grad = inputs((6, 40), (), torch.float32, 1)
-    cases = {
-        "transposed x": (x.t(), step, grad.t().contiguous()),
-        "bfloat16": (x.bfloat16(), step.bfloat16(), grad.bfloat16()),
-        "step size broadcast along the last dim": (x[:, :6], torch.rand(1, 6) * 0.1 + 0.01, grad[:, :6]),
+    channels_last = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    x4, step4, grad4 = inputs((4, 8, 5, 5), (), torch.float32, 4)
+    sliced = lambda t: torch.cat([t, t], dim=1)[:, ::2]  # noqa: E731 - built in the graph (a clone is contiguous)
+    cases = {  # a sum over another layout adds in another order: torch ops decide the bits there
+        "transposed x": (x.t(), step, grad.t().contiguous(), None),
+        "sliced x (ViT's class token)": (x, step, grad, sliced),
+        "an activation's gradient in another layout": (x4, step4, channels_last(grad4), None),
+        "channels-last x, contiguous gradient": (channels_last(x4), step4, grad4, None),
+        "bfloat16": (x.bfloat16(), step.bfloat16(), grad.bfloat16(), None),
+        "step size broadcast along the last dim": (x[:, :6], torch.rand(1, 6) * 0.1 + 0.01, grad[:, :6], None),
     }
-    for name, (x_, step_, grad_) in cases.items():
+    for name, (x_, step_, grad_, prepare) in cases.items():
         calls.clear()
-        expected = outputs_and_grads(UnfusedLSQ.apply, x_, step_, grad_, -8, 7, 0.1)
-        results = outputs_and_grads(lsq_fake_quantize, x_, step_, grad_, -8, 7, 0.1)
+        functions = [UnfusedLSQ.apply, lsq_fake_quantize]
+        if prepare is not None:
+            functions = [lambda x, *a, _f=f: _f(prepare(x), *a) for f in functions]
+        expected = outputs_and_grads(functions[0], x_, step_, grad_, -8, 7, 0.1)
+        results = outputs_and_grads(functions[1], x_, step_, grad_, -8, 7, 0.1)
         assert all(same_bits(a, b) for a, b in zip(results, expected)), name
         assert "op_backward" not in calls, name
 
 
-def test_a_gradient_in_another_layout_is_taken_in_x_s_with_the_reference_bits(calls):
-    # A Linear weight's gradient arrives as a transposed view; a convolution's may be channels-last.
-    for shape, step_shape, layout in (((6, 40), (6, 1), lambda g: g.t().contiguous().t()),
-                                      ((4, 8, 5, 5), (), lambda g: g.contiguous(memory_format=torch.channels_last))):
-        x, step, grad = inputs(shape, step_shape, torch.float32, 3)
-        grad = layout(grad)
-        assert not grad.is_contiguous()
-        calls.clear()
-        expected = outputs_and_grads(UnfusedLSQ.apply, x, step, grad, -8, 7, 0.1)
-        assert_same(outputs_and_grads(lsq_fake_quantize, x, step, grad, -8, 7, 0.1), expected, shape)
-        assert calls == ["op_forward", "op_backward"]
+def test_a_weight_gradient_in_another_layout_is_copied_into_the_weight_s(calls):
+    # A Linear weight's gradient arrives as a transposed view: in the weights' node it reaches only the leaf (whose
+    # .grad autograd lays out like the weight), so the kernels take it, copied.
+    x, step, grad = inputs((24, 40), (24, 1), torch.float32, 3)
+    grad = grad.t().contiguous().t()
+    leaves = [x.clone().requires_grad_(), step.log().requires_grad_()]
+    out = lsq_fake_quantize_many(leaves[:1], leaves[1:], [(-8, 7, 0.1, True, True)])
+    torch.autograd.backward(out, [grad])
+    assert calls == ["op_forward_many", "op_backward_many"]
+    expected = outputs_and_grads(lambda x, s, *a: UnfusedLSQ.apply(x, s.exp(), *a), x, step.log(), grad, -8, 7, 0.1)
+    assert_same((out[0].detach(), leaves[0].grad, leaves[1].grad), expected, "transposed weight gradient")
 
 
 def test_double_backward_takes_the_differentiable_ops(calls):

@@ -383,18 +383,42 @@ def test_qat_mode_runs_no_check(tmp_path):
     assert len(forwards) == 3
 
 
-def test_descent_pass_skips_only_the_step_size_gradients_it_replaces(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["cpp", "torch_ops"])
+def test_descent_pass_skips_only_the_step_size_gradients_it_replaces(tmp_path, monkeypatch, path):
     # Ascent: every quantizer computes its step size's gradient (the clean one). Descent: that gradient is
     # replaced, so the quantizers compute x's gradient alone, and are reset after; without clean step sizes
-    # both passes compute it.
-    from saq_hf.quant import lsq
+    # both passes compute it. On the op's C++ CPU kernels and on its torch-ops path (where they cannot be built).
+    from saq_hf.quant import lsq, native
     calls = []
+
+    def name(step_grad):
+        return "_fake_quantize_grads" if step_grad else "_fake_quantize_grad_x"
+
+    if path == "cpp":
+        module = native.kernels()
+
+        class Spy:  # one entry per tensor, named as the torch-ops path's call
+            def op_backward(self, *a):
+                calls.append(name(a[6]))
+                return module.op_backward(*a)
+
+            def op_backward_many(self, *a):
+                calls.extend(name(step_grad) for step_grad in a[6])
+                return module.op_backward_many(*a)
+
+            def __getattr__(self, attr):
+                return getattr(module, attr)
+
+        monkeypatch.setattr(native, "kernels", lambda: Spy())
+    else:
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    # The torch-ops path (and, with the C++ kernels, what they leave to it: ViT's class-token slice)...
     run = lsq._run
     monkeypatch.setattr(lsq, "_run", lambda fn, *a: calls.append(fn.__name__) or run(fn, *a))
-    # The weights' calls, made together once per pass: one entry per weight, named as the single-tensor call.
+    # ... and the weights' calls there, made together once per pass: one entry per weight.
     many = lsq._foreach_fake_quantize_grads
     monkeypatch.setattr(lsq, "_foreach_fake_quantize_grads", lambda grads, xs, *a: calls.extend(
-        ["_fake_quantize_grads" if a[-1] else "_fake_quantize_grad_x"] * len(xs)) or many(grads, xs, *a))
+        [name(a[-1])] * len(xs)) or many(grads, xs, *a))
     for clean in (True, False):
         model = quantized(tiny_vit())
         model(**batch())

@@ -151,22 +151,29 @@ def _compiled(fn, x: torch.Tensor, per_channel: bool, qn: int):
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
-def _native_layout(step_size: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the C++ kernels take ``x`` as it is: a per-tensor step size with ``x`` contiguous or channels-last (a
-    convolution's input after a permute), or one step per row (dim 0) of a contiguous ``x``. (They take the gradient
-    in ``x``'s memory format, copying it where it is in another.)"""
-    if step_size.numel() == 1 and (step_size.dim() == 0 or step_size.dim() == x.dim()):
-        return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    return (step_size.dim() == x.dim() > 0 and step_size.shape[0] == x.shape[0] == step_size.numel()
-            and x.is_contiguous())
+def _native_layout(step_size: torch.Tensor, x: torch.Tensor, grad: torch.Tensor | None, any_grad_layout: bool) -> bool:
+    """Whether the C++ kernels compute this call with the layouts torch ops would give (a sum's order, and so its
+    bits, follows its input's memory layout): a step size for the whole tensor, or one per row (dim 0); ``x`` and
+    ``grad`` both contiguous or both channels-last (a convolution's input after a permute). With ``any_grad_layout``
+    (weights, whose gradient only reaches their leaf) the gradient may be in any layout: it is copied into ``x``'s."""
+    if step_size.numel() == 1:
+        if not (step_size.dim() == 0 or step_size.dim() == x.dim()):
+            return False
+    elif not (step_size.dim() == x.dim() > 0 and step_size.shape[0] == x.shape[0] == step_size.numel()):
+        return False
+    if x.is_contiguous():
+        return grad is None or any_grad_layout or grad.is_contiguous()
+    return (step_size.numel() == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and (grad is None or any_grad_layout or grad.is_contiguous(memory_format=torch.channels_last)))
 
 
-def _native_kernels(step_size: torch.Tensor, x: torch.Tensor, grad: torch.Tensor | None = None):
+def _native_kernels(step_size: torch.Tensor, x: torch.Tensor, grad: torch.Tensor | None = None,
+                    any_grad_layout: bool = False):
     """The C++ kernels where they compute this call (eager, CPU, float32/float64, a layout they take), else ``None``."""
     if (x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES or step_size.dtype != x.dtype
             or step_size.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or torch.jit.is_tracing() or (grad is not None and grad.dtype != x.dtype)
-            or not _native_layout(step_size, x)):
+            or not _native_layout(step_size, x, grad, any_grad_layout)):
         return None
     return native.kernels()
 
@@ -364,7 +371,7 @@ class _LSQFakeQuantizeMany(torch.autograd.Function):
         grad_x: list = [None] * n
         grad_s: list = [None] * n
         used = [i for i in range(n) if grads[i] is not None]
-        if all(_native_kernels(steps[i], xs[i], grads[i]) is not None for i in used):  # one C++ call for all
+        if all(_native_kernels(steps[i], xs[i], grads[i], any_grad_layout=True) is not None for i in used):
             gx, gs = native.kernels().op_backward_many(
                 [grads[i] for i in used], [xs[i] for i in used], [steps[i] for i in used],
                 *([specs[i][k] for i in used] for k in (0, 1, 2, 3, 4)))

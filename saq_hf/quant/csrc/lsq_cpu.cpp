@@ -5,9 +5,9 @@
 // unfused torch ops: IEEE division, NaN-propagating clamp, round half to even, no fused multiply-add. Built on first
 // use by torch.utils.cpp_extension (saq_hf/quant/native.py) for float32 and float64 tensors.
 //
-// Layouts: per tensor (``step`` has one element), x contiguous or channels-last (the pass runs over storage order);
-// per channel (``step`` has ``x.size(0)`` elements), x contiguous (the pass runs row by row). The gradient is taken
-// in x's memory format (copied where it is in another).
+// Layouts: per tensor (``step`` has one element), the pass runs over storage order of x contiguous or channels-last;
+// per channel (``step`` has ``x.size(0)`` elements), row by row of x contiguous. Tensors in another layout (a
+// slice, a transposed view) are copied into that one first.
 
 #include <torch/extension.h>
 
@@ -69,27 +69,27 @@ void backward_range(const T* g, const T* x, T s, T qn, T qp, T* gx, T* gs, int64
   if (i < end) one(i, end - i);
 }
 
-// The memory format x's pass runs in (checked): contiguous, or channels-last for a per-tensor step size.
-at::MemoryFormat check(const at::Tensor& x, const at::Tensor& step) {
+// The memory format x's pass runs in: channels-last where x is in it and the step size is per tensor (a
+// convolution's input after a permute), else contiguous. Tensors in another layout are copied into it.
+at::MemoryFormat format_of(const at::Tensor& x, const at::Tensor& step) {
   TORCH_CHECK(x.device().is_cpu() && step.device().is_cpu(), "saq_hf native LSQ: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == step.scalar_type(), "saq_hf native LSQ: x and step size of different dtypes");
   if (step.numel() != 1) {
-    TORCH_CHECK(x.dim() > 0 && x.is_contiguous() && step.numel() == x.size(0),
-                "saq_hf native LSQ: a per-channel step size needs a contiguous x with one step per row");
+    TORCH_CHECK(x.dim() > 0 && step.numel() == x.size(0),
+                "saq_hf native LSQ: a per-channel step size needs one step per row (dim 0) of x");
     return at::MemoryFormat::Contiguous;
   }
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "saq_hf native LSQ: x must be contiguous or channels-last");
-  return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
 }
 
 int64_t rows_of(const at::Tensor& x, const at::Tensor& step) {
   return step.numel() == 1 ? 1 : x.size(0);
 }
 
-at::Tensor forward(const at::Tensor& x, const at::Tensor& step, int64_t qn, int64_t qp) {
-  check(x, step);
+at::Tensor forward(const at::Tensor& input, const at::Tensor& step, int64_t qn, int64_t qp) {
+  const at::Tensor x = input.contiguous(format_of(input, step));
   at::Tensor out = at::empty_like(x);
   const at::Tensor steps = step.contiguous();
   const int64_t rows = rows_of(x, step), numel = x.numel();
@@ -106,10 +106,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& step, int64_t qn, int6
 }
 
 // (grad_x, per-element step-size gradient, or an undefined tensor without ``step_grad``)
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& step,
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& step,
                                             int64_t qn, int64_t qp, bool step_grad) {
   // The gradient in x's memory format (a copy where it is not: a Linear weight's gradient is a transposed view).
-  const at::Tensor g = grad.contiguous(check(x, step));
+  const at::MemoryFormat format = format_of(input, step);
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor g = grad.contiguous(format);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && g.sizes() == x.sizes(),
               "saq_hf native LSQ: the gradient must have x's dtype and shape");
   at::Tensor gx = at::empty_like(x);
