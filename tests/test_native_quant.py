@@ -206,3 +206,30 @@ def test_the_environment_variable_turns_them_off(monkeypatch):
     expected = outputs_and_grads(UnfusedLSQ.apply, x, step, grad, -8, 7, 0.1)
     assert all(same_bits(a, b) for a, b in zip(outputs_and_grads(lsq_fake_quantize, x, step, grad, -8, 7, 0.1),
                                                expected))
+
+
+def test_the_kernels_build_from_the_shipped_source_into_an_empty_cache_once(tmp_path, monkeypatch):
+    # A real build (about 20 s): the C++ source in the package compiles and gives the reference bits.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    # What a build killed halfway leaves (its own temporary folder, ninja's lock in it) blocks nothing.
+    stale = tmp_path / "saq_hf" / f".{native.module_name()}-killed"
+    stale.mkdir(parents=True)
+    (stale / "lock").touch()
+    module = native.kernels()
+    assert module is not None
+    cached = tmp_path / "saq_hf" / f"{native.module_name()}.so"
+    assert cached.is_file()
+    assert sorted(p.name for p in cached.parent.iterdir()) == sorted([cached.name, stale.name])  # nothing else left
+    x, step, grad = inputs((6, 40), (6, 1), torch.float32, 9)
+    expected = outputs_and_grads(UnfusedLSQ.apply, x, step, grad, -8, 7, 0.1)
+    monkeypatch.setattr(native, "kernels", lambda: module)
+    assert_same(outputs_and_grads(lsq_fake_quantize, x, step, grad, -8, 7, 0.1), expected, "fresh build")
+    # Another process loads the cached library without compiling.
+    monkeypatch.setattr(native, "_compile", lambda *a: pytest.fail("compiled again although cached"))
+    imported = []
+    load = native._import
+    monkeypatch.setattr(native, "_import", lambda name, path: imported.append(path) or load(name, path))
+    again = native._build()
+    assert imported == [cached]
+    assert torch.equal(again.forward(x, step, -8, 7), module.forward(x, step, -8, 7))
