@@ -213,7 +213,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def goals(summary: list[dict]) -> list[dict]:
-    """The issue's targets, checked per model and dataset: SAQ − QAT ≥ +1.0 pt at W2A2 and W3A3, ≥ 0 at
+    """The targets, checked per model and dataset: SAQ − QAT ≥ +1.0 pt at W2A2 and W3A3, ≥ 0 at
     W4A4; each efficient strategy keeps ≥ 80% of full SAQ's gain."""
     index = {(s["model"], s["dataset"], s["w_bits"], s["mode"]): s for s in summary}
     checks = []

@@ -3,6 +3,7 @@ bit-width, sign and layout of tests/test_fused_quant.py, float32 and float64, ti
 tasks split across threads and rows; layouts and dtypes they do not take go to the other paths; a failed build warns
 once and leaves the op working."""
 
+import os
 import warnings
 
 import pytest
@@ -212,13 +213,16 @@ def test_the_kernels_build_from_the_shipped_source_into_an_empty_cache_once(tmp_
     # A real build (about 20 s): the C++ source in the package compiles and gives the reference bits.
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_state", {})
+    # A name of its own: torch renames a second build of a name this process built already (name_v1).
+    name = f"saq_hf_lsq_cpu_build_test_{os.getpid()}"
+    monkeypatch.setattr(native, "module_name", lambda: name)
     # What a build killed halfway leaves (its own temporary folder, ninja's lock in it) blocks nothing.
-    stale = tmp_path / "saq_hf" / f".{native.module_name()}-killed"
+    stale = tmp_path / "saq_hf" / f".{name}-killed"
     stale.mkdir(parents=True)
     (stale / "lock").touch()
     module = native.kernels()
     assert module is not None
-    cached = tmp_path / "saq_hf" / f"{native.module_name()}.so"
+    cached = tmp_path / "saq_hf" / f"{name}.so"
     assert cached.is_file()
     assert sorted(p.name for p in cached.parent.iterdir()) == sorted([cached.name, stale.name])  # nothing else left
     x, step, grad = inputs((6, 40), (6, 1), torch.float32, 9)
@@ -233,3 +237,14 @@ def test_the_kernels_build_from_the_shipped_source_into_an_empty_cache_once(tmp_
     again = native._build()
     assert imported == [cached]
     assert torch.equal(again.forward(x, step, -8, 7), module.forward(x, step, -8, 7))
+
+
+def test_a_renamed_second_build_is_used_but_not_cached_under_the_name(tmp_path, monkeypatch):
+    # torch names a second build of one name in one process name_v1: its library would not import as `name`.
+    import types
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    renamed = types.SimpleNamespace(__name__=f"{native.module_name()}_v1", __file__=str(tmp_path / "elsewhere.so"))
+    monkeypatch.setattr(native, "_compile", lambda name, build_dir: renamed)
+    assert native._build() is renamed
+    assert [p.name for p in (tmp_path / "saq_hf").iterdir()] == []  # nothing cached, no temporary left

@@ -60,12 +60,11 @@ def module_name() -> str:
 
 
 def _compile(name: str, build_dir: str):
-    """Build the extension in ``build_dir``: the loaded module and the path of the built library."""
+    """Build the extension in ``build_dir`` and load it."""
     from torch.utils import cpp_extension
 
-    module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_flags(), build_directory=build_dir,
-                                verbose=False, is_python_module=True)
-    return module, Path(build_dir) / f"{name}.so"
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_flags(), build_directory=build_dir,
+                              verbose=False, is_python_module=True)
 
 
 def _import(name: str, path: Path):
@@ -84,10 +83,13 @@ def _build():
     logger.info("saq_hf: building the LSQ op's C++ CPU kernels (about 20 s, once per machine and torch release)")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=f".{name}-") as build_dir:
-        module, built = _compile(name, build_dir)
-        staged = cache / f".{name}-{os.getpid()}.so"
-        shutil.copyfile(built, staged)
-        os.replace(staged, target)  # whole or not at all, whoever builds at the same time
+        module = _compile(name, build_dir)
+        # A second build of one name in one process comes out renamed (name_v1), and would not import under the
+        # cached name: only a module of this name is cached.
+        if module.__name__ == name:
+            staged = cache / f".{name}-{os.getpid()}.so"
+            shutil.copyfile(module.__file__, staged)
+            os.replace(staged, target)  # whole or not at all, whoever builds at the same time
     return module
 
 
