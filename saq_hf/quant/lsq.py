@@ -6,11 +6,11 @@ The op is written once, as the elementwise arithmetic of LSQ's forward and backw
 
 - eager, float32/float64 on a CPU: the same arithmetic in C++ (``native.py``, ``csrc/lsq_cpu.cpp``), one pass and
   one call per direction at every size, the same bits;
-- eager elsewhere (and where the C++ kernels cannot be built): each of the two functions runs as one kernel compiled by Inductor (C++ on CPU, Triton on CUDA),
-  one pass over the tensor instead of four (forward) and nine (backward), for tensors large enough that
-  this beats the call cost (``_FUSED_MIN_NUMEL``; smaller ones run the same code as plain in-place ops, as few
-  of them as give the same bits: there the cost of each call is what counts);
-  the step-size gradient is then summed by ``torch.sum`` as before, so outputs and gradients are
+- eager elsewhere (and where the C++ kernels cannot be built): each of the two functions runs as one kernel
+  compiled by Inductor (C++ on CPU, Triton on CUDA), one pass over the tensor instead of four (forward) and nine
+  (backward), for tensors large enough that this beats the call cost (``_FUSED_MIN_NUMEL``; smaller ones run the
+  same code as plain in-place ops, as few of them as give the same bits: there the cost of each call is what
+  counts); the step-size gradient is then summed by ``torch.sum`` as before, so outputs and gradients are
   bit-identical to the unfused ops;
 - inside ``torch.compile`` (e.g. ``SAQTrainingArguments(torch_compile=True)``) the plain functions are
   traced into the model's graph, where Inductor fuses them with their neighbours.
