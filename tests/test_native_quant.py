@@ -9,9 +9,10 @@ import warnings
 import pytest
 import torch
 
-from saq_hf.quant import lsq, native
+from saq_hf.quant import native
 from saq_hf.quant.lsq import lsq_fake_quantize, lsq_fake_quantize_many, quant_range
-from test_fused_quant import LAYOUTS, UnfusedLSQ, inputs, outputs_and_grads, same_bits
+from test_fused_quant import (LAYOUTS, UnfusedLSQ, assert_double_backward_matches_the_reference, inputs,
+                              outputs_and_grads, same_bits)
 
 # Per-tensor activations in channels-last (a convolution's input after a permute), and sizes the kernels split into
 # several tasks (32768 elements each) whose edges fall inside rows and vectors.
@@ -169,16 +170,8 @@ def test_a_weight_gradient_in_another_layout_is_copied_into_the_weight_s(calls):
 
 
 def test_double_backward_takes_the_differentiable_ops(calls):
-    x, step, _ = inputs((4, 32), (), torch.float32, 0)
-    results = []
-    for function in (UnfusedLSQ.apply, lsq_fake_quantize):
-        xs = x.clone().requires_grad_()
-        out = function(xs * xs, step, -8, 7, 0.1)
-        (g,) = torch.autograd.grad(out.sum(), xs, create_graph=True)
-        (gg,) = torch.autograd.grad(g.sum(), xs)
-        results.append((g.detach(), gg))
+    assert_double_backward_matches_the_reference()
     assert calls == ["op_forward"]  # the backward ran as torch ops, so it could be differentiated again
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_a_failed_build_warns_once_and_the_op_still_gives_the_reference_bits(monkeypatch):
